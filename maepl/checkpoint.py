@@ -1,0 +1,227 @@
+"""Step-named training checkpoints (safetensors + JSON, nothing pickled) and timm exports.
+
+A checkpoint is ``<output_dir>/checkpoints/step_XXXXXXXX/``: written into a hidden temporary
+folder, renamed into place, then marked complete by a ``COMPLETE`` file written last, so a
+crash during a save never leaves a folder that ``--resume auto`` would pick.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CKPT_DIR = "checkpoints"
+MARKER = "COMPLETE"
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous storage; clone keeps the values exact
+    return {k: v.detach().contiguous().clone().cpu() for k, v in sd.items()}
+
+
+def assert_finite(sd: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to write a non-finite tensor: the error names the first bad key."""
+    for k, v in sd.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise FloatingPointError(f"{what}: tensor {k!r} holds non-finite values; not written")
+
+
+# ---------------------------------------------------------------------------- optimizer state
+def optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into tensors (safetensors) and plain JSON."""
+    sd = opt.state_dict()
+    tensors, extra = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"state.{pid}.{k}"] = v
+            else:
+                extra[f"{pid}.{k}"] = v
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+              for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "extra": extra}
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """Inverse of ``optimizer_to_files``: a state_dict for ``Optimizer.load_state_dict``."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = v
+    for key, v in meta["extra"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()}
+              for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+# ---------------------------------------------------------------------------- RNG state
+def rng_state(generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """Every RNG that influences training on this process, as uint8 tensors."""
+    out = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["torch_cuda"] = torch.cuda.get_rng_state()
+    if generator is not None:
+        out["mask_generator"] = generator.get_state()
+    return out
+
+
+def set_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator | None) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["torch_cuda"])
+    if generator is not None and "mask_generator" in state:
+        generator.set_state(state["mask_generator"])
+
+
+# ---------------------------------------------------------------------------- save / find / load
+def step_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / CKPT_DIR / f"step_{step:08d}"
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first; incomplete or foreign folders are ignored."""
+    root = Path(output_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_RE.match(p.name) and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
+
+
+def save_checkpoint(
+    accelerator, output_dir: str | Path, step: int, model: nn.Module,
+    optimizer: torch.optim.Optimizer, state: dict, generator: torch.Generator | None,
+    keep_last: int,
+) -> Path:
+    """Collective: every rank calls it. Rank files first, then the main process writes the
+    shared files, renames the folder into place, marks it complete and prunes old ones."""
+    final = step_dir(output_dir, step)
+    tmp = final.parent / f".tmp_{final.name}"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    save_file(_contiguous(rng_state(generator)), tmp / f"rng_rank{accelerator.process_index}.safetensors")
+    if accelerator.is_main_process:
+        sd = _contiguous(accelerator.unwrap_model(model).state_dict())
+        assert_finite(sd, f"checkpoint step {step}")
+        save_file(sd, tmp / "model.safetensors")
+        opt_tensors, opt_meta = optimizer_to_files(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
+        save_file(_contiguous(opt_tensors), tmp / "optimizer.safetensors")
+        meta = dict(state, optimizer=opt_meta, num_processes=accelerator.num_processes)
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():  # a stale, incomplete folder of the same step
+            shutil.rmtree(final)
+        tmp.rename(final)
+        (final / MARKER).write_text("ok\n")
+        for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
+    """``auto``: newest complete checkpoint under output_dir (None if none); else a path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / MARKER).is_file():
+        raise FileNotFoundError(f"resume: {path} is not a complete maepl checkpoint (no {MARKER})")
+    return path
+
+
+def load_checkpoint(
+    path: Path, accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+    generator: torch.Generator | None,
+) -> dict:
+    """Restore weights, optimizer and this rank's RNG; returns the counters in state.json."""
+    meta = json.loads((path / "state.json").read_text())
+    accelerator.unwrap_model(model).load_state_dict(load_file(path / "model.safetensors"))
+    opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    opt.load_state_dict(optimizer_from_files(load_file(path / "optimizer.safetensors"), meta["optimizer"]))
+    rng_file = path / f"rng_rank{accelerator.process_index}.safetensors"
+    if meta.get("num_processes") == accelerator.num_processes and rng_file.is_file():
+        set_rng_state(load_file(rng_file), generator)
+    else:
+        accelerator.print(f"resume: {path} was written by {meta.get('num_processes')} processes; "
+                          "RNG streams restart from the seed")
+    return meta
+
+
+# ---------------------------------------------------------------------------- exports
+MODEL_CARD = """---
+library_name: timm
+license: {license}
+tags: [image-feature-extraction, maepl, mae]
+---
+# {name}
+
+Vision Transformer encoder pretrained with maepl (masked autoencoder{pos}).
+
+- architecture: `{arch}` with {model_args}
+- pretraining: {dataset}, {steps} optimizer steps, mask ratio {mask_ratio}
+- input: {input_size} px, mean {mean}, std {std}
+
+```python
+import timm
+model = timm.create_model("local-dir:<this folder>", pretrained=True)
+```
+"""
+
+
+def export_encoder(
+    encoder: nn.Module, folder: str | Path, architecture: str, model_args: dict,
+    data_cfg: dict, card: dict,
+) -> Path:
+    """Write a timm ``local-dir`` folder: model.safetensors, config.json, README.md.
+
+    We write config.json ourselves instead of timm's save_for_hf: that copies the timm
+    architecture's default pretrained_cfg (hub id, 0.5 mean/std of another checkpoint), which
+    would describe the wrong weights.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = _contiguous(encoder.state_dict())
+    assert_finite(sd, f"export {folder}")
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg = {
+        "architecture": architecture,
+        "num_classes": 0,
+        "num_features": model_args["embed_dim"],
+        "global_pool": "token",
+        "model_args": model_args,
+        "pretrained_cfg": dict(
+            num_classes=0, classifier="head", first_conv="patch_embed.proj",
+            fixed_input_size=True, license=card.get("license", "apache-2.0"), **data_cfg,
+        ),
+    }
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    (folder / "README.md").write_text(MODEL_CARD.format(
+        arch=architecture, model_args=model_args, license=cfg["pretrained_cfg"]["license"],
+        **card, **data_cfg
+    ))
+    return folder
+
+
+def export_full(model: nn.Module, path: str | Path, config: dict) -> None:
+    """Encoder + decoder + position head (``mae.safetensors``) and its config (``mae.json``)."""
+    path = Path(path)
+    sd = _contiguous(model.state_dict())
+    assert_finite(sd, f"export {path}")
+    save_file(sd, path, metadata={"format": "pt"})
+    path.with_suffix(".json").write_text(json.dumps(config, indent=1))

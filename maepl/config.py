@@ -1,0 +1,317 @@
+"""Typed configs: dataclass defaults < YAML preset (--config) < command-line flags.
+
+Every key is checked: an unknown key, a value of the wrong type or out of range is a
+``ConfigError`` naming the key, raised before any model, data loader or process group exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+@dataclass
+class PretrainConfig:
+    """MAE + positional-label pretraining. Names follow facebookresearch/mae where it has one."""
+
+    # --- model
+    model: str = "mae_vit_base_patch16"  # a preset (maepl.models.mae.PRESETS) or any timm vit_*
+    input_size: int | None = None  # None: from the preset / timm model
+    patch_size: int | None = None
+    in_chans: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    pos_embed: str = "sincos"  # encoder PE: sincos (fixed, MAE values) | learned | none
+    decoder_embed_dim: int | None = None  # None: preset, else MAE's 512 / 8 / 16
+    decoder_depth: int | None = None
+    decoder_num_heads: int | None = None
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    # --- positional labels
+    pos_label: str = "abs"  # none | abs (APL) | rel (RPL)
+    pos_weight: float = 0.5  # lambda in L = L_mae + lambda * L_pos
+    pos_channels: float = 0.5  # fraction of channels each side of the head reads
+    pos_pairs: int = 0  # rel: ordered pairs sampled per image, 0 = all
+    pos_drop_ratio: float = 0.75  # fraction of visible tokens whose encoder PE is hidden
+    pos_smoothing: float = 0.0  # initial sigma of Gaussian targets, decays linearly to 0
+    # --- optimisation
+    batch_size: int = 64  # per process
+    accum_iter: int = 1
+    epochs: int = 400
+    max_steps: int = 0  # stop at this optimizer step (0: run all epochs); schedule unchanged
+    blr: float = 1.5e-4  # lr = blr * effective batch / 256
+    lr: float | None = None  # absolute lr; overrides blr
+    min_lr: float = 0.0
+    warmup_epochs: float = 40
+    weight_decay: float = 0.05
+    clip_grad: float | None = None
+    mixed_precision: str = "auto"  # auto (bf16 on GPUs that support it, else no) | bf16 | fp16 | no
+    compile: bool = False
+    seed: int = 0
+    # --- data
+    dataset: str = "imagefolder"  # imagefolder | fashion-mnist | sample
+    data_path: str | None = None
+    download: bool = False  # fashion-mnist only: allow a torchvision download
+    num_workers: int = 8
+    pin_mem: bool = True
+    crop_min: float = 0.2  # RandomResizedCrop scale lower bound
+    mean: list[float] | None = None  # None: the dataset's
+    std: list[float] | None = None
+    # --- output
+    output_dir: str = "./output_dir"
+    log_every: int = 20  # optimizer steps between log lines
+    vis_every: int = 20  # epochs between reconstruction image grids (and at the end)
+    save_every: int = 1  # epochs between checkpoints (and at the end)
+    keep_last: int = 2  # checkpoints kept
+    resume: str = ""  # "" | auto | path to a checkpoint folder
+    overwrite: bool = False  # allow an output_dir that holds a different run
+
+    # resolved from the preset, not user-settable
+    encoder: str | None = field(default=None, metadata={"internal": True})
+
+
+# ---------------------------------------------------------------------------- type handling
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional) for ``T`` or ``T | None``."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        return inner, True
+    return tp, False
+
+
+def _parse_bool(text: str) -> bool:
+    low = str(text).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _coerce(key: str, value: Any, tp: Any, from_text: bool) -> Any:
+    """Check (YAML) or convert (command line) one value against the field's type."""
+    inner, optional = _base_type(tp)
+    if value is None or (from_text and str(value).lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{key}: may not be empty")
+    try:
+        if inner is bool:
+            if from_text:
+                return _parse_bool(value)
+            if isinstance(value, bool):
+                return value
+        elif inner is int:
+            if from_text:
+                return int(value)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        elif inner is float:
+            if from_text:
+                return float(value)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        elif inner is str:
+            if isinstance(value, str):
+                return value
+        elif typing.get_origin(inner) is list:
+            items = value.split(",") if from_text and isinstance(value, str) else value
+            if isinstance(items, (list, tuple)):
+                return [float(v) for v in items]
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{key}: cannot read {value!r} as {_type_name(tp)} ({e})") from None
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _type_name(tp: Any) -> str:
+    inner, optional = _base_type(tp)
+    name = getattr(inner, "__name__", str(inner))
+    if typing.get_origin(inner) is list:
+        name = "list of numbers"
+    return f"{name} or null" if optional else name
+
+
+def _user_fields(cls) -> list[dataclasses.Field]:
+    return [f for f in fields(cls) if not f.metadata.get("internal")]
+
+
+def _field_types(cls, internal: bool = False) -> dict[str, Any]:
+    """Field name -> evaluated type (annotations are strings under postponed evaluation)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in (fields(cls) if internal else _user_fields(cls))}
+
+
+# ---------------------------------------------------------------------------- loading
+def load_yaml(path: str | Path, cls) -> dict[str, Any]:
+    """Read and type-check a YAML preset; unknown keys are errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: no such file {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config: {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of keys to values")
+    types_ = _field_types(cls)
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in types_:
+            raise ConfigError(f"{key}: unknown key in {path}{_suggest(name, types_)}")
+        out[name] = _coerce(name, value, types_[name], from_text=False)
+    return out
+
+
+def _suggest(name: str, known) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
+    """argparse with one flag per field, MAE's underscore names plus dashed spellings."""
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser.add_argument("--config", help="YAML file of defaults (flags override it)")
+    for f in _user_fields(cls):
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        inner, _ = _base_type(typing.get_type_hints(cls)[f.name])
+        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, metavar="V")
+        if inner is bool:  # "--flag" alone means true, "--flag false" is accepted too
+            kw.update(nargs="?", const="true")
+        parser.add_argument(*names, **kw, help=f"default: {f.default!r}")
+    return parser
+
+
+def parse_config(cls, argv: list[str] | None = None, description: str = ""):
+    """Defaults < --config YAML < flags; returns a validated, resolved config."""
+    parser = build_parser(cls, description)
+    ns = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    values = load_yaml(ns.pop("config"), cls) if ns.get("config") else {}
+    ns.pop("config", None)
+    types_ = _field_types(cls)
+    for key, text in ns.items():
+        values[key] = _coerce(key, text, types_[key], from_text=True)
+    cfg = cls(**values)
+    return cfg.validate() if hasattr(cfg, "validate") else cfg
+
+
+def dump_config(cfg, path: str | Path) -> None:
+    """Write the resolved config as YAML (the run directory's config.yaml)."""
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+def config_from_dict(cls, data: dict[str, Any]):
+    """Rebuild a config saved by ``dump_config`` (checkpoints, exports); unknown keys fail."""
+    names = _field_types(cls, internal=True)
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{key}: unknown key in saved config")
+    return cls(**{k: _coerce(k, v, names[k], from_text=False) for k, v in data.items()})
+
+
+# ---------------------------------------------------------------------------- validation
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}: must be one of {', '.join(options)}; got {value!r}")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def resolve_model(cfg: PretrainConfig) -> PretrainConfig:
+    """Fill shape fields from the preset or the timm model, without building weights."""
+    import timm
+
+    from .models.mae import PRESETS, build_encoder
+
+    preset = dict(PRESETS.get(cfg.model, {}))
+    if not preset:
+        if not cfg.model.startswith("vit_") or not timm.is_model(cfg.model):
+            names = ", ".join(sorted(PRESETS))
+            raise ConfigError(f"model: {cfg.model!r} is neither a preset ({names}) nor a timm vit_*")
+        preset = dict(encoder=cfg.model)
+    preset = {"decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16, **preset}
+    updates = {k: v for k, v in preset.items() if getattr(cfg, k) is None}
+    cfg = dataclasses.replace(cfg, **updates)
+    if cfg.input_size and cfg.patch_size and cfg.input_size % cfg.patch_size:
+        raise ConfigError(
+            f"input_size: {cfg.input_size} is not divisible by patch_size {cfg.patch_size}"
+        )
+    try:  # on the meta device: shapes only, no memory, no init cost
+        enc = build_encoder(
+            cfg.encoder, cfg.input_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.depth,
+            cfg.num_heads, cfg.pos_embed, device="meta",
+        )
+    except (AssertionError, ValueError, TypeError, RuntimeError) as e:
+        raise ConfigError(f"model: cannot build {cfg.encoder!r} with these shapes: {e}") from None
+    return dataclasses.replace(
+        cfg, input_size=enc.patch_embed.img_size[0], patch_size=enc.patch_embed.patch_size[0],
+        in_chans=enc.patch_embed.proj.in_channels, embed_dim=enc.embed_dim,
+        depth=len(enc.blocks), num_heads=enc.blocks[0].attn.num_heads,
+    )
+
+
+def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
+    """Range and consistency checks; returns the resolved config."""
+    _choice("pos_embed", cfg.pos_embed, ("sincos", "learned", "none"))
+    _choice("pos_label", cfg.pos_label, ("none", "abs", "rel"))
+    _choice("dataset", cfg.dataset, ("imagefolder", "fashion-mnist", "sample"))
+    _choice("mixed_precision", cfg.mixed_precision, ("auto", "bf16", "fp16", "no"))
+    _check(0 < cfg.mask_ratio < 1, "mask_ratio", f"must be in (0, 1), got {cfg.mask_ratio}")
+    _check(0 <= cfg.pos_drop_ratio < 1, "pos_drop_ratio", "must be in [0, 1)")
+    _check(0 < cfg.pos_channels <= 1, "pos_channels", "must be in (0, 1]")
+    _check(cfg.pos_weight >= 0, "pos_weight", "must be >= 0")
+    _check(cfg.pos_smoothing >= 0, "pos_smoothing", "must be >= 0")
+    _check(cfg.pos_pairs >= 0, "pos_pairs", "must be >= 0")
+    _check(cfg.pos_pairs == 0 or cfg.pos_label == "rel", "pos_pairs", "only for pos_label rel")
+    for key in ("batch_size", "accum_iter", "epochs", "log_every", "vis_every", "save_every"):
+        _check(getattr(cfg, key) >= 1, key, f"must be >= 1, got {getattr(cfg, key)}")
+    for key in ("max_steps", "num_workers", "keep_last", "warmup_epochs", "min_lr", "blr"):
+        _check(getattr(cfg, key) >= 0, key, f"must be >= 0, got {getattr(cfg, key)}")
+    _check(cfg.lr is None or cfg.lr > 0, "lr", "must be > 0")
+    _check(cfg.clip_grad is None or cfg.clip_grad > 0, "clip_grad", "must be > 0 or null")
+    _check(0 < cfg.crop_min <= 1, "crop_min", "must be in (0, 1]")
+    _check(cfg.dataset != "imagefolder" or bool(cfg.data_path), "data_path",
+           "required for dataset imagefolder")
+    if cfg.data_path and cfg.dataset == "imagefolder":
+        _check(Path(cfg.data_path).is_dir(), "data_path", f"no such folder {cfg.data_path}")
+    cfg = resolve_model(cfg)
+    for key in ("mean", "std"):
+        v = getattr(cfg, key)
+        _check(v is None or len(v) in (1, cfg.in_chans), key, f"needs {cfg.in_chans} values")
+    _check(cfg.embed_dim % 4 == 0 or cfg.pos_embed != "sincos", "pos_embed",
+           f"sincos needs embed_dim divisible by 4, got {cfg.embed_dim}")
+    _check(cfg.decoder_embed_dim % 4 == 0, "decoder_embed_dim", "must be divisible by 4")
+    _check(cfg.decoder_embed_dim % cfg.decoder_num_heads == 0, "decoder_num_heads",
+           f"must divide decoder_embed_dim {cfg.decoder_embed_dim}")
+    grid = cfg.input_size // cfg.patch_size
+    keep = int(grid * grid * (1 - cfg.mask_ratio))
+    _check(keep >= 1, "mask_ratio", f"{cfg.mask_ratio} leaves no visible patch of {grid * grid}")
+    if cfg.pos_label != "none" and cfg.pos_embed != "none" and cfg.pos_drop_ratio > 0:
+        _check(int(keep * cfg.pos_drop_ratio) >= 1, "pos_drop_ratio",
+               f"{cfg.pos_drop_ratio} of {keep} visible tokens hides no position embedding")
+    if cfg.pos_label == "rel" and cfg.pos_pairs:
+        m = int(keep * cfg.pos_drop_ratio) if cfg.pos_embed != "none" and cfg.pos_drop_ratio else keep
+        _check(cfg.pos_pairs <= m * m, "pos_pairs", f"at most {m * m} pairs of {m} labelled tokens")
+    return cfg
+
+
+PretrainConfig.validate = validate_pretrain  # type: ignore[attr-defined]

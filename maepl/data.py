@@ -1,0 +1,405 @@
+"""Datasets and transforms for MAE pretraining and evaluation.
+
+Three dataset sources are supported, all yielding ``(PIL.Image, int)`` pairs:
+
+- ``sample``: a 12,000-image Fashion-MNIST subset shipped inside the package (offline tests).
+- ``fashion-mnist``: the full Fashion-MNIST idx files (Debian package, torchvision layout, or
+  a download through torchvision).
+- ``imagefolder``: any ``ImageFolder`` tree, with ``train/`` and ``val/`` subfolders.
+
+:class:`SeededTransformDataset` makes random augmentations a pure function of
+``(seed, epoch, index)`` so that a resumed run sees exactly the augmentations it would have
+seen without interruption, whatever the number of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import random
+import struct
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets, transforms
+from torchvision.transforms import InterpolationMode
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+DEBIAN_FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+SAMPLE_DIR = Path(__file__).parent / "assets" / "fashion_mnist_sample"
+
+DATASET_NAMES = ("sample", "fashion-mnist", "imagefolder")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
+
+# idx type codes -> big-endian numpy dtypes (the format stores everything big-endian).
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_GZIP_MAGIC = b"\x1f\x8b"
+_FMNIST_STEMS = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "t10k": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an idx file (gzip-compressed or raw) into a native-endian, writable array.
+
+    Raises:
+        ValueError: naming ``path`` if the file is not a valid idx file or is truncated.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    # Detect compression from the content, not just the name: torchvision's raw/ folder holds
+    # both forms and users rename files; a ".gz" name without gzip content is still an error.
+    if raw[:2] == _GZIP_MAGIC:
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as err:
+            raise ValueError(f"{path}: corrupt gzip data ({err})") from err
+    elif path.suffix == ".gz":
+        raise ValueError(f"{path}: named .gz but is not gzip-compressed")
+
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in _IDX_DTYPES or raw[3] == 0:
+        raise ValueError(f"{path}: bad idx magic number {raw[:4].hex() or '(empty file)'}")
+    dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
+    header_len = 4 + 4 * ndim
+    if len(raw) < header_len:
+        raise ValueError(f"{path}: truncated idx header")
+    shape = struct.unpack(f">{ndim}I", raw[4:header_len])
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(raw) - header_len != expected:
+        raise ValueError(
+            f"{path}: idx header says shape {shape} ({expected} bytes) "
+            f"but the file holds {len(raw) - header_len} bytes of data"
+        )
+    data = np.frombuffer(raw, dtype=dtype, offset=header_len).reshape(shape)
+    # astype copies: gives a writable array (torch.from_numpy warns on read-only buffers).
+    return data.astype(dtype.newbyteorder("="))
+
+
+class ArrayImageDataset(Dataset):
+    """In-memory grayscale images ``uint8 [N, H, W]`` with ``int64 [N]`` labels.
+
+    Items are ``(PIL.Image mode "L", int)`` like every other dataset here, so the same
+    transforms apply to Fashion-MNIST and to ImageFolder data.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray | torch.Tensor,
+        labels: np.ndarray | torch.Tensor | Sequence[int],
+        classes: Sequence[str] = FASHION_MNIST_CLASSES,
+    ) -> None:
+        images = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+        labels = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+        if images.ndim != 3:
+            raise ValueError(f"images must have shape [N, H, W], got {images.shape}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have shape [{images.shape[0]}], got {labels.shape}")
+        self.images = np.ascontiguousarray(images, dtype=np.uint8)
+        self.labels = labels.astype(np.int64)
+        self.classes = list(classes)
+        # A plain list, matching torchvision's ImageFolder.targets.
+        self.targets: list[int] = self.labels.tolist()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        # A 2-D uint8 array becomes a mode "L" image.
+        return Image.fromarray(self.images[index]), int(self.labels[index])
+
+
+def _find_idx_file(folder: Path, stem: str) -> Path | None:
+    # Prefer the uncompressed file when both exist (torchvision keeps both); it loads faster.
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _load_fmnist_split(folder: Path, train: bool) -> ArrayImageDataset:
+    img_stem, lbl_stem = _FMNIST_STEMS["train" if train else "t10k"]
+    img_path, lbl_path = _find_idx_file(folder, img_stem), _find_idx_file(folder, lbl_stem)
+    if img_path is None or lbl_path is None:
+        raise FileNotFoundError(f"{folder}: missing {img_stem}[.gz] or {lbl_stem}[.gz]")
+    images, labels = read_idx(img_path), read_idx(lbl_path)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"{folder}: images {images.shape} and labels {labels.shape} do not match")
+    return ArrayImageDataset(images, labels)
+
+
+def _fmnist_candidates(data_path: str | None) -> list[Path]:
+    """Folders searched for Fashion-MNIST, in priority order."""
+    dirs = []
+    if data_path:
+        dirs += [Path(data_path), Path(data_path) / "FashionMNIST" / "raw"]
+    # Read the module global at call time so tests (and users) can redirect it.
+    dirs.append(Path(DEBIAN_FMNIST_DIR))
+    return dirs
+
+
+def find_fashion_mnist(data_path: str | None) -> Path | None:
+    """Return the first folder holding all four Fashion-MNIST idx files, or ``None``.
+
+    Searched in order: ``data_path``, ``data_path/FashionMNIST/raw`` (torchvision's layout),
+    then :data:`DEBIAN_FMNIST_DIR`. Each file may be gzip-compressed or not.
+    """
+    stems = [stem for pair in _FMNIST_STEMS.values() for stem in pair]
+    for folder in _fmnist_candidates(data_path):
+        if all(_find_idx_file(folder, stem) is not None for stem in stems):
+            return folder
+    return None
+
+
+def pil_rgb_loader(path: str) -> Image.Image:
+    """Open an image file with PIL and return it as 3-channel RGB.
+
+    Kept as a module-level function (not a lambda) so datasets stay picklable for
+    DataLoader workers started with "spawn".
+    """
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        # Palette images with transparency warn when converted straight to RGB; go via RGBA.
+        if img.mode in ("P", "PA") and "transparency" in img.info:
+            img = img.convert("RGBA")
+        # convert() also forces the lazy decode while the file is still open.
+        return img.convert("RGB")
+
+
+def _build_imagefolder(data_path: str | None, train: bool) -> datasets.ImageFolder:
+    if not data_path:
+        raise FileNotFoundError(
+            "the imagefolder dataset needs data_path (a folder with train/ and val/ subfolders "
+            f"of class folders); got data_path={data_path!r}"
+        )
+    base = Path(data_path)
+    if not base.is_dir():
+        raise FileNotFoundError(f"data_path {str(base)!r} does not exist or is not a folder")
+    root = base / ("train" if train else "val")
+    if not root.is_dir():
+        # A flat tree of class folders is accepted for training (pretraining needs no val/),
+        # but not when val/ exists: "val" would silently become a class.
+        if not train or (base / "val").is_dir():
+            raise FileNotFoundError(
+                f"imagefolder needs the folder {str(root)!r} (data_path={str(base)!r})"
+            )
+        root = base
+    try:
+        return datasets.ImageFolder(str(root), loader=pil_rgb_loader)
+    except FileNotFoundError as err:
+        # torchvision raises FileNotFoundError for "no class folders" / "no valid images";
+        # root exists, so this is an empty tree and deserves a ValueError naming it.
+        raise ValueError(f"imagefolder: no images found under {str(root)!r}: {err}") from err
+
+
+def build_dataset(name: str, data_path: str | None, train: bool, download: bool = False) -> Dataset:
+    """Build the train (``train=True``) or evaluation split of dataset ``name``.
+
+    ``name`` is one of ``"sample"``, ``"fashion-mnist"``, ``"imagefolder"``. Every dataset
+    yields ``(PIL.Image, int)``; the transform decides the final number of channels.
+    """
+    if name == "sample":
+        return _load_fmnist_split(SAMPLE_DIR, train)
+    if name == "fashion-mnist":
+        folder = find_fashion_mnist(data_path)
+        if folder is not None:
+            return _load_fmnist_split(folder, train)
+        if download:
+            tv = datasets.FashionMNIST(root=data_path or "./data", train=train, download=True)
+            return ArrayImageDataset(tv.data, tv.targets, tv.classes)
+        tried = "\n  ".join(str(p) for p in _fmnist_candidates(data_path))
+        raise FileNotFoundError(
+            "Fashion-MNIST idx files (train-images-idx3-ubyte[.gz] and the 3 others) not found; "
+            f"tried:\n  {tried}\n"
+            "Install them with `apt-get install dataset-fashion-mnist`, point data_path at a "
+            "folder holding them, or pass --download to fetch them with torchvision."
+        )
+    if name == "imagefolder":
+        return _build_imagefolder(data_path, train)
+    raise ValueError(f"unknown dataset {name!r}; expected one of {DATASET_NAMES}")
+
+
+def _check_in_chans(in_chans: int) -> None:
+    if in_chans not in (1, 3):
+        raise ValueError(f"in_chans must be 1 or 3, got in_chans={in_chans}")
+
+
+def default_mean_std(dataset: str, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel normalisation statistics for ``dataset`` with ``in_chans`` channels."""
+    _check_in_chans(in_chans)
+    if dataset == "imagefolder":
+        if in_chans == 3:
+            return IMAGENET_MEAN, IMAGENET_STD
+        # Grayscale ImageNet-like data: average the RGB statistics (an approximation).
+        return (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
+    if dataset in ("sample", "fashion-mnist"):
+        # A grayscale image replicated to RGB has the same statistics in every channel.
+        return FASHION_MNIST_MEAN * in_chans, FASHION_MNIST_STD * in_chans
+    raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASET_NAMES}")
+
+
+class _ConvertMode:
+    """Picklable ``img.convert(mode)`` (a lambda would break "spawn" DataLoader workers)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img if img.mode == self.mode else img.convert(self.mode)
+
+    def __repr__(self) -> str:  # shown when the transform pipeline is logged
+        return f"_ConvertMode({self.mode!r})"
+
+
+def build_transform(
+    train: bool,
+    input_size: int,
+    in_chans: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    scale: tuple[float, float] = (0.2, 1.0),
+) -> Transform:
+    """PIL image -> normalised float tensor ``[in_chans, input_size, input_size]``.
+
+    Training uses the MAE pretraining recipe (random resized crop + horizontal flip);
+    evaluation resizes the short side and centre-crops, the identity at ``input_size``.
+    """
+    _check_in_chans(in_chans)
+    if len(mean) != in_chans or len(std) != in_chans:
+        raise ValueError(
+            f"mean/std need {in_chans} values for in_chans={in_chans}, got {mean} / {std}"
+        )
+    bicubic = InterpolationMode.BICUBIC
+    if train:
+        geometry: list[Any] = [
+            transforms.RandomResizedCrop(input_size, scale=scale, interpolation=bicubic),
+            transforms.RandomHorizontalFlip(),
+        ]
+    else:
+        geometry = [
+            transforms.Resize(input_size, interpolation=bicubic),
+            transforms.CenterCrop(input_size),
+        ]
+    convert = _ConvertMode("L" if in_chans == 1 else "RGB")
+    to_tensor = [transforms.ToTensor(), transforms.Normalize(tuple(mean), tuple(std))]
+    return transforms.Compose([convert, *geometry, *to_tensor])
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """One SplitMix64 step: a cheap, well-mixed bijection on 64-bit integers."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Deterministic 63-bit seed for one sample; chaining avoids (seed, epoch) collisions."""
+    h = _splitmix64(seed & _MASK64)
+    h = _splitmix64(h ^ (epoch & _MASK64))
+    h = _splitmix64(h ^ (index & _MASK64))
+    return h >> 1  # 63 bits: a non-negative int64, accepted by every RNG seeding API
+
+
+class SeededTransformDataset(Dataset):
+    """Apply ``transform`` with randomness fixed by ``(seed, epoch, index)``.
+
+    With the usual per-worker RNG streams an image's augmentation depends on which worker
+    reads it and on how many workers there are, so a resumed run cannot replay an epoch.
+    Here every sample reseeds the RNGs from its own key inside a forked RNG scope, which also
+    leaves the caller's global RNG untouched (the transform runs in the main process when
+    ``num_workers=0``).
+
+    Call :meth:`set_epoch` before creating the epoch's DataLoader iterator: workers receive a
+    copy of the dataset when the iterator starts, so with ``persistent_workers=True`` the
+    epoch would never reach them.
+    """
+
+    def __init__(self, dataset: Dataset, transform: Transform, seed: int) -> None:
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        img, label = self.dataset[index]
+        key = _sample_seed(self.seed, self.epoch, int(index))
+        # torchvision v1 transforms draw from the global torch RNG; also pin Python's and
+        # NumPy's RNGs so transforms that use those (e.g. timm's RandAugment) are covered.
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(key)
+                random.seed(key)
+                np.random.seed(key & 0xFFFFFFFF)  # NumPy's legacy seed is 32-bit
+                out = self.transform(img)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+        return out, int(label)
+
+
+class ShardedSampler(torch.utils.data.Sampler[int]):
+    """Epoch-seeded shuffle, split across processes, resumable mid-epoch.
+
+    Epoch e's order is a permutation drawn from ``seed + e`` alone, so it does not depend on
+    worker count or on how the run was interrupted. Process ``rank`` of ``num_replicas`` reads
+    every num_replicas-th index (each rank gets len // num_replicas; the tail is dropped so all
+    ranks take the same number of steps). ``set_epoch(e, start)`` skips this rank's first
+    ``start`` indices, which is how a resumed run continues mid-epoch without re-reading data.
+    """
+
+    def __init__(self, length: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 shuffle: bool = True):
+        self.length, self.num_replicas, self.rank = length, num_replicas, rank
+        self.seed, self.shuffle = seed, shuffle
+        self.per_rank = length // num_replicas
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+    def __iter__(self):
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.length, generator=gen)
+        else:
+            order = torch.arange(self.length)
+        mine = order[self.rank : self.per_rank * self.num_replicas : self.num_replicas]
+        return iter(mine[self.start :].tolist())

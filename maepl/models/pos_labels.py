@@ -1,0 +1,175 @@
+"""Positional-label heads, their targets and losses (Zhang & Gong, arXiv 2206.04981).
+
+APL classifies the raster index of each labelled token; RPL classifies the offset between the
+two tokens of every ordered pair. Both read a slice of the channels of the final-norm encoder
+outputs and are discarded after training.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def grid_coords(grid_h: int, grid_w: int, device=None) -> torch.Tensor:
+    """(row, col) of every raster index, shape [h*w, 2], long."""
+    idx = torch.arange(grid_h * grid_w, device=device)
+    return torch.stack([idx // grid_w, idx % grid_w], dim=1)
+
+
+def abs_labels(pos: torch.Tensor) -> torch.Tensor:
+    """APL target = raster index of each token: the identity on ``pos`` [N, m]."""
+    return pos
+
+
+def rel_labels(pos: torch.Tensor, grid_w: int, grid_h: int) -> torch.Tensor:
+    """RPL targets for all ordered pairs (i, j), indexed like Swin's relative_position_index.
+
+    pos: [N, m] raster indices. Returns [N, m, m] with
+    label = (r_i - r_j + h - 1) * (2w - 1) + (c_i - c_j + w - 1).
+    """
+    r, c = pos // grid_w, pos % grid_w
+    dr = r[:, :, None] - r[:, None, :] + grid_h - 1
+    dc = c[:, :, None] - c[:, None, :] + grid_w - 1
+    return dr * (2 * grid_w - 1) + dc
+
+
+def class_coords(kind: str, grid_h: int, grid_w: int, device=None) -> torch.Tensor:
+    """Grid coordinates of every class, [num_classes, 2] float: used for position smoothing."""
+    if kind == "abs":
+        return grid_coords(grid_h, grid_w, device).float()
+    return grid_coords(2 * grid_h - 1, 2 * grid_w - 1, device).float()
+
+
+def smooth_targets(
+    labels: torch.Tensor, coords: torch.Tensor, sigma: float
+) -> torch.Tensor:
+    """DropPos-style soft targets: q(c | y) proportional to exp(-|coord_c - coord_y|^2 / sigma^2).
+
+    labels: [P] long; coords: [C, 2]. Returns [P, C] rows summing to one.
+    """
+    d2 = (coords[labels][:, None, :] - coords[None]).pow(2).sum(-1)
+    return torch.softmax(-d2 / (sigma * sigma), dim=-1)
+
+
+def position_loss(
+    logits: torch.Tensor, labels: torch.Tensor, coords: torch.Tensor, sigma: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy and top-1 accuracy; soft Gaussian targets when ``sigma`` > 0.
+
+    logits: [P, C] (any float dtype, computed in float32), labels: [P].
+    """
+    logits = logits.float()
+    if sigma > 0:
+        target = smooth_targets(labels, coords, sigma)
+        loss = torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    else:
+        loss = F.cross_entropy(logits, labels)
+    acc = (logits.argmax(-1) == labels).float().mean()
+    return loss, acc.detach()
+
+
+class AbsPosHead(nn.Module):
+    """APL: first ``in_dim`` channels -> Linear -> GELU -> Linear(in_dim/2) -> classifier(h*w)."""
+
+    def __init__(self, in_dim: int, num_classes: int):
+        super().__init__()
+        self.in_dim = in_dim
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, in_dim // 2)
+        )
+        self.classifier = nn.Linear(in_dim // 2, num_classes)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z: [N, m, C] encoder outputs -> logits [N, m, h*w]."""
+        return self.classifier(self.mlp(z[..., : self.in_dim]))
+
+
+class RelPosHead(nn.Module):
+    """RPL: pair feature [first in_dim channels of z_i ; last in_dim channels of z_j].
+
+    MLP Linear(2*in_dim -> in_dim) -> GELU -> Linear(in_dim -> in_dim) -> classifier. The first
+    layer is computed factored, W [a; b] + bias = W_a a + (W_b b + bias), so the per-token
+    projections cost O(m d k) and only the sum is paired: O(m^2 k) instead of O(m^2 d k).
+    """
+
+    def __init__(self, in_dim: int, num_classes: int):
+        super().__init__()
+        self.in_dim = in_dim
+        self.fc1 = nn.Linear(2 * in_dim, in_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(in_dim, in_dim)
+        self.classifier = nn.Linear(in_dim, num_classes)
+
+    def pair_hidden(self, z: torch.Tensor, pairs: torch.Tensor | None = None) -> torch.Tensor:
+        """First layer for all pairs ([N, m, m, k]) or the sampled ``pairs`` [N, K, 2] ([N, K, k])."""
+        k = self.in_dim
+        w_a, w_b = self.fc1.weight[:, :k], self.fc1.weight[:, k:]
+        a = z[..., :k] @ w_a.t()  # [N, m, k]
+        b = F.linear(z[..., -k:], w_b, self.fc1.bias)  # [N, m, k]
+        if pairs is None:
+            return a[:, :, None, :] + b[:, None, :, :]
+        gather = lambda t, i: torch.gather(t, 1, i[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+        return gather(a, pairs[..., 0]) + gather(b, pairs[..., 1])
+
+    def forward(self, z: torch.Tensor, pairs: torch.Tensor | None = None) -> torch.Tensor:
+        """z: [N, m, C] -> logits [N, m, m, (2h-1)(2w-1)], or [N, K, classes] for ``pairs``."""
+        return self.classifier(self.fc2(self.act(self.pair_hidden(z, pairs))))
+
+    def forward_naive(self, z: torch.Tensor) -> torch.Tensor:
+        """Reference: builds every concatenated pair explicitly (for tests and benchmarks)."""
+        k, m = self.in_dim, z.shape[1]
+        a = z[..., :k][:, :, None, :].expand(-1, -1, m, -1)
+        b = z[..., -k:][:, None, :, :].expand(-1, m, -1, -1)
+        return self.classifier(self.fc2(self.act(self.fc1(torch.cat([a, b], dim=-1)))))
+
+
+class PositionLabeler(nn.Module):
+    """Owns the head, the labels and the loss for one positional-label setting.
+
+    ``kind``: "abs" or "rel"; ``channels``: fraction of the embedding width each side reads;
+    ``pairs``: sampled ordered pairs per image for "rel" (0 = all m^2 pairs).
+    """
+
+    def __init__(
+        self, kind: str, embed_dim: int, grid_h: int, grid_w: int, channels: float = 0.5,
+        pairs: int = 0,
+    ):
+        super().__init__()
+        if kind not in ("abs", "rel"):
+            raise ValueError(f"pos_label must be 'abs' or 'rel', got {kind!r}")
+        self.kind, self.grid_h, self.grid_w, self.num_pairs = kind, grid_h, grid_w, pairs
+        in_dim = max(2, round(channels * embed_dim))
+        if kind == "abs":
+            self.head: nn.Module = AbsPosHead(in_dim, grid_h * grid_w)
+        else:
+            self.head = RelPosHead(in_dim, (2 * grid_h - 1) * (2 * grid_w - 1))
+        self.register_buffer(
+            "coords", class_coords(kind, grid_h, grid_w), persistent=False
+        )
+
+    def forward(
+        self, z: torch.Tensor, pos: torch.Tensor, sigma: float = 0.0,
+        pair_noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and top-1 accuracy of the labelled tokens.
+
+        z: [N, m, C] final-norm encoder outputs of the labelled tokens; pos: [N, m] their raster
+        indices on the patch grid; pair_noise: [N, m*m] uniform noise choosing the sampled pairs
+        (required when ``pairs`` > 0).
+        """
+        if self.kind == "abs":
+            logits, labels = self.head(z), abs_labels(pos)
+        else:
+            labels = rel_labels(pos, self.grid_w, self.grid_h).flatten(1)  # [N, m*m]
+            if self.num_pairs:
+                m = z.shape[1]
+                # random pairs without replacement, a fixed count per image (static shapes)
+                flat = torch.argsort(pair_noise, dim=1)[:, : self.num_pairs]
+                pairs = torch.stack([flat // m, flat % m], dim=-1)
+                logits = self.head(z, pairs)
+                labels = torch.gather(labels, 1, flat)
+            else:
+                logits = self.head(z)
+        return position_loss(logits.flatten(0, -2), labels.flatten(), self.coords, sigma)

@@ -1,0 +1,281 @@
+"""Tests for maepl.data: idx reading, datasets, transforms and seeded augmentation."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from maepl import data
+from maepl.data import (
+    FASHION_MNIST_CLASSES,
+    ArrayImageDataset,
+    SeededTransformDataset,
+    build_dataset,
+    build_transform,
+    default_mean_std,
+    find_fashion_mnist,
+    read_idx,
+)
+
+DEBIAN_TRAIN_IMAGES = Path(data.DEBIAN_FMNIST_DIR) / "train-images-idx3-ubyte.gz"
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
+    """Minimal idx writer for uint8 arrays, independent of the code under test."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(payload, mtime=0) if compress else payload)
+
+
+def tiny_fmnist(folder: Path, n: int = 6, compress: bool = False) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split in ("train", "t10k"):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = np.arange(n, dtype=np.uint8) % 10
+        ext = ".gz" if compress else ""
+        write_idx(folder / f"{split}-images-idx3-ubyte{ext}", images, compress)
+        write_idx(folder / f"{split}-labels-idx1-ubyte{ext}", labels, compress)
+
+
+# ----------------------------------------------------------------------------- read_idx
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_read_idx_round_trip(tmp_path: Path, compress: bool) -> None:
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = tmp_path / ("a.idx.gz" if compress else "a.idx")
+    write_idx(path, array, compress)
+    out = read_idx(path)
+    assert out.dtype == np.uint8 and out.shape == (2, 3, 4)
+    np.testing.assert_array_equal(out, array)
+    out[0, 0, 0] = 7  # must be writable (torch.from_numpy warns on read-only arrays)
+
+
+def test_read_idx_int32(tmp_path: Path) -> None:
+    values = np.array([-1, 0, 70000], dtype=">i4")
+    path = tmp_path / "ints.idx"
+    path.write_bytes(struct.pack(">BBBBI", 0, 0, 0x0C, 1, 3) + values.tobytes())
+    np.testing.assert_array_equal(read_idx(path), [-1, 0, 70000])
+
+
+def test_read_idx_bad_magic_names_path(tmp_path: Path) -> None:
+    path = tmp_path / "bad.idx"
+    path.write_bytes(b"\x12\x34\x08\x01" + struct.pack(">I", 1) + b"\x00")
+    with pytest.raises(ValueError, match=r"bad\.idx"):
+        read_idx(path)
+
+
+def test_read_idx_wrong_size_names_path(tmp_path: Path) -> None:
+    path = tmp_path / "short.idx.gz"
+    array = np.zeros((4, 5), dtype=np.uint8)
+    payload = struct.pack(">BBBB", 0, 0, 0x08, 2) + struct.pack(">2I", 4, 5) + array.tobytes()
+    path.write_bytes(gzip.compress(payload[:-3]))
+    with pytest.raises(ValueError, match=r"short\.idx\.gz"):
+        read_idx(path)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+@pytest.fixture(scope="module")
+def sample_train() -> ArrayImageDataset:
+    ds = build_dataset("sample", None, train=True)
+    assert isinstance(ds, ArrayImageDataset)
+    return ds
+
+
+def test_sample_dataset_counts(sample_train: ArrayImageDataset) -> None:
+    test = build_dataset("sample", "/ignored/path", train=False)
+    assert len(sample_train) == 10_000 and len(test) == 2_000
+    assert sample_train.images.shape == (10_000, 28, 28)
+    assert np.bincount(sample_train.targets, minlength=10).tolist() == [1000] * 10
+    assert np.bincount(test.targets, minlength=10).tolist() == [200] * 10
+    assert sample_train.classes == list(FASHION_MNIST_CLASSES)
+    img, label = test[0]
+    assert isinstance(img, Image.Image) and img.mode == "L" and img.size == (28, 28)
+    assert isinstance(label, int)
+
+
+@pytest.mark.skipif(not DEBIAN_TRAIN_IMAGES.exists(), reason="Debian Fashion-MNIST not installed")
+def test_sample_first_image_matches_debian(sample_train: ArrayImageDataset) -> None:
+    with gzip.open(DEBIAN_TRAIN_IMAGES, "rb") as f:
+        f.read(16)  # idx3 header: magic + 3 dimensions
+        first = np.frombuffer(f.read(28 * 28), dtype=np.uint8).reshape(28, 28)
+    np.testing.assert_array_equal(np.asarray(sample_train[0][0]), first)
+
+
+def test_fashion_mnist_torchvision_layout(tmp_path: Path) -> None:
+    tiny_fmnist(tmp_path / "FashionMNIST" / "raw", compress=True)
+    assert find_fashion_mnist(str(tmp_path)) == tmp_path / "FashionMNIST" / "raw"
+    ds = build_dataset("fashion-mnist", str(tmp_path), train=False)
+    assert len(ds) == 6 and ds[3][1] == 3
+
+
+def test_fashion_mnist_missing_mentions_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(data, "DEBIAN_FMNIST_DIR", str(tmp_path / "no-debian"))
+    assert find_fashion_mnist(str(tmp_path)) is None
+    with pytest.raises(FileNotFoundError) as info:
+        build_dataset("fashion-mnist", str(tmp_path), train=True)
+    msg = str(info.value)
+    assert "--download" in msg and "apt-get install dataset-fashion-mnist" in msg
+    assert str(tmp_path / "FashionMNIST" / "raw") in msg and "no-debian" in msg
+
+
+def test_unknown_dataset() -> None:
+    with pytest.raises(ValueError, match="imagefolder"):
+        build_dataset("cifar", None, train=True)
+
+
+def make_tree(root: Path) -> None:
+    """Two classes: grayscale PNG; RGB JPEG, palette PNG and CMYK JPEG."""
+    for split in ("train", "val"):
+        (root / split / "cat").mkdir(parents=True)
+        (root / split / "dog").mkdir(parents=True)
+        Image.new("L", (20, 12), 100).save(root / split / "cat" / "gray.png")
+        Image.new("RGB", (16, 16), (200, 10, 30)).save(root / split / "dog" / "rgb.jpg")
+        Image.new("P", (8, 8), 3).save(root / split / "dog" / "palette.png")
+        Image.new("CMYK", (10, 10), (0, 0, 0, 0)).save(root / split / "dog" / "cmyk.jpg")
+
+
+def test_imagefolder_reads_tree(tmp_path: Path) -> None:
+    make_tree(tmp_path)
+    transform = build_transform(False, 16, 3, *default_mean_std("imagefolder", 3))
+    for train in (True, False):
+        ds = build_dataset("imagefolder", str(tmp_path), train=train)
+        assert len(ds) == 4 and ds.classes == ["cat", "dog"]
+        for i in range(len(ds)):
+            img, label = ds[i]
+            assert img.mode == "RGB"
+            assert transform(img).shape == (3, 16, 16)
+        gray, label = ds[0]
+        assert label == 0 and gray.getpixel((0, 0)) == (100, 100, 100)
+
+
+def test_imagefolder_flat_train_but_no_val(tmp_path: Path) -> None:
+    make_tree(tmp_path)
+    flat = tmp_path / "train"
+    assert len(build_dataset("imagefolder", str(flat), train=True)) == 4
+    with pytest.raises(FileNotFoundError, match="val"):
+        build_dataset("imagefolder", str(flat), train=False)
+    (tmp_path / "train").rename(tmp_path / "elsewhere")  # val/ alone: "val" is no class
+    with pytest.raises(FileNotFoundError, match="train"):
+        build_dataset("imagefolder", str(tmp_path), train=True)
+
+
+def test_imagefolder_missing_and_empty(tmp_path: Path) -> None:
+    missing = tmp_path / "does-not-exist"
+    with pytest.raises(FileNotFoundError) as info:
+        build_dataset("imagefolder", str(missing), train=True)
+    assert str(missing) in str(info.value) and "data_path" in str(info.value)
+    with pytest.raises(FileNotFoundError, match="data_path"):
+        build_dataset("imagefolder", None, train=True)
+    (tmp_path / "empty" / "train" / "cls").mkdir(parents=True)
+    with pytest.raises(ValueError, match="empty"):
+        build_dataset("imagefolder", str(tmp_path / "empty"), train=True)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def test_default_mean_std() -> None:
+    assert default_mean_std("imagefolder", 3) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert default_mean_std("sample", 1) == ((0.2860,), (0.3530,))
+    assert default_mean_std("fashion-mnist", 3) == ((0.2860,) * 3, (0.3530,) * 3)
+    with pytest.raises(ValueError, match="in_chans"):
+        default_mean_std("sample", 2)
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_transform_shape_and_constant_mean(train: bool, in_chans: int) -> None:
+    mean, std = default_mean_std("fashion-mnist", in_chans)
+    transform = build_transform(train, 32, in_chans, mean, std)
+    for mode, fill in (("L", 128), ("RGB", (128, 128, 128))):
+        out = transform(Image.new(mode, (28, 28), fill))
+        assert out.dtype == torch.float32 and out.shape == (in_chans, 32, 32)
+        expected = (128 / 255 - 0.2860) / 0.3530
+        # Bicubic resampling of a constant image may be off by one grey level at most.
+        assert abs(out.mean().item() - expected) < 1.5 / 255 / 0.3530
+
+
+def test_eval_transform_is_identity_at_input_size() -> None:
+    pixels = np.random.default_rng(1).integers(0, 256, size=(28, 28), dtype=np.uint8)
+    out = build_transform(False, 28, 1, (0.0,), (1.0,))(Image.fromarray(pixels))
+    torch.testing.assert_close(out[0], torch.from_numpy(pixels).float() / 255)
+
+
+def test_transform_rejects_bad_in_chans() -> None:
+    with pytest.raises(ValueError, match="in_chans"):
+        build_transform(True, 32, 2, (0.5, 0.5), (0.5, 0.5))
+
+
+def test_torchvision_transforms_use_global_torch_rng() -> None:
+    """The premise of SeededTransformDataset: seeding torch fixes a v1 transform's output."""
+    transform = build_transform(True, 28, 1, (0.0,), (1.0,), scale=(0.05, 1.0))
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (28, 28), dtype=np.uint8))
+    torch.manual_seed(5)
+    a = transform(img)
+    torch.manual_seed(5)
+    b = transform(img)
+    torch.manual_seed(6)
+    c = transform(img)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ----------------------------------------------------------------------------- seeding
+
+
+@pytest.fixture(scope="module")
+def small_base() -> ArrayImageDataset:
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, size=(24, 28, 28), dtype=np.uint8)
+    return ArrayImageDataset(images, np.arange(24) % 10)
+
+
+def seeded(base: ArrayImageDataset, seed: int = 0) -> SeededTransformDataset:
+    transform = build_transform(True, 28, 1, (0.5,), (0.5,), scale=(0.05, 1.0))
+    return SeededTransformDataset(base, transform, seed=seed)
+
+
+def test_seeded_same_key_same_tensor(small_base: ArrayImageDataset) -> None:
+    a, b = seeded(small_base), seeded(small_base)
+    a.set_epoch(3)
+    b.set_epoch(3)
+    for i in (0, 5, 23):
+        assert torch.equal(a[i][0], b[i][0]) and a[i][1] == small_base.targets[i]
+    b.set_epoch(4)
+    assert not torch.equal(a[5][0], b[5][0])
+    assert not torch.equal(a[5][0], seeded(small_base, seed=1)[5][0])
+
+
+def test_seeded_leaves_global_rng_untouched(small_base: ArrayImageDataset) -> None:
+    ds = seeded(small_base)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    ds[0]
+    ds[1]
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_seeded_batches_independent_of_workers(small_base: ArrayImageDataset) -> None:
+    def batches(num_workers: int) -> list[torch.Tensor]:
+        ds = seeded(small_base, seed=7)
+        ds.set_epoch(2)
+        loader = DataLoader(ds, batch_size=5, shuffle=False, num_workers=num_workers)
+        return [x for x, _ in loader]
+
+    single, multi = batches(0), batches(2)
+    assert len(single) == len(multi) == 5
+    for x, y in zip(single, multi, strict=True):
+        assert torch.equal(x, y)
