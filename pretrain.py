@@ -25,11 +25,19 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from maepl.checkpoint import (
-    export_encoder, export_full, load_checkpoint, resolve_resume, save_checkpoint,
+    export_encoder,
+    export_full,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
 )
 from maepl.config import ConfigError, PretrainConfig, dump_config, parse_config
 from maepl.data import (
-    SeededTransformDataset, ShardedSampler, build_dataset, build_transform, default_mean_std,
+    SeededTransformDataset,
+    ShardedSampler,
+    build_dataset,
+    build_transform,
+    default_mean_std,
 )
 from maepl.models.mae import build_mae, encoder_model_args
 from maepl.optim import build_adamw, lr_at, param_groups_weight_decay, set_lr
@@ -53,7 +61,12 @@ def main(cfg: PretrainConfig) -> dict:
     if precision == "auto":
         bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         precision = "bf16" if bf16_ok else "no"
-    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.accum_iter)
+    # cpu=True without CUDA: Accelerate only detects a torchrun/gloo launch on CPU when told
+    accelerator = Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=cfg.accum_iter,
+        cpu=not torch.cuda.is_available(),
+    )
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main_proc = accelerator.is_main_process
     out = Path(cfg.output_dir)
@@ -75,8 +88,12 @@ def main(cfg: PretrainConfig) -> dict:
     dataset = SeededTransformDataset(raw, transform, cfg.seed)
     sampler = ShardedSampler(len(dataset), world, rank, cfg.seed)
     loader = DataLoader(
-        dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-        pin_memory=cfg.pin_mem and device.type == "cuda", drop_last=True,
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=cfg.pin_mem and device.type == "cuda",
+        drop_last=True,
         persistent_workers=False,
     )
     # an optimizer step consumes accum_iter micro-batches; a trailing partial one is dropped
@@ -94,7 +111,9 @@ def main(cfg: PretrainConfig) -> dict:
     # ------------------------------------------------------------------ model
     set_seed(cfg.seed)  # identical initial weights on every rank
     model = build_mae(cfg)
-    optimizer = build_adamw(param_groups_weight_decay(model, cfg.weight_decay), lr, device_type=device.type)
+    optimizer = build_adamw(
+        param_groups_weight_decay(model, cfg.weight_decay), lr, device_type=device.type
+    )
     if cfg.compile:
         model.compile()  # in place: state_dict keys stay free of "_orig_mod."
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -122,8 +141,9 @@ def main(cfg: PretrainConfig) -> dict:
     stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
     def save(step: int, epoch: int, batch_in_epoch: int) -> None:
-        state = dict(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,
-                     config=dataclasses.asdict(cfg))
+        state = dict(
+            step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, config=dataclasses.asdict(cfg)
+        )
         save_checkpoint(accelerator, out, step, model, optimizer, state, gen, cfg.keep_last)
 
     def visualise(epoch: int) -> None:
@@ -137,7 +157,9 @@ def main(cfg: PretrainConfig) -> dict:
 
     transform_eval = build_transform(False, cfg.input_size, cfg.in_chans, mean, std)
     tracker = Tracker(out, enabled=main_proc)
-    bar = tqdm(total=stop_step, initial=step, disable=not main_proc, desc="pretrain", dynamic_ncols=True)
+    bar = tqdm(
+        total=stop_step, initial=step, disable=not main_proc, desc="pretrain", dynamic_ncols=True
+    )
 
     # ------------------------------------------------------------------ train
     model.train()
@@ -166,8 +188,14 @@ def main(cfg: PretrainConfig) -> dict:
                 optimizer.step()  # Accelerate skips it until the last micro-step
                 optimizer.zero_grad(set_to_none=True)
             batch_in_epoch += 1
-            sums += torch.stack([loss.detach(), outputs["mae_loss"].detach(),
-                                 outputs["pos_loss"].detach(), outputs["pos_acc"].detach()]).float()
+            sums += torch.stack(
+                [
+                    loss.detach(),
+                    outputs["mae_loss"].detach(),
+                    outputs["pos_loss"].detach(),
+                    outputs["pos_acc"].detach(),
+                ]
+            ).float()
             n_sum += 1
             if not accelerator.sync_gradients:
                 continue
@@ -179,8 +207,12 @@ def main(cfg: PretrainConfig) -> dict:
                 dt = time.perf_counter() - t_log
                 last = dict(
                     epoch=round(epoch + batch_in_epoch / (steps_per_epoch * cfg.accum_iter), 4),
-                    loss=avg[0], mae_loss=avg[1], pos_loss=avg[2], pos_acc=avg[3],
-                    lr=optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0),
+                    loss=avg[0],
+                    mae_loss=avg[1],
+                    pos_loss=avg[2],
+                    pos_acc=avg[3],
+                    lr=optimizer.param_groups[0]["lr"]
+                    / optimizer.param_groups[0].get("lr_scale", 1.0),
                     img_per_s=n_sum * cfg.batch_size * world / dt,
                 )
                 tracker.log(step, last)
@@ -198,23 +230,41 @@ def main(cfg: PretrainConfig) -> dict:
     # ------------------------------------------------------------------ finish
     save(step, epoch, batch_in_epoch)
     visualise(epoch)
-    summary = {**last, "step": step, "epoch": epoch}
+    # every rank must hold the same weights; a divergence means a broken collective
+    digest = torch.stack([p.detach().double().sum() for p in mae.parameters()])
+    in_sync = bool((accelerator.gather(digest[None]) == digest).all())
+    summary = {**last, "step": step, "epoch": epoch, "ranks_in_sync": in_sync}
+    if not in_sync:
+        accelerator.print("warning: model weights differ between processes")
     if main_proc:
         enc_dir = export_encoder(
-            mae.encoder, out / "export" / "encoder", cfg.encoder,
+            mae.encoder,
+            out / "export" / "encoder",
+            cfg.encoder,
             encoder_model_args(mae.encoder, cfg.pos_embed),
-            data_cfg=dict(input_size=[cfg.in_chans, cfg.input_size, cfg.input_size],
-                          mean=mean, std=std, interpolation="bicubic", crop_pct=1.0),
-            card=dict(name=f"maepl {cfg.model}", dataset=cfg.dataset, steps=step,
-                      mask_ratio=cfg.mask_ratio,
-                      pos=f" + positional label {cfg.pos_label}" if cfg.pos_label != "none" else ""),
+            data_cfg=dict(
+                input_size=[cfg.in_chans, cfg.input_size, cfg.input_size],
+                mean=mean,
+                std=std,
+                interpolation="bicubic",
+                crop_pct=1.0,
+            ),
+            card=dict(
+                name=f"maepl {cfg.model}",
+                dataset=cfg.dataset,
+                steps=step,
+                mask_ratio=cfg.mask_ratio,
+                pos=f" + positional label {cfg.pos_label}" if cfg.pos_label != "none" else "",
+            ),
         )
         export_full(mae, out / "export" / "mae.safetensors", dataclasses.asdict(cfg))
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        print(f"done: {step} steps. encoder export (timm local-dir): {enc_dir}\n"
-              f"  full model: {out / 'export' / 'mae.safetensors'}\n"
-              f"  reconstructions: {out / 'vis'}  logs: {out / 'log.jsonl'}, "
-              f"tensorboard --logdir {out / 'tensorboard'}")
+        print(
+            f"done: {step} steps. encoder export (timm local-dir): {enc_dir}\n"
+            f"  full model: {out / 'export' / 'mae.safetensors'}\n"
+            f"  reconstructions: {out / 'vis'}  logs: {out / 'log.jsonl'}, "
+            f"tensorboard --logdir {out / 'tensorboard'}"
+        )
     tracker.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -45,8 +45,10 @@ def optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
                 tensors[f"state.{pid}.{k}"] = v
             else:
                 extra[f"{pid}.{k}"] = v
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
-              for g in sd["param_groups"]]
+    groups = [
+        {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+        for g in sd["param_groups"]
+    ]
     return tensors, {"param_groups": groups, "extra": extra}
 
 
@@ -59,8 +61,9 @@ def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     for key, v in meta["extra"].items():
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = v
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()}
-              for g in meta["param_groups"]]
+    groups = [
+        {k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]
+    ]
     return {"state": state, "param_groups": groups}
 
 
@@ -98,8 +101,13 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def save_checkpoint(
-    accelerator, output_dir: str | Path, step: int, model: nn.Module,
-    optimizer: torch.optim.Optimizer, state: dict, generator: torch.Generator | None,
+    accelerator,
+    output_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    generator: torch.Generator | None,
     keep_last: int,
 ) -> Path:
     """Collective: every rank calls it. Rank files first, then the main process writes the
@@ -111,12 +119,16 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    save_file(_contiguous(rng_state(generator)), tmp / f"rng_rank{accelerator.process_index}.safetensors")
+    save_file(
+        _contiguous(rng_state(generator)), tmp / f"rng_rank{accelerator.process_index}.safetensors"
+    )
     if accelerator.is_main_process:
         sd = _contiguous(accelerator.unwrap_model(model).state_dict())
         assert_finite(sd, f"checkpoint step {step}")
         save_file(sd, tmp / "model.safetensors")
-        opt_tensors, opt_meta = optimizer_to_files(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
+        opt_tensors, opt_meta = optimizer_to_files(
+            optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+        )
         save_file(_contiguous(opt_tensors), tmp / "optimizer.safetensors")
         meta = dict(state, optimizer=opt_meta, num_processes=accelerator.num_processes)
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
@@ -146,20 +158,27 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(
-    path: Path, accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+    path: Path,
+    accelerator,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
     generator: torch.Generator | None,
 ) -> dict:
     """Restore weights, optimizer and this rank's RNG; returns the counters in state.json."""
     meta = json.loads((path / "state.json").read_text())
     accelerator.unwrap_model(model).load_state_dict(load_file(path / "model.safetensors"))
     opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-    opt.load_state_dict(optimizer_from_files(load_file(path / "optimizer.safetensors"), meta["optimizer"]))
+    opt.load_state_dict(
+        optimizer_from_files(load_file(path / "optimizer.safetensors"), meta["optimizer"])
+    )
     rng_file = path / f"rng_rank{accelerator.process_index}.safetensors"
     if meta.get("num_processes") == accelerator.num_processes and rng_file.is_file():
         set_rng_state(load_file(rng_file), generator)
     else:
-        accelerator.print(f"resume: {path} was written by {meta.get('num_processes')} processes; "
-                          "RNG streams restart from the seed")
+        accelerator.print(
+            f"resume: {path} was written by {meta.get('num_processes')} processes; "
+            "RNG streams restart from the seed"
+        )
     return meta
 
 
@@ -185,8 +204,12 @@ model = timm.create_model("local-dir:<this folder>", pretrained=True)
 
 
 def export_encoder(
-    encoder: nn.Module, folder: str | Path, architecture: str, model_args: dict,
-    data_cfg: dict, card: dict,
+    encoder: nn.Module,
+    folder: str | Path,
+    architecture: str,
+    model_args: dict,
+    data_cfg: dict,
+    card: dict,
 ) -> Path:
     """Write a timm ``local-dir`` folder: model.safetensors, config.json, README.md.
 
@@ -206,15 +229,24 @@ def export_encoder(
         "global_pool": "token",
         "model_args": model_args,
         "pretrained_cfg": dict(
-            num_classes=0, classifier="head", first_conv="patch_embed.proj",
-            fixed_input_size=True, license=card.get("license", "apache-2.0"), **data_cfg,
+            num_classes=0,
+            classifier="head",
+            first_conv="patch_embed.proj",
+            fixed_input_size=True,
+            license=card.get("license", "apache-2.0"),
+            **data_cfg,
         ),
     }
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-    (folder / "README.md").write_text(MODEL_CARD.format(
-        arch=architecture, model_args=model_args, license=cfg["pretrained_cfg"]["license"],
-        **card, **data_cfg
-    ))
+    (folder / "README.md").write_text(
+        MODEL_CARD.format(
+            arch=architecture,
+            model_args=model_args,
+            license=cfg["pretrained_cfg"]["license"],
+            **card,
+            **data_cfg,
+        )
+    )
     return folder
 
 

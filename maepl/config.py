@@ -246,7 +246,9 @@ def resolve_model(cfg: PretrainConfig) -> PretrainConfig:
     if not preset:
         if not cfg.model.startswith("vit_") or not timm.is_model(cfg.model):
             names = ", ".join(sorted(PRESETS))
-            raise ConfigError(f"model: {cfg.model!r} is neither a preset ({names}) nor a timm vit_*")
+            raise ConfigError(
+                f"model: {cfg.model!r} is neither a preset ({names}) nor a timm vit_*"
+            )
         preset = dict(encoder=cfg.model)
     preset = {"decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16, **preset}
     updates = {k: v for k, v in preset.items() if getattr(cfg, k) is None}
@@ -257,15 +259,26 @@ def resolve_model(cfg: PretrainConfig) -> PretrainConfig:
         )
     try:  # on the meta device: shapes only, no memory, no init cost
         enc = build_encoder(
-            cfg.encoder, cfg.input_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.depth,
-            cfg.num_heads, cfg.pos_embed, device="meta",
+            cfg.encoder,
+            cfg.input_size,
+            cfg.patch_size,
+            cfg.in_chans,
+            cfg.embed_dim,
+            cfg.depth,
+            cfg.num_heads,
+            cfg.pos_embed,
+            device="meta",
         )
     except (AssertionError, ValueError, TypeError, RuntimeError) as e:
         raise ConfigError(f"model: cannot build {cfg.encoder!r} with these shapes: {e}") from None
     return dataclasses.replace(
-        cfg, input_size=enc.patch_embed.img_size[0], patch_size=enc.patch_embed.patch_size[0],
-        in_chans=enc.patch_embed.proj.in_channels, embed_dim=enc.embed_dim,
-        depth=len(enc.blocks), num_heads=enc.blocks[0].attn.num_heads,
+        cfg,
+        input_size=enc.patch_embed.img_size[0],
+        patch_size=enc.patch_embed.patch_size[0],
+        in_chans=enc.patch_embed.proj.in_channels,
+        embed_dim=enc.embed_dim,
+        depth=len(enc.blocks),
+        num_heads=enc.blocks[0].attn.num_heads,
     )
 
 
@@ -289,27 +302,43 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
     _check(cfg.lr is None or cfg.lr > 0, "lr", "must be > 0")
     _check(cfg.clip_grad is None or cfg.clip_grad > 0, "clip_grad", "must be > 0 or null")
     _check(0 < cfg.crop_min <= 1, "crop_min", "must be in (0, 1]")
-    _check(cfg.dataset != "imagefolder" or bool(cfg.data_path), "data_path",
-           "required for dataset imagefolder")
+    _check(
+        cfg.dataset != "imagefolder" or bool(cfg.data_path),
+        "data_path",
+        "required for dataset imagefolder",
+    )
     if cfg.data_path and cfg.dataset == "imagefolder":
         _check(Path(cfg.data_path).is_dir(), "data_path", f"no such folder {cfg.data_path}")
     cfg = resolve_model(cfg)
     for key in ("mean", "std"):
         v = getattr(cfg, key)
         _check(v is None or len(v) in (1, cfg.in_chans), key, f"needs {cfg.in_chans} values")
-    _check(cfg.embed_dim % 4 == 0 or cfg.pos_embed != "sincos", "pos_embed",
-           f"sincos needs embed_dim divisible by 4, got {cfg.embed_dim}")
+    _check(
+        cfg.embed_dim % 4 == 0 or cfg.pos_embed != "sincos",
+        "pos_embed",
+        f"sincos needs embed_dim divisible by 4, got {cfg.embed_dim}",
+    )
     _check(cfg.decoder_embed_dim % 4 == 0, "decoder_embed_dim", "must be divisible by 4")
-    _check(cfg.decoder_embed_dim % cfg.decoder_num_heads == 0, "decoder_num_heads",
-           f"must divide decoder_embed_dim {cfg.decoder_embed_dim}")
+    _check(
+        cfg.decoder_embed_dim % cfg.decoder_num_heads == 0,
+        "decoder_num_heads",
+        f"must divide decoder_embed_dim {cfg.decoder_embed_dim}",
+    )
     grid = cfg.input_size // cfg.patch_size
     keep = int(grid * grid * (1 - cfg.mask_ratio))
     _check(keep >= 1, "mask_ratio", f"{cfg.mask_ratio} leaves no visible patch of {grid * grid}")
     if cfg.pos_label != "none" and cfg.pos_embed != "none" and cfg.pos_drop_ratio > 0:
-        _check(int(keep * cfg.pos_drop_ratio) >= 1, "pos_drop_ratio",
-               f"{cfg.pos_drop_ratio} of {keep} visible tokens hides no position embedding")
+        _check(
+            int(keep * cfg.pos_drop_ratio) >= 1,
+            "pos_drop_ratio",
+            f"{cfg.pos_drop_ratio} of {keep} visible tokens hides no position embedding",
+        )
     if cfg.pos_label == "rel" and cfg.pos_pairs:
-        m = int(keep * cfg.pos_drop_ratio) if cfg.pos_embed != "none" and cfg.pos_drop_ratio else keep
+        m = (
+            int(keep * cfg.pos_drop_ratio)
+            if cfg.pos_embed != "none" and cfg.pos_drop_ratio
+            else keep
+        )
         _check(cfg.pos_pairs <= m * m, "pos_pairs", f"at most {m * m} pairs of {m} labelled tokens")
     return cfg
 

@@ -382,8 +382,9 @@ class ShardedSampler(torch.utils.data.Sampler[int]):
     ``start`` indices, which is how a resumed run continues mid-epoch without re-reading data.
     """
 
-    def __init__(self, length: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
-                 shuffle: bool = True):
+    def __init__(
+        self, length: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True
+    ):
         self.length, self.num_replicas, self.rank = length, num_replicas, rank
         self.seed, self.shuffle = seed, shuffle
         self.per_rank = length // num_replicas

@@ -25,33 +25,64 @@ PRESETS: dict[str, dict] = {
     "mae_vit_huge_patch14": dict(encoder="vit_huge_patch14_224"),
     # Fashion-MNIST reference setup of shared/reference.md: ViT-Tiny widths, patch 4 on 28 px.
     "mae_vit_tiny_patch4_28": dict(
-        encoder="vit_tiny_patch16_224", input_size=28, patch_size=4, in_chans=1,
-        embed_dim=192, depth=12, num_heads=3,
-        decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4,
+        encoder="vit_tiny_patch16_224",
+        input_size=28,
+        patch_size=4,
+        in_chans=1,
+        embed_dim=192,
+        depth=12,
+        num_heads=3,
+        decoder_embed_dim=128,
+        decoder_depth=4,
+        decoder_num_heads=4,
     ),
     # CPU-sized: a few minutes per epoch on 2 cores for 10,000 28-px images.
     "mae_vit_micro_patch4_28": dict(
-        encoder="vit_tiny_patch16_224", input_size=28, patch_size=4, in_chans=1,
-        embed_dim=96, depth=6, num_heads=3,
-        decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
+        encoder="vit_tiny_patch16_224",
+        input_size=28,
+        patch_size=4,
+        in_chans=1,
+        embed_dim=96,
+        depth=6,
+        num_heads=3,
+        decoder_embed_dim=64,
+        decoder_depth=2,
+        decoder_num_heads=4,
     ),
     "mae_vit_small_patch4_32": dict(
-        encoder="vit_small_patch16_224", input_size=32, patch_size=4, in_chans=3,
-        embed_dim=384, depth=12, num_heads=6,
-        decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8,
+        encoder="vit_small_patch16_224",
+        input_size=32,
+        patch_size=4,
+        in_chans=3,
+        embed_dim=384,
+        depth=12,
+        num_heads=6,
+        decoder_embed_dim=256,
+        decoder_depth=4,
+        decoder_num_heads=8,
     ),
 }
 
 
 def build_encoder(
-    name: str, input_size: int | None = None, patch_size: int | None = None,
-    in_chans: int | None = None, embed_dim: int | None = None, depth: int | None = None,
-    num_heads: int | None = None, pos_embed: str = "sincos", device: torch.device | str | None = None,
+    name: str,
+    input_size: int | None = None,
+    patch_size: int | None = None,
+    in_chans: int | None = None,
+    embed_dim: int | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
+    pos_embed: str = "sincos",
+    device: torch.device | str | None = None,
 ) -> VisionTransformer:
     """A timm ViT by name with optional shape overrides, without a classifier (num_classes=0)."""
     kwargs = dict(
-        img_size=input_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-        depth=depth, num_heads=num_heads,
+        img_size=input_size,
+        patch_size=patch_size,
+        in_chans=in_chans,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
     )
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if pos_embed == "none":
@@ -66,9 +97,13 @@ def build_encoder(
 def encoder_model_args(enc: VisionTransformer, pos_embed: str) -> dict:
     """The create_model kwargs that rebuild ``enc`` exactly (stored in exports)."""
     args = dict(
-        img_size=list(enc.patch_embed.img_size), patch_size=list(enc.patch_embed.patch_size),
-        in_chans=enc.patch_embed.proj.in_channels, embed_dim=enc.embed_dim,
-        depth=len(enc.blocks), num_heads=enc.blocks[0].attn.num_heads, num_classes=0,
+        img_size=list(enc.patch_embed.img_size),
+        patch_size=list(enc.patch_embed.patch_size),
+        in_chans=enc.patch_embed.proj.in_channels,
+        embed_dim=enc.embed_dim,
+        depth=len(enc.blocks),
+        num_heads=enc.blocks[0].attn.num_heads,
+        num_classes=0,
     )
     if pos_embed == "none":
         args["pos_embed"] = "none"
@@ -88,10 +123,18 @@ class MaskedAutoencoder(nn.Module):
     """
 
     def __init__(
-        self, encoder: VisionTransformer, pos_embed: str = "sincos",
-        decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
-        mlp_ratio: float = 4.0, mask_ratio: float = 0.75, norm_pix_loss: bool = True,
-        pos_label: str = "none", pos_channels: float = 0.5, pos_pairs: int = 0,
+        self,
+        encoder: VisionTransformer,
+        pos_embed: str = "sincos",
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        mask_ratio: float = 0.75,
+        norm_pix_loss: bool = True,
+        pos_label: str = "none",
+        pos_channels: float = 0.5,
+        pos_pairs: int = 0,
         pos_drop_ratio: float = 0.0,
     ):
         super().__init__()
@@ -125,10 +168,14 @@ class MaskedAutoencoder(nn.Module):
         )
         self._fill_sincos(self.decoder_pos_embed, decoder_embed_dim)
         norm = partial(nn.LayerNorm, eps=1e-6)
-        self.decoder_blocks = nn.Sequential(*[
-            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm)
-            for _ in range(decoder_depth)
-        ])
+        self.decoder_blocks = nn.Sequential(
+            *[
+                Block(
+                    decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm
+                )
+                for _ in range(decoder_depth)
+            ]
+        )
         self.decoder_norm = norm(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size**2 * self.in_chans)
 
@@ -236,8 +283,12 @@ class MaskedAutoencoder(nn.Module):
         return (loss * mask).sum() / mask.sum()
 
     def forward(
-        self, imgs: torch.Tensor, noise: torch.Tensor, drop_noise: torch.Tensor | None = None,
-        pair_noise: torch.Tensor | None = None, pos_sigma: float = 0.0,
+        self,
+        imgs: torch.Tensor,
+        noise: torch.Tensor,
+        drop_noise: torch.Tensor | None = None,
+        pair_noise: torch.Tensor | None = None,
+        pos_sigma: float = 0.0,
     ) -> dict[str, torch.Tensor]:
         """One pretraining forward pass.
 
@@ -271,6 +322,7 @@ class MaskedAutoencoder(nn.Module):
         self, n: int, device: torch.device, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor | None]:
         """The random inputs of one forward pass (mask, PE drop, pair sampling)."""
+
         def rand(*shape):
             return torch.rand(*shape, device=device, generator=generator)
 
@@ -285,12 +337,25 @@ class MaskedAutoencoder(nn.Module):
 def build_mae(cfg) -> MaskedAutoencoder:
     """Build the model from a resolved ``PretrainConfig`` (see maepl.config)."""
     enc = build_encoder(
-        cfg.encoder, cfg.input_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.depth,
-        cfg.num_heads, cfg.pos_embed,
+        cfg.encoder,
+        cfg.input_size,
+        cfg.patch_size,
+        cfg.in_chans,
+        cfg.embed_dim,
+        cfg.depth,
+        cfg.num_heads,
+        cfg.pos_embed,
     )
     return MaskedAutoencoder(
-        enc, cfg.pos_embed, cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads,
-        mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss, pos_label=cfg.pos_label,
-        pos_channels=cfg.pos_channels, pos_pairs=cfg.pos_pairs, pos_drop_ratio=cfg.pos_drop_ratio,
+        enc,
+        cfg.pos_embed,
+        cfg.decoder_embed_dim,
+        cfg.decoder_depth,
+        cfg.decoder_num_heads,
+        mask_ratio=cfg.mask_ratio,
+        norm_pix_loss=cfg.norm_pix_loss,
+        pos_label=cfg.pos_label,
+        pos_channels=cfg.pos_channels,
+        pos_pairs=cfg.pos_pairs,
+        pos_drop_ratio=cfg.pos_drop_ratio,
     )
-

@@ -42,9 +42,7 @@ def class_coords(kind: str, grid_h: int, grid_w: int, device=None) -> torch.Tens
     return grid_coords(2 * grid_h - 1, 2 * grid_w - 1, device).float()
 
 
-def smooth_targets(
-    labels: torch.Tensor, coords: torch.Tensor, sigma: float
-) -> torch.Tensor:
+def smooth_targets(labels: torch.Tensor, coords: torch.Tensor, sigma: float) -> torch.Tensor:
     """DropPos-style soft targets: q(c | y) proportional to exp(-|coord_c - coord_y|^2 / sigma^2).
 
     labels: [P] long; coords: [C, 2]. Returns [P, C] rows summing to one.
@@ -103,7 +101,7 @@ class RelPosHead(nn.Module):
         self.classifier = nn.Linear(in_dim, num_classes)
 
     def pair_hidden(self, z: torch.Tensor, pairs: torch.Tensor | None = None) -> torch.Tensor:
-        """First layer for all pairs ([N, m, m, k]) or the sampled ``pairs`` [N, K, 2] ([N, K, k])."""
+        """First layer for all pairs -> [N, m, m, k], or for ``pairs`` [N, K, 2] -> [N, K, k]."""
         k = self.in_dim
         w_a, w_b = self.fc1.weight[:, :k], self.fc1.weight[:, k:]
         a = z[..., :k] @ w_a.t()  # [N, m, k]
@@ -133,7 +131,12 @@ class PositionLabeler(nn.Module):
     """
 
     def __init__(
-        self, kind: str, embed_dim: int, grid_h: int, grid_w: int, channels: float = 0.5,
+        self,
+        kind: str,
+        embed_dim: int,
+        grid_h: int,
+        grid_w: int,
+        channels: float = 0.5,
         pairs: int = 0,
     ):
         super().__init__()
@@ -145,12 +148,13 @@ class PositionLabeler(nn.Module):
             self.head: nn.Module = AbsPosHead(in_dim, grid_h * grid_w)
         else:
             self.head = RelPosHead(in_dim, (2 * grid_h - 1) * (2 * grid_w - 1))
-        self.register_buffer(
-            "coords", class_coords(kind, grid_h, grid_w), persistent=False
-        )
+        self.register_buffer("coords", class_coords(kind, grid_h, grid_w), persistent=False)
 
     def forward(
-        self, z: torch.Tensor, pos: torch.Tensor, sigma: float = 0.0,
+        self,
+        z: torch.Tensor,
+        pos: torch.Tensor,
+        sigma: float = 0.0,
         pair_noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and top-1 accuracy of the labelled tokens.

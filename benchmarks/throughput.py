@@ -1,0 +1,524 @@
+#!/usr/bin/env python
+"""Pretraining-step throughput: maepl MAE (with and without positional labels) vs Hugging Face.
+
+One step = fresh masking noise + forward + loss + backward + AdamW step + zero_grad, on a
+synthetic batch that already lives on the device (no data loading). All configurations share
+the architecture, batch, precision and optimizer settings; each is built, warmed up, timed over
+several windows (median reported) and freed before the next one.
+
+Configurations (``--only`` takes a comma-separated subset of these names):
+
+    plain    maepl MAE, pos_label none
+    apl      maepl MAE + APL, pos_drop_ratio 0.75 (PE dropped on 3/4 of visible tokens)
+    apl_all  maepl MAE + APL, pos_drop_ratio 0 (every visible token labelled)
+    rpl      maepl MAE + RPL, pos_drop_ratio 0.75
+    rpl_all  maepl MAE + RPL, pos_drop_ratio 0 (all ordered pairs of visible tokens)
+    hf       transformers ViTMAEForPreTraining, same sizes, sdpa attention
+
+The last line printed is ``ratio_vs_hf=<plain img/s / hf img/s>`` (``nan`` when either of the
+two was not run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import timm
+import torch
+from torch import nn
+
+from maepl.models.mae import MaskedAutoencoder, build_encoder
+from maepl.optim import build_adamw, param_groups_weight_decay
+
+PRESETS: dict[str, dict] = {
+    # small enough for a few seconds per configuration on 2 CPU cores
+    "cpu": dict(
+        encoder="vit_tiny_patch16_224",
+        input_size=32,
+        patch_size=4,
+        in_chans=3,
+        embed_dim=192,
+        depth=6,
+        num_heads=3,
+        decoder_embed_dim=128,
+        decoder_depth=2,
+        decoder_num_heads=4,
+        batch_size=64,
+        steps=20,
+        warmup=3,
+    ),
+    # ViT-B/16 at 224 px with MAE's decoder (512-d x 8 blocks, 16 heads), batch 256 per GPU
+    "vit_base": dict(
+        encoder="vit_base_patch16_224",
+        input_size=224,
+        patch_size=16,
+        in_chans=3,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        decoder_embed_dim=512,
+        decoder_depth=8,
+        decoder_num_heads=16,
+        batch_size=256,
+        steps=30,
+        warmup=10,
+    ),
+}
+
+# name -> (pos_label, pos_drop_ratio); None marks the Hugging Face model
+CONFIGS: dict[str, tuple[str, float] | None] = {
+    "plain": ("none", 0.0),
+    "apl": ("abs", 0.75),
+    "apl_all": ("abs", 0.0),
+    "rpl": ("rel", 0.75),
+    "rpl_all": ("rel", 0.0),
+    "hf": None,
+}
+DESCRIPTIONS = {
+    "plain": "maepl MAE",
+    "apl": "maepl MAE + APL (drop 0.75)",
+    "apl_all": "maepl MAE + APL (drop 0)",
+    "rpl": "maepl MAE + RPL (drop 0.75)",
+    "rpl_all": "maepl MAE + RPL (drop 0)",
+    "hf": "HF ViTMAEForPreTraining",
+}
+
+MASK_RATIO = 0.75
+POS_WEIGHT = 0.5  # training loss = mae_loss + 0.5 * pos_loss
+LR, WEIGHT_DECAY, BETAS = 1.5e-4, 0.05, (0.9, 0.95)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--batch_size", type=int, default=None, help="default: the preset's")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per config")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per config")
+    p.add_argument(
+        "--windows",
+        type=int,
+        default=5,
+        help="timed steps are split into this many windows; the median is reported",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("bf16", "fp16", "no"),
+        default=None,
+        help="autocast dtype (default: bf16 on CUDA, no on CPU)",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument(
+        "--schedule",
+        choices=("auto", "sequential", "interleaved"),
+        default="auto",
+        help="sequential: one config at a time, freed before the next (clean peak\n"
+        "memory); interleaved: all resident, timed windows round-robin (robust\n"
+        "to a busy or drifting machine). auto: sequential on CUDA, else\n"
+        "interleaved",
+    )
+    p.add_argument(
+        "--only", default=",".join(CONFIGS), help=f"comma-separated subset of: {', '.join(CONFIGS)}"
+    )
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="PATH", help="also write results here")
+    args = p.parse_args(argv)
+
+    preset = PRESETS[args.preset]
+    for key in ("batch_size", "steps", "warmup"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.schedule == "auto":
+        args.schedule = "sequential" if args.device.type == "cuda" else "interleaved"
+    if args.precision is None:
+        args.precision = "bf16" if args.device.type == "cuda" else "no"
+    args.only = [c.strip() for c in args.only.split(",") if c.strip()]
+    unknown = [c for c in args.only if c not in CONFIGS]
+    if unknown or not args.only:
+        p.error(f"--only: unknown config(s) {unknown}; choose from {', '.join(CONFIGS)}")
+    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0 or args.windows < 1:
+        p.error("--batch_size and --steps must be >= 1, --warmup >= 0, --windows >= 1")
+    return args
+
+
+def import_transformers():
+    """The transformers module, or a clear message and exit status 2."""
+    try:
+        import transformers
+        from transformers import ViTMAEConfig, ViTMAEForPreTraining  # noqa: F401
+    except ImportError as e:
+        print(
+            f"error: the 'hf' baseline needs Hugging Face transformers ({e}).\n"
+            "Install the benchmark extras with:  pip install -e .[bench]\n"
+            "(or leave it out with --only plain,apl,apl_all,rpl,rpl_all)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    return transformers
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_maepl(
+    shape: dict, pos_label: str, pos_drop: float, imgs: torch.Tensor, use_compile: bool
+) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
+    enc = build_encoder(
+        shape["encoder"],
+        shape["input_size"],
+        shape["patch_size"],
+        shape["in_chans"],
+        shape["embed_dim"],
+        shape["depth"],
+        shape["num_heads"],
+        "sincos",
+    )
+    mae = MaskedAutoencoder(
+        enc,
+        "sincos",
+        shape["decoder_embed_dim"],
+        shape["decoder_depth"],
+        shape["decoder_num_heads"],
+        mask_ratio=MASK_RATIO,
+        norm_pix_loss=True,
+        pos_label=pos_label,
+        pos_channels=0.5,
+        pos_pairs=0,
+        pos_drop_ratio=pos_drop,
+    ).to(imgs.device)
+    fwd = torch.compile(mae) if use_compile else mae
+    n, device = imgs.shape[0], imgs.device
+
+    def loss_fn() -> torch.Tensor:
+        out = fwd(imgs, **mae.make_noise(n, device))  # fresh masks every step, as in training
+        return out["mae_loss"] + POS_WEIGHT * out["pos_loss"]
+
+    return mae, loss_fn
+
+
+def build_hf(
+    shape: dict, imgs: torch.Tensor, use_compile: bool
+) -> tuple[nn.Module, Callable[[], torch.Tensor], str]:
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    d, dd = shape["embed_dim"], shape["decoder_embed_dim"]
+    kwargs = dict(
+        hidden_size=d,
+        num_hidden_layers=shape["depth"],
+        num_attention_heads=shape["num_heads"],
+        intermediate_size=4 * d,
+        decoder_hidden_size=dd,
+        decoder_num_hidden_layers=shape["decoder_depth"],
+        decoder_num_attention_heads=shape["decoder_num_heads"],
+        decoder_intermediate_size=4 * dd,
+        image_size=shape["input_size"],
+        patch_size=shape["patch_size"],
+        num_channels=shape["in_chans"],
+        mask_ratio=MASK_RATIO,
+        norm_pix_loss=True,
+        layer_norm_eps=1e-6,  # timm's and MAE's value (HF defaults to 1e-12); speed-neutral
+    )
+    try:
+        model = ViTMAEForPreTraining(ViTMAEConfig(attn_implementation="sdpa", **kwargs))
+    except (ValueError, ImportError, TypeError):  # an older transformers without sdpa for ViTMAE
+        model = ViTMAEForPreTraining(ViTMAEConfig(**kwargs))
+    attn = getattr(model.config, "_attn_implementation", None) or "eager"
+    model = model.to(imgs.device)
+    fwd = torch.compile(model) if use_compile else model
+
+    def loss_fn() -> torch.Tensor:
+        return fwd(pixel_values=imgs).loss  # HF draws its masking noise itself
+
+    return model, loss_fn, attn
+
+
+def autocast_ctx(device: torch.device, precision: str):
+    if precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class Runner:
+    """One configuration, built and ready to step, with its measurements."""
+
+    def __init__(self, name: str, args: argparse.Namespace, shape: dict, imgs: torch.Tensor):
+        self.name, self.device = name, imgs.device
+        torch.manual_seed(args.seed)
+        self.extra: dict = {}
+        if CONFIGS[name] is None:
+            self.model, self.loss_fn, attn = build_hf(shape, imgs, args.compile)
+            self.extra["attn_implementation"] = attn
+        else:
+            pos_label, pos_drop = CONFIGS[name]
+            self.model, self.loss_fn = build_maepl(shape, pos_label, pos_drop, imgs, args.compile)
+            head = self.model.pos_head is not None
+            self.extra["labelled_tokens"] = self.model.num_labelled if head else 0
+        self.model.train()
+        self.optimizer = build_adamw(
+            param_groups_weight_decay(self.model, WEIGHT_DECAY),
+            LR,
+            BETAS,
+            device_type=self.device.type,
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type) if args.precision == "fp16" else None
+        self.precision = args.precision
+        self.num_params = count_trainable(self.model)
+        self.window_ms: list[float] = []
+        self.peak_bytes = 0
+        self.warmup_s = 0.0
+        self.loss = float("nan")
+
+    def step(self) -> torch.Tensor:
+        with autocast_ctx(self.device, self.precision):
+            loss = self.loss_fn()
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def resident_bytes(self) -> int:
+        """Parameters, buffers and optimizer state: what stays allocated between steps."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        for state in self.optimizer.state.values():
+            tensors += [t for t in state.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors if t.device == self.device)
+
+    def run(self, steps: int, timed: bool, shared: bool = False) -> None:
+        """``steps`` steps; ``timed`` appends the mean ms/step as one window. ``shared``: other
+        models are resident too, so peak memory is measured as this window's growth over what
+        was allocated before it plus this model's own resident state."""
+        cuda = self.device.type == "cuda"
+        sync(self.device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+        start = time.perf_counter()
+        loss = None
+        for _ in range(steps):
+            loss = self.step()
+        sync(self.device)
+        elapsed = time.perf_counter() - start
+        if cuda:
+            peak = torch.cuda.max_memory_allocated(self.device)
+            if shared:
+                peak = peak - base + self.resident_bytes()
+            self.peak_bytes = max(self.peak_bytes, peak)
+        if loss is not None:
+            self.loss = float(loss)
+        if timed:
+            self.window_ms.append(elapsed * 1e3 / steps)
+        else:
+            self.warmup_s += elapsed
+
+    def result(self, batch_size: int) -> dict:
+        ms = statistics.median(self.window_ms)
+        r = dict(
+            name=self.name,
+            description=DESCRIPTIONS[self.name],
+            params_m=self.num_params / 1e6,
+            ms_per_step=ms,
+            img_per_s=batch_size * 1e3 / ms,
+            window_ms=[round(x, 2) for x in self.window_ms],
+            warmup_s=self.warmup_s,
+            final_loss=self.loss,
+            **self.extra,
+        )
+        if self.device.type == "cuda":
+            r["peak_mem_gib"] = self.peak_bytes / 2**30
+        if not math.isfinite(self.loss):
+            print(f"warning: {self.name}: non-finite loss {self.loss}", flush=True)
+        return r
+
+
+def window_sizes(steps: int, windows: int) -> list[int]:
+    n = min(steps, windows)
+    return [steps // n + (i < steps % n) for i in range(n)]
+
+
+def report_line(r: dict) -> None:
+    note = ""
+    if r.get("labelled_tokens"):
+        note = f", {r['labelled_tokens']} labelled tokens/img"
+    if "attn_implementation" in r:
+        note = f", attn {r['attn_implementation']}"
+    print(
+        f"  {r['name']:<8} {r['img_per_s']:9.1f} img/s  windows(ms/step) {r['window_ms']}  "
+        f"warmup {r['warmup_s']:.1f}s  loss {r['final_loss']:.4f}{note}",
+        flush=True,
+    )
+
+
+def run_sequential(args: argparse.Namespace, shape: dict, imgs: torch.Tensor) -> list[dict]:
+    """Each config alone: build, warm up, time its windows, free it, then the next."""
+    results = []
+    for name in args.only:
+        if args.compile:
+            torch._dynamo.reset()  # a fresh compile cache per config
+        runner = Runner(name, args, shape, imgs)
+        runner.run(args.warmup, timed=False)
+        for size in window_sizes(args.steps, args.windows):
+            runner.run(size, timed=True)
+        results.append(runner.result(args.batch_size))
+        report_line(results[-1])
+        del runner
+        free_memory(imgs.device)
+    return results
+
+
+def run_interleaved(args: argparse.Namespace, shape: dict, imgs: torch.Tensor) -> list[dict]:
+    """All configs resident; each warmed up, then one timed window per config per round, the
+    order rotating every round, so slow drifts of the machine hit every config alike."""
+    runners = []
+    for name in args.only:
+        runners.append(Runner(name, args, shape, imgs))
+        runners[-1].run(args.warmup, timed=False, shared=True)
+    for i, size in enumerate(window_sizes(args.steps, args.windows)):
+        k = i % len(runners)
+        for runner in runners[k:] + runners[:k]:
+            runner.run(size, timed=True, shared=True)
+    results = [r.result(args.batch_size) for r in runners]
+    for r in results:
+        report_line(r)
+    del runners
+    free_memory(imgs.device)
+    return results
+
+
+def print_table(results: list[dict], cuda: bool) -> None:
+    plain = next((r for r in results if r["name"] == "plain"), None)
+    head = f"{'config':<9} {'description':<29} {'params(M)':>9} {'img/s':>9} {'ms/step':>9}"
+    head += f" {'vs plain':>9}"
+    if cuda:
+        head += f" {'peak GiB':>9}"
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        rel = f"{(r['ms_per_step'] / plain['ms_per_step'] - 1) * 100:+.1f}%" if plain else "-"
+        line = (
+            f"{r['name']:<9} {r['description']:<29} {r['params_m']:>9.2f} "
+            f"{r['img_per_s']:>9.1f} {r['ms_per_step']:>9.2f} {rel:>9}"
+        )
+        if cuda:
+            line += f" {r['peak_mem_gib']:>9.2f}"
+        print(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    transformers = import_transformers() if "hf" in args.only else None
+    device = args.device
+    shape = PRESETS[args.preset]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = f"CPU ({platform.processor() or platform.machine()}), "
+        device_name += f"{torch.get_num_threads()} threads"
+
+    print(f"device: {device_name}")
+    print(
+        f"torch {torch.__version__}, timm {timm.__version__}, transformers "
+        f"{transformers.__version__ if transformers else 'not used'}, python "
+        f"{platform.python_version()}"
+    )
+    grid = shape["input_size"] // shape["patch_size"]
+    print(
+        f"preset {args.preset}: encoder {shape['embed_dim']}-d x {shape['depth']} blocks, "
+        f"{shape['num_heads']} heads; decoder {shape['decoder_embed_dim']}-d x "
+        f"{shape['decoder_depth']} blocks, {shape['decoder_num_heads']} heads; "
+        f"{shape['input_size']} px, patch {shape['patch_size']} ({grid}x{grid} grid), "
+        f"mask ratio {MASK_RATIO}"
+    )
+    print(
+        f"batch {args.batch_size}, precision {args.precision}, compile {args.compile}, "
+        f"warmup {args.warmup}, timed steps {args.steps} in {min(args.windows, args.steps)} "
+        f"windows (median, {args.schedule}), AdamW betas {BETAS} wd {WEIGHT_DECAY} "
+        f"fused={device.type == 'cuda'}, seed {args.seed}"
+    )
+    sys.stdout.flush()
+
+    torch.manual_seed(args.seed)
+    imgs = torch.randn(
+        args.batch_size,
+        shape["in_chans"],
+        shape["input_size"],
+        shape["input_size"],
+        device=device,
+    )
+    t_all = time.perf_counter()
+    run = run_sequential if args.schedule == "sequential" else run_interleaved
+    results = run(args, shape, imgs)
+    total_s = time.perf_counter() - t_all
+
+    print()
+    print_table(results, device.type == "cuda")
+    by_name = {r["name"]: r for r in results}
+    plain = by_name.get("plain")
+    if plain:
+        print()
+        print("step-time overhead vs plain MAE:")
+        for r in results:
+            if r["name"] != "plain":
+                over = (r["ms_per_step"] / plain["ms_per_step"] - 1) * 100
+                print(f"  {r['name']:<8} {over:+7.1f}%  ({r['description']})")
+    print(f"\nbenchmark time {total_s:.1f}s")
+
+    hf = by_name.get("hf")
+    ratio = plain["img_per_s"] / hf["img_per_s"] if plain and hf else float("nan")
+    if args.json:
+        arch = {k: v for k, v in shape.items() if k not in ("batch_size", "steps", "warmup")}
+        meta = dict(
+            device=device_name,
+            torch=torch.__version__,
+            timm=timm.__version__,
+            transformers=transformers.__version__ if transformers else None,
+            preset=args.preset,
+            shape=arch,
+            batch_size=args.batch_size,
+            precision=args.precision,
+            compile=args.compile,
+            warmup=args.warmup,
+            steps=args.steps,
+            windows=min(args.windows, args.steps),
+            schedule=args.schedule,
+            seed=args.seed,
+        )
+        with open(args.json, "w") as f:
+            ratio_json = ratio if math.isfinite(ratio) else None
+            json.dump(dict(meta=meta, results=results, ratio_vs_hf=ratio_json), f, indent=2)
+        print(f"wrote {args.json}")
+    print(f"ratio_vs_hf={ratio:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+import subprocess
+import sys
+
+import pytest
+
+from maepl.config import ConfigError, PretrainConfig, load_yaml, parse_config
+
+from .conftest import ROOT
+
+
+def test_defaults_resolve_official_base_shape():
+    cfg = parse_config(PretrainConfig, ["--data_path", ROOT])
+    assert (cfg.encoder, cfg.embed_dim, cfg.depth, cfg.num_heads) == (
+        "vit_base_patch16_224",
+        768,
+        12,
+        12,
+    )
+    assert (cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads) == (512, 8, 16)
+    assert (cfg.input_size, cfg.patch_size, cfg.mask_ratio) == (224, 16, 0.75)
+
+
+def test_precedence_defaults_yaml_flags_and_dashed_spelling(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("model: mae_vit_micro_patch4_28\ndataset: sample\nmask_ratio: 0.6\nepochs: 3\n")
+    cfg = parse_config(
+        PretrainConfig, ["--config", str(y), "--mask-ratio", "0.5", "--norm_pix_loss", "false"]
+    )
+    assert cfg.mask_ratio == 0.5 and cfg.epochs == 3 and cfg.norm_pix_loss is False
+    assert cfg.embed_dim == 96 and cfg.input_size == 28
+    cfg = parse_config(PretrainConfig, ["--config", str(y), "--compile"])
+    assert cfg.compile is True
+
+
+@pytest.mark.parametrize(
+    "yaml_text, key",
+    [
+        ("mask_ration: 0.5\n", "mask_ration"),
+        ("batch_size: lots\n", "batch_size"),
+        ("norm_pix_loss: 3\n", "norm_pix_loss"),
+        ("pos_label: absolute\ndataset: sample\n", "pos_label"),
+    ],
+)
+def test_bad_yaml_names_the_key(tmp_path, yaml_text, key):
+    y = tmp_path / "bad.yaml"
+    y.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=key):
+        parse_config(PretrainConfig, ["--config", str(y)])
+
+
+def test_unknown_yaml_key_suggests_the_right_one(tmp_path):
+    y = tmp_path / "bad.yaml"
+    y.write_text("mask_ration: 0.5\n")
+    with pytest.raises(ConfigError, match="did you mean 'mask_ratio'"):
+        load_yaml(y, PretrainConfig)
+
+
+@pytest.mark.parametrize(
+    "flags, key",
+    [
+        (["--mask_ratio", "1.0"], "mask_ratio"),
+        (["--mask_ratio", "abc"], "mask_ratio"),
+        (["--input_size", "30", "--patch_size", "4"], "input_size"),
+        (["--pos_drop_ratio", "0.05"], "pos_drop_ratio"),  # 12 visible * 0.05 hides nothing
+        (["--pos_pairs", "10", "--pos_label", "abs"], "pos_pairs"),
+        (["--model", "resnet50"], "model"),
+        (["--mixed_precision", "fp8"], "mixed_precision"),
+        (["--pos_embed", "rope"], "pos_embed"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_key(flags, key):
+    base = ["--model", "mae_vit_micro_patch4_28", "--dataset", "sample"]
+    with pytest.raises(ConfigError, match=key):
+        parse_config(PretrainConfig, base + flags)
+
+
+def test_missing_data_path_is_named():
+    with pytest.raises(ConfigError, match="data_path"):
+        parse_config(PretrainConfig, ["--dataset", "imagefolder"])
+    with pytest.raises(ConfigError, match="/no/such/dir"):
+        parse_config(PretrainConfig, ["--data_path", "/no/such/dir"])
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run(
+        [sys.executable, "pretrain.py", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_bad_config_exits_nonzero_naming_the_key(tmp_path):
+    r = run_cli(
+        "--dataset",
+        "sample",
+        "--model",
+        "mae_vit_micro_patch4_28",
+        "--mask_ratio",
+        "1.5",
+        "--output_dir",
+        str(tmp_path / "o"),
+    )
+    assert r.returncode != 0
+    assert "mask_ratio" in r.stderr
+    assert not (tmp_path / "o").exists()  # nothing written before validation passed
+    r = run_cli("--mask_rato", "0.5")
+    assert r.returncode == 2 and "--mask_rato" in r.stderr
+
+
+def test_cli_refuses_an_output_dir_holding_another_run(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "config.yaml").write_text("model: x\n")
+    r = run_cli(
+        "--dataset", "sample", "--model", "mae_vit_micro_patch4_28", "--output_dir", str(out)
+    )
+    assert r.returncode != 0 and "output_dir" in r.stderr and "--resume" in r.stderr
+    assert (out / "config.yaml").read_text() == "model: x\n"  # left untouched

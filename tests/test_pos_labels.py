@@ -1,0 +1,85 @@
+import torch
+
+from maepl.models.pos_labels import (
+    PositionLabeler,
+    RelPosHead,
+    abs_labels,
+    class_coords,
+    position_loss,
+    rel_labels,
+    smooth_targets,
+)
+
+
+def test_labels_on_a_3x3_grid_by_hand():
+    # raster indices on 3x3: 0 (r0 c0), 2 (r0 c2), 4 (r1 c1), 6 (r2 c0), 8 (r2 c2)
+    pos = torch.tensor([[0, 2, 4, 6, 8]])
+    assert torch.equal(abs_labels(pos), pos)
+    rel = rel_labels(pos, grid_w=3, grid_h=3)[0]
+    # label = (r_i - r_j + 2) * 5 + (c_i - c_j + 2); 25 classes
+    assert rel[2, 2] == 12  # i == j: zero offset is the centre class
+    assert rel[0, 2] == 6  # (0-1+2)*5 + (0-1+2)
+    assert rel[2, 0] == 18
+    assert rel[0, 4] == 0  # most negative offset
+    assert rel[4, 0] == 24  # most positive offset
+    assert rel[1, 3] == 4  # (0-2+2)*5 + (2-0+2)
+    assert rel[3, 1] == 20  # (2-0+2)*5 + (0-2+2)
+    assert rel.min() >= 0 and rel.max() < 25
+
+
+def test_rel_labels_non_square_grid():
+    # 2 rows x 3 cols: (2h-1)(2w-1) = 3 * 5 = 15 classes
+    pos = torch.tensor([[0, 5]])  # (0,0) and (1,2)
+    rel = rel_labels(pos, grid_w=3, grid_h=2)[0]
+    assert rel[0, 1] == (0 - 1 + 1) * 5 + (0 - 2 + 2)
+    assert rel[1, 0] == (1 - 0 + 1) * 5 + (2 - 0 + 2) == 14
+
+
+def test_factored_rpl_equals_naive_concatenation():
+    torch.manual_seed(0)
+    head = RelPosHead(in_dim=12, num_classes=25)
+    z = torch.randn(3, 7, 24)
+    fast, naive = head(z), head.forward_naive(z)
+    assert fast.shape == (3, 7, 7, 25)
+    assert torch.allclose(fast, naive, atol=1e-5)
+    # sampled pairs pick the same logits as the full computation
+    pairs = torch.tensor([[[0, 1], [6, 2], [3, 3]]]).expand(3, -1, -1)
+    picked = head(z, pairs)
+    assert torch.allclose(picked[:, 1], naive[:, 6, 2], atol=1e-5)
+    assert torch.allclose(picked[:, 2], naive[:, 3, 3], atol=1e-5)
+
+
+def test_rel_pair_sampling_uses_matching_labels():
+    torch.manual_seed(0)
+    lab = PositionLabeler("rel", 16, 3, 3, channels=0.5, pairs=5)
+    z = torch.randn(2, 4, 16)
+    pos = torch.tensor([[0, 4, 8, 2], [1, 3, 5, 7]])
+    noise = torch.rand(2, 16)
+    loss, acc = lab(z, pos, pair_noise=noise)
+    flat = torch.argsort(noise, 1)[:, :5]
+    pairs = torch.stack([flat // 4, flat % 4], -1)
+    logits = lab.head(z, pairs)
+    labels = torch.gather(rel_labels(pos, 3, 3).flatten(1), 1, flat)
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    assert torch.allclose(loss, ref)
+
+
+def test_smoothing_targets_peak_at_label_and_sum_to_one():
+    coords = class_coords("abs", 3, 3)
+    q = smooth_targets(torch.tensor([4, 0]), coords, sigma=1.0)
+    assert torch.allclose(q.sum(-1), torch.ones(2))
+    assert q[0].argmax() == 4 and q[1].argmax() == 0
+    # neighbours at distance 1 get exp(-1) of the peak
+    assert torch.allclose(q[0, 1] / q[0, 4], torch.tensor(torch.e**-1.0))
+    logits = torch.randn(2, 9)
+    hard, _ = position_loss(logits, torch.tensor([4, 0]), coords, 0.0)
+    tiny, _ = position_loss(logits, torch.tensor([4, 0]), coords, 1e-3)
+    assert torch.allclose(hard, tiny, atol=1e-5)  # sigma -> 0 is plain cross-entropy
+
+
+def test_apl_head_reads_first_channels_only():
+    lab = PositionLabeler("abs", 16, 3, 3, channels=0.5)
+    z = torch.randn(1, 4, 16)
+    z2 = z.clone()
+    z2[..., 8:] = 99.0
+    assert torch.equal(lab.head(z), lab.head(z2))

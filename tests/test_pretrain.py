@@ -1,0 +1,139 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import pretrain
+from maepl.config import PretrainConfig, config_from_dict
+from maepl.models.mae import build_mae
+
+from .conftest import ROOT
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_few_steps_lower_the_loss_and_write_every_output(tiny_cfg):
+    cfg = tiny_cfg(max_steps=40, log_every=5)
+    summary = pretrain.main(cfg)
+    out = Path(cfg.output_dir)
+    rows = read_log(out)
+    assert [r["step"] for r in rows] == list(range(5, 45, 5))
+    assert rows[-1]["mae_loss"] < 0.8 * rows[0]["mae_loss"]
+    assert rows[-1]["pos_loss"] < rows[0]["pos_loss"]
+    assert summary["step"] == 40 and summary["ranks_in_sync"]
+    for key in ("loss", "mae_loss", "pos_loss", "pos_acc", "lr", "img_per_s", "epoch"):
+        assert key in rows[-1]
+    assert (out / "checkpoints" / "step_00000040" / "COMPLETE").is_file()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((out / "vis").glob("*.png"))
+    # the saved config rebuilds the same resolved config
+    import yaml
+
+    saved = config_from_dict(PretrainConfig, yaml.safe_load((out / "config.yaml").read_text()))
+    assert saved == cfg
+
+
+@pytest.mark.parametrize("pos_embed", ["sincos", "none"])
+def test_export_loads_strictly_in_timm_with_identical_features(tiny_cfg, pos_embed):
+    cfg = tiny_cfg(max_steps=3, pos_embed=pos_embed)
+    pretrain.main(cfg)
+    export = Path(cfg.output_dir) / "export"
+    enc_keys = set(load_file(export / "encoder" / "model.safetensors"))
+    assert not any(k.startswith(("decoder", "pos_head", "mask_token")) for k in enc_keys)
+    assert ("pos_embed" in enc_keys) == (pos_embed != "none")
+
+    model = timm.create_model(f"local-dir:{export / 'encoder'}", pretrained=True).eval()
+    # timm loads strictly: every key of the model came from the file and nothing is left over
+    assert set(model.state_dict()) == enc_keys
+
+    mae = build_mae(cfg)
+    mae.load_state_dict(load_file(export / "mae.safetensors"))
+    mae.eval()
+    x = torch.randn(4, cfg.in_chans, cfg.input_size, cfg.input_size)
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(x), mae.encoder.forward_features(x))
+    assert model.pretrained_cfg["input_size"] == (1, 28, 28)
+    # a classifier on top for fine-tuning: the new head is the only fresh part
+    clf = timm.create_model(f"local-dir:{export / 'encoder'}", pretrained=True, num_classes=10)
+    assert clf.head.out_features == 10
+    assert torch.equal(clf.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+
+
+def test_resume_reaches_the_same_weights(tiny_cfg, tmp_path):
+    full = tiny_cfg(max_steps=8, output_dir=str(tmp_path / "full"), save_every=1)
+    pretrain.main(full)
+    part = tiny_cfg(max_steps=3, output_dir=str(tmp_path / "part"))
+    pretrain.main(part)
+    resumed = tiny_cfg(max_steps=8, output_dir=str(tmp_path / "part"), resume="auto")
+    summary = pretrain.main(resumed)
+    assert summary["step"] == 8
+    a = load_file(tmp_path / "full" / "checkpoints" / "step_00000008" / "model.safetensors")
+    b = load_file(tmp_path / "part" / "checkpoints" / "step_00000008" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in read_log(tmp_path / "part")]
+    assert steps == [5, 8] or steps[-1] == 8
+
+
+def test_two_process_cpu_run_keeps_ranks_identical(tmp_path):
+    out = tmp_path / "dist"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
+        "pretrain.py",
+        "--model",
+        "mae_vit_micro_patch4_28",
+        "--dataset",
+        "sample",
+        "--embed_dim",
+        "48",
+        "--depth",
+        "2",
+        "--num_heads",
+        "3",
+        "--decoder_embed_dim",
+        "32",
+        "--decoder_depth",
+        "1",
+        "--decoder_num_heads",
+        "2",
+        "--batch_size",
+        "16",
+        "--max_steps",
+        "6",
+        "--log_every",
+        "2",
+        "--num_workers",
+        "0",
+        "--output_dir",
+        str(out),
+    ]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ranks_in_sync"] is True and summary["step"] == 6
+    # one writer: each log step once, one events file, one export, rank files from both
+    assert [row["step"] for row in read_log(out)] == [2, 4, 6]
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    ckpt = out / "checkpoints" / "step_00000006"
+    assert sorted(p.name for p in ckpt.glob("rng_rank*")) == [
+        "rng_rank0.safetensors",
+        "rng_rank1.safetensors",
+    ]
+    assert r.stdout.count("done: 6 steps") == 1
+    # effective batch counts both processes
+    assert "effective batch 32 = 16 x 1 accum x 2" in r.stdout
