@@ -86,7 +86,7 @@ def main(cfg: PretrainConfig) -> dict:
     raw = build_dataset(cfg.dataset, cfg.data_path, train=True, download=cfg.download)
     transform = build_transform(True, cfg.input_size, cfg.in_chans, mean, std, (cfg.crop_min, 1.0))
     dataset = SeededTransformDataset(raw, transform, cfg.seed)
-    sampler = ShardedSampler(len(dataset), world, rank, cfg.seed)
+    sampler = ShardedSampler(len(dataset), world, rank, cfg.seed, with_epoch=True)
     loader = DataLoader(
         dataset,
         batch_size=cfg.batch_size,
@@ -94,7 +94,7 @@ def main(cfg: PretrainConfig) -> dict:
         num_workers=cfg.num_workers,
         pin_memory=cfg.pin_mem and device.type == "cuda",
         drop_last=True,
-        persistent_workers=False,
+        persistent_workers=cfg.num_workers > 0,  # epochs travel with the indices
     )
     # an optimizer step consumes accum_iter micro-batches; a trailing partial one is dropped
     steps_per_epoch = (len(sampler) // cfg.batch_size) // cfg.accum_iter
@@ -168,7 +168,6 @@ def main(cfg: PretrainConfig) -> dict:
     last = {}
     while step < stop_step and epoch < cfg.epochs:
         sampler.set_epoch(epoch, start=batch_in_epoch * cfg.batch_size)
-        dataset.set_epoch(epoch)
         accelerator.step = batch_in_epoch  # Accelerate's micro-step counter decides the sync
         for imgs, _ in loader:
             if batch_in_epoch >= steps_per_epoch * cfg.accum_iter or step >= stop_step:

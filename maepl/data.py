@@ -328,6 +328,15 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return h >> 1  # 63 bits: a non-negative int64, accepted by every RNG seeding API
 
 
+def _seed_all(key: int) -> None:
+    # torchvision v1 transforms draw from the global torch RNG; Python's and NumPy's are pinned
+    # too for transforms that use them (e.g. timm's RandAugment). The CPU generator is seeded
+    # directly: torch.manual_seed also reseeds CUDA and costs ~65 us per call.
+    torch.random.default_generator.manual_seed(key)
+    random.seed(key)
+    np.random.seed(key & 0xFFFFFFFF)  # NumPy's legacy seed is 32-bit
+
+
 class SeededTransformDataset(Dataset):
     """Apply ``transform`` with randomness fixed by ``(seed, epoch, index)``.
 
@@ -354,17 +363,22 @@ class SeededTransformDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        # (epoch, index) pairs come from ShardedSampler(with_epoch=True): persistent workers
+        # hold a copy of this dataset made once, so the epoch must travel with the index
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
         img, label = self.dataset[index]
-        key = _sample_seed(self.seed, self.epoch, int(index))
-        # torchvision v1 transforms draw from the global torch RNG; also pin Python's and
-        # NumPy's RNGs so transforms that use those (e.g. timm's RandAugment) are covered.
+        key = _sample_seed(self.seed, epoch, int(index))
+        if torch.utils.data.get_worker_info() is not None:
+            # in a DataLoader worker nothing else draws from these RNGs: seed and go (saving
+            # and restoring NumPy's state alone would cost ~50 us per image)
+            _seed_all(key)
+            return self.transform(img), int(label)
+        # main process (num_workers=0): leave the caller's RNG streams untouched
         py_state, np_state = random.getstate(), np.random.get_state()
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(key)
-                random.seed(key)
-                np.random.seed(key & 0xFFFFFFFF)  # NumPy's legacy seed is 32-bit
+                _seed_all(key)
                 out = self.transform(img)
         finally:
             random.setstate(py_state)
@@ -380,13 +394,20 @@ class ShardedSampler(torch.utils.data.Sampler[int]):
     every num_replicas-th index (each rank gets len // num_replicas; the tail is dropped so all
     ranks take the same number of steps). ``set_epoch(e, start)`` skips this rank's first
     ``start`` indices, which is how a resumed run continues mid-epoch without re-reading data.
+    ``with_epoch`` yields ``(epoch, index)`` pairs for :class:`SeededTransformDataset`.
     """
 
     def __init__(
-        self, length: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True
+        self,
+        length: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        with_epoch: bool = False,
     ):
         self.length, self.num_replicas, self.rank = length, num_replicas, rank
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.with_epoch = seed, shuffle, with_epoch
         self.per_rank = length // num_replicas
         self.epoch, self.start = 0, 0
 
@@ -403,4 +424,7 @@ class ShardedSampler(torch.utils.data.Sampler[int]):
         else:
             order = torch.arange(self.length)
         mine = order[self.rank : self.per_rank * self.num_replicas : self.num_replicas]
-        return iter(mine[self.start :].tolist())
+        mine = mine[self.start :].tolist()
+        if self.with_epoch:  # for SeededTransformDataset under persistent workers
+            return iter([(self.epoch, i) for i in mine])
+        return iter(mine)

@@ -279,3 +279,50 @@ def test_seeded_batches_independent_of_workers(small_base: ArrayImageDataset) ->
     assert len(single) == len(multi) == 5
     for x, y in zip(single, multi, strict=True):
         assert torch.equal(x, y)
+
+
+def _epoch_batches(num_workers: int) -> list[torch.Tensor]:
+    from maepl.data import ShardedSampler
+
+    base = ArrayImageDataset(
+        np.random.default_rng(0).integers(0, 255, (24, 12, 12), dtype=np.uint8),
+        np.arange(24) % 3,
+    )
+    tf = build_transform(True, 8, 1, (0.5,), (0.5,))
+    ds = SeededTransformDataset(base, tf, seed=3)
+    sampler = ShardedSampler(len(ds), seed=3, with_epoch=True)
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=6,
+        sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
+    out = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        out.append(torch.cat([x for x, _ in loader]))
+    return out
+
+
+def test_persistent_workers_see_each_epoch():
+    single, workers = _epoch_batches(0), _epoch_batches(2)
+    assert not torch.equal(single[0], single[1])  # epochs differ
+    for a, b in zip(single, workers, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_sharded_sampler_partitions_and_resumes():
+    from maepl.data import ShardedSampler
+
+    shards = [ShardedSampler(10, num_replicas=3, rank=r, seed=1) for r in range(3)]
+    for s in shards:
+        s.set_epoch(4)
+    seen = [list(s) for s in shards]
+    assert all(len(x) == 3 for x in seen)  # 10 // 3 each, tail dropped
+    assert len(set(sum(seen, []))) == 9  # disjoint
+    resumed = ShardedSampler(10, num_replicas=3, rank=1, seed=1)
+    resumed.set_epoch(4, start=2)
+    assert list(resumed) == seen[1][2:] and len(resumed) == 1
+    shards[0].set_epoch(5)
+    assert list(shards[0]) != seen[0]  # a new permutation each epoch
