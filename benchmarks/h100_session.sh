@@ -45,6 +45,6 @@ timeout 90 python benchmarks/eval_encoder.py /tmp/fm_plain/export/encoder --data
     --random_init --num_workers 8 --json "$OUT/eval_random.json" 2>&1 | tail -1
 
 log "throughput, ViT-B/16, torch.compile (plain, apl, rpl, hf)"
-timeout 240 python benchmarks/throughput.py --preset vit_base --compile --only plain,apl,rpl,hf \
+timeout 400 python benchmarks/throughput.py --preset vit_base --compile --steps 15 --warmup 5 --only plain,apl,rpl,hf \
     --json "$OUT/throughput_compile.json" 2>&1 | tail -14
 log end

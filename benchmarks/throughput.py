@@ -3,8 +3,9 @@
 
 One step = fresh masking noise + forward + loss + backward + AdamW step + zero_grad, on a
 synthetic batch that already lives on the device (no data loading). All configurations share
-the architecture, batch, precision and optimizer settings; each is built, warmed up, timed over
-several windows (median reported) and freed before the next one.
+the architecture, batch, precision and optimizer settings; each is warmed up, then timed over
+several windows (median reported), one config after the other (CUDA default, each freed before
+the next) or round-robin (CPU default); see --schedule and benchmarks/README.md.
 
 Configurations (``--only`` takes a comma-separated subset of these names):
 
@@ -31,13 +32,16 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 
-from maepl.models.mae import MaskedAutoencoder, build_encoder
-from maepl.optim import build_adamw, param_groups_weight_decay
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
+
+from maepl.models.mae import MaskedAutoencoder, build_encoder  # noqa: E402
+from maepl.optim import build_adamw, param_groups_weight_decay  # noqa: E402
 
 PRESETS: dict[str, dict] = {
     # small enough for a few seconds per configuration on 2 CPU cores
@@ -95,6 +99,9 @@ DESCRIPTIONS = {
 MASK_RATIO = 0.75
 POS_WEIGHT = 0.5  # training loss = mae_loss + 0.5 * pos_loss
 LR, WEIGHT_DECAY, BETAS = 1.5e-4, 0.05, (0.9, 0.95)
+# process CPU seconds vs wall seconds over all timed windows: on a CPU shared with other
+# processes the first falls well below threads x the second
+CPU_USE = {"cpu_s": 0.0, "wall_s": 0.0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -320,12 +327,15 @@ class Runner:
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = None
         for _ in range(steps):
             loss = self.step()
         sync(self.device)
         elapsed = time.perf_counter() - start
+        if timed:
+            CPU_USE["cpu_s"] += time.process_time() - cpu_start
+            CPU_USE["wall_s"] += elapsed
         if cuda:
             peak = torch.cuda.max_memory_allocated(self.device)
             if shared:
@@ -491,6 +501,14 @@ def main(argv: list[str] | None = None) -> int:
                 over = (r["ms_per_step"] / plain["ms_per_step"] - 1) * 100
                 print(f"  {r['name']:<8} {over:+7.1f}%  ({r['description']})")
     print(f"\nbenchmark time {total_s:.1f}s")
+    if device.type == "cpu":
+        share = CPU_USE["cpu_s"] / max(CPU_USE["wall_s"] * torch.get_num_threads(), 1e-9)
+        print(f"CPU use during timed steps: {share:.0%} of {torch.get_num_threads()} threads")
+        if share < 0.75:
+            print(
+                "note: the timed steps got well under their threads' CPU time: other processes"
+                " compete for the cores, so these timings are unreliable (rerun when idle)"
+            )
 
     hf = by_name.get("hf")
     ratio = plain["img_per_s"] / hf["img_per_s"] if plain and hf else float("nan")

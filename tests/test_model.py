@@ -136,3 +136,8 @@ def test_position_loss_reads_only_labelled_tokens(kind):
     assert abs(out["pos_loss"].item() - math.log(classes)) < 1.0
     out["pos_loss"].backward()
     assert mae.pos_mask_token.grad is not None and mae.pos_mask_token.grad.abs().sum() > 0
+
+
+def test_a_drop_ratio_that_hides_nothing_is_refused():
+    with pytest.raises(ValueError, match="pos_drop_ratio"):
+        make_mae(mask_ratio=0.75, pos_label="abs", pos_drop_ratio=0.2)  # int(4 * 0.2) == 0

@@ -59,7 +59,7 @@ def test_rel_pair_sampling_uses_matching_labels():
     flat = torch.argsort(noise, 1)[:, :5]
     pairs = torch.stack([flat // 4, flat % 4], -1)
     logits = lab.head(z, pairs)
-    labels = torch.gather(rel_labels(pos, 3, 3).flatten(1), 1, flat)
+    labels = torch.gather(rel_labels(pos, grid_h=3, grid_w=3).flatten(1), 1, flat)
     ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
     assert torch.allclose(loss, ref)
 

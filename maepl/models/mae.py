@@ -154,6 +154,12 @@ class MaskedAutoencoder(nn.Module):
         # PE dropping exists for the position task: plain MAE (pos_label none) never drops
         dropping = has_pe and pos_label != "none"
         self.num_drop = int(self.len_keep * pos_drop_ratio) if dropping else 0
+        if dropping and pos_drop_ratio > 0 and self.num_drop == 0:
+            # silently labelling PE-carrying tokens would be the trivial task
+            raise ValueError(
+                f"pos_drop_ratio: {pos_drop_ratio} of {self.len_keep} visible tokens hides no "
+                "position embedding; raise it, or use pos_drop_ratio 0 deliberately"
+            )
         if has_pe and encoder.pos_embed.shape[1] not in (self.num_patches, self.num_patches + 1):
             raise ValueError(f"encoder.pos_embed has shape {tuple(encoder.pos_embed.shape)}")
         if pos_embed == "sincos":
@@ -256,7 +262,8 @@ class MaskedAutoencoder(nn.Module):
                 pe_vis = torch.where(dropped[..., None], self.pos_mask_token.to(pe_vis), pe_vis)
             x = x + pe_vis
         x = torch.cat([cls.expand(n, -1, -1), x], dim=1)
-        x = enc.norm_pre(x)
+        # timm's pos_drop (dropout) is honoured; its patch_drop is not: masking replaces it
+        x = enc.norm_pre(enc.pos_drop(x))
         x = enc.blocks(x)
         return enc.norm(x), ids_keep, ids_restore, drop_idx
 

@@ -23,7 +23,7 @@ def abs_labels(pos: torch.Tensor) -> torch.Tensor:
     return pos
 
 
-def rel_labels(pos: torch.Tensor, grid_w: int, grid_h: int) -> torch.Tensor:
+def rel_labels(pos: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
     """RPL targets for all ordered pairs (i, j), indexed like Swin's relative_position_index.
 
     pos: [N, m] raster indices. Returns [N, m, m] with
@@ -166,7 +166,7 @@ class PositionLabeler(nn.Module):
         if self.kind == "abs":
             logits, labels = self.head(z), abs_labels(pos)
         else:
-            labels = rel_labels(pos, self.grid_w, self.grid_h).flatten(1)  # [N, m*m]
+            labels = rel_labels(pos, self.grid_h, self.grid_w).flatten(1)  # [N, m*m]
             if self.num_pairs:
                 m = z.shape[1]
                 # random pairs without replacement, a fixed count per image (static shapes)
