@@ -137,3 +137,75 @@ def test_two_process_cpu_run_keeps_ranks_identical(tmp_path):
     assert r.stdout.count("done: 6 steps") == 1
     # effective batch counts both processes
     assert "effective batch 32 = 16 x 1 accum x 2" in r.stdout
+
+
+def test_accumulation_and_clipping_count_optimizer_steps(tiny_cfg):
+    cfg = tiny_cfg(max_steps=3, accum_iter=2, clip_grad=0.5, log_every=1)
+    summary = pretrain.main(cfg)
+    ckpt = Path(cfg.output_dir) / "checkpoints" / "step_00000003"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert summary["step"] == 3 and state["batch_in_epoch"] == 6  # 2 micro-batches a step
+    opt = load_file(ckpt / "optimizer.safetensors")
+    steps = {v.item() for k, v in opt.items() if k.endswith(".step")}
+    assert steps == {3.0}  # AdamW stepped once per accumulation, not per micro-batch
+    assert [r["step"] for r in read_log(Path(cfg.output_dir))] == [1, 2, 3]
+
+
+def test_imagefolder_rgb_pretraining(tmp_path):
+    from PIL import Image
+
+    from maepl.config import parse_config
+
+    rng = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            folder = tmp_path / "data" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(12):
+                arr = (torch.rand(20, 24, 3, generator=rng) * 255).byte().numpy()
+                img = Image.fromarray(arr)
+                (img.convert("L") if i % 3 == 0 else img).save(folder / f"{i}.png")
+    cfg = parse_config(
+        PretrainConfig,
+        [
+            "--model",
+            "vit_tiny_patch16_224",
+            "--input_size",
+            "16",
+            "--patch_size",
+            "4",
+            "--embed_dim",
+            "32",
+            "--depth",
+            "1",
+            "--num_heads",
+            "2",
+            "--decoder_embed_dim",
+            "16",
+            "--decoder_depth",
+            "1",
+            "--decoder_num_heads",
+            "2",
+            "--data_path",
+            str(tmp_path / "data"),
+            "--batch_size",
+            "8",
+            "--epochs",
+            "2",
+            "--warmup_epochs",
+            "1",
+            "--num_workers",
+            "0",
+            "--log_every",
+            "1",
+            "--output_dir",
+            str(tmp_path / "run"),
+        ],
+    )
+    summary = pretrain.main(cfg)
+    assert summary["step"] == 6  # 24 training images (train/ only), batch 8, 2 epochs
+    model = timm.create_model(
+        f"local-dir:{tmp_path / 'run' / 'export' / 'encoder'}", pretrained=True
+    )
+    assert model.patch_embed.proj.in_channels == 3
+    assert tuple(model.pretrained_cfg["mean"]) == (0.485, 0.456, 0.406)
