@@ -31,14 +31,16 @@ from maepl.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from maepl.config import ConfigError, PretrainConfig, dump_config, parse_config
+from maepl.config import ARCH_KEYS, ConfigError, PretrainConfig, dump_config, parse_config
 from maepl.data import (
     SeededTransformDataset,
     ShardedSampler,
     build_dataset,
     build_transform,
+    collate_skip_bad,
     default_mean_std,
 )
+from maepl.guard import StopFlag, ignore_stop_signals
 from maepl.models.mae import build_mae, encoder_model_args
 from maepl.optim import build_adamw, lr_at, param_groups_weight_decay, set_lr
 from maepl.tracking import Tracker, reconstruction_grid
@@ -54,9 +56,38 @@ def check_output_dir(cfg: PretrainConfig) -> None:
         )
 
 
+def readable_images(raw, n: int) -> list:
+    """The first ``n`` images of ``raw`` that decode (for the reconstruction grid)."""
+    out = []
+    for i in range(min(len(raw), 10 * n)):
+        try:
+            out.append(raw[i][0])
+        except Exception:  # unreadable files are counted by the training loop, not here
+            continue
+        if len(out) == n:
+            break
+    return out
+
+
 def main(cfg: PretrainConfig) -> dict:
-    # ------------------------------------------------------------------ setup
+    # ------------------------------------------------------------------ checks, data
+    # everything that can fail on user input happens before any process group exists
     check_output_dir(cfg)
+    try:
+        raw = build_dataset(cfg.dataset, cfg.data_path, train=True, download=cfg.download)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"data_path: {e}") from None
+    if len(raw) == 0:
+        raise ConfigError(f"data_path: dataset {cfg.dataset} at {cfg.data_path} is empty")
+    mean, std = default_mean_std(cfg.dataset, cfg.in_chans)
+    mean, std = list(cfg.mean or mean), list(cfg.std or std)
+    if len(mean) == 1:
+        mean, std = mean * cfg.in_chans, std * cfg.in_chans
+    transform = build_transform(True, cfg.input_size, cfg.in_chans, mean, std, (cfg.crop_min, 1.0))
+    transform_eval = build_transform(False, cfg.input_size, cfg.in_chans, mean, std)
+    dataset = SeededTransformDataset(raw, transform, cfg.seed, strict=cfg.strict_data)
+
+    # ------------------------------------------------------------------ setup
     precision = cfg.mixed_precision
     if precision == "auto":
         bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -78,14 +109,6 @@ def main(cfg: PretrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
 
-    # ------------------------------------------------------------------ data
-    mean, std = default_mean_std(cfg.dataset, cfg.in_chans)
-    mean, std = list(cfg.mean or mean), list(cfg.std or std)
-    if len(mean) == 1:
-        mean, std = mean * cfg.in_chans, std * cfg.in_chans
-    raw = build_dataset(cfg.dataset, cfg.data_path, train=True, download=cfg.download)
-    transform = build_transform(True, cfg.input_size, cfg.in_chans, mean, std, (cfg.crop_min, 1.0))
-    dataset = SeededTransformDataset(raw, transform, cfg.seed)
     sampler = ShardedSampler(len(dataset), world, rank, cfg.seed, with_epoch=True)
     loader = DataLoader(
         dataset,
@@ -94,10 +117,13 @@ def main(cfg: PretrainConfig) -> dict:
         num_workers=cfg.num_workers,
         pin_memory=cfg.pin_mem and device.type == "cuda",
         drop_last=True,
+        collate_fn=collate_skip_bad,
+        worker_init_fn=ignore_stop_signals,
         persistent_workers=cfg.num_workers > 0,  # epochs travel with the indices
     )
     # an optimizer step consumes accum_iter micro-batches; a trailing partial one is dropped
     steps_per_epoch = (len(sampler) // cfg.batch_size) // cfg.accum_iter
+    micro_per_epoch = steps_per_epoch * cfg.accum_iter
     if steps_per_epoch == 0:
         raise ConfigError(
             f"batch_size: {len(dataset)} images over {world} processes give no full step of "
@@ -111,9 +137,8 @@ def main(cfg: PretrainConfig) -> dict:
     # ------------------------------------------------------------------ model
     set_seed(cfg.seed)  # identical initial weights on every rank
     model = build_mae(cfg)
-    optimizer = build_adamw(
-        param_groups_weight_decay(model, cfg.weight_decay), lr, device_type=device.type
-    )
+    groups = param_groups_weight_decay(model, cfg.weight_decay)
+    optimizer = build_adamw(groups, lr, device_type=device.type)
     if cfg.compile:
         model.compile()  # in place: state_dict keys stay free of "_orig_mod."
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -133,45 +158,78 @@ def main(cfg: PretrainConfig) -> dict:
 
     # ------------------------------------------------------------------ resume
     step, epoch, batch_in_epoch = 0, 0, 0
+    nonfinite_total, nonfinite_run, bad_total = 0, 0, 0
     ckpt = resolve_resume(cfg.resume, out)
     if ckpt is not None:
+        saved = json.loads((ckpt / "state.json").read_text())["config"]
+        changed = [k for k in ARCH_KEYS if saved.get(k) != getattr(cfg, k)]
+        if changed:
+            raise ConfigError(
+                f"resume: {ckpt} was trained with other values of {', '.join(changed)} "
+                f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)})"
+            )
         meta = load_checkpoint(ckpt, accelerator, model, optimizer, gen)
         step, epoch, batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
+        nonfinite_total, nonfinite_run = meta["nonfinite_total"], meta["nonfinite_run"]
+        bad_total = meta["bad_images"]
         accelerator.print(f"resumed from {ckpt} at step {step} (epoch {epoch})")
+    elif cfg.resume and cfg.resume != "auto":
+        raise ConfigError(f"resume: no checkpoint at {cfg.resume}")
     stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    last_saved = step if ckpt is not None else -1
 
-    def save(step: int, epoch: int, batch_in_epoch: int) -> None:
+    def save(with_grads: bool = False) -> None:
+        nonlocal last_saved
         state = dict(
-            step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, config=dataclasses.asdict(cfg)
+            step=step,
+            epoch=epoch,
+            batch_in_epoch=batch_in_epoch,
+            nonfinite_total=nonfinite_total,
+            nonfinite_run=nonfinite_run,
+            bad_images=bad_total,
+            config=dataclasses.asdict(cfg),
         )
-        save_checkpoint(accelerator, out, step, model, optimizer, state, gen, cfg.keep_last)
+        save_checkpoint(
+            accelerator,
+            out,
+            step,
+            model,
+            optimizer,
+            state,
+            gen,
+            cfg.keep_last,
+            with_grads=with_grads,
+        )
+        last_saved = step
 
-    def visualise(epoch: int) -> None:
-        if not main_proc:
-            return
-        imgs = torch.stack([transform_eval(raw[i][0]) for i in range(min(8, len(raw)))])
-        grid = reconstruction_grid(mae, imgs.to(device), mean, std, seed=cfg.seed)
-        (out / "vis").mkdir(exist_ok=True)
-        save_image(grid, out / "vis" / f"epoch_{epoch:04d}.png")
-        tracker.image("reconstruction", grid, step)
+    def visualise() -> None:
+        if main_proc:
+            imgs = torch.stack([transform_eval(img) for img in readable_images(raw, 8)])
+            grid = reconstruction_grid(mae, imgs.to(device), mean, std, seed=cfg.seed)
+            (out / "vis").mkdir(exist_ok=True)
+            save_image(grid, out / "vis" / f"epoch_{epoch:04d}.png")
+            tracker.image("reconstruction", grid, step)
 
-    transform_eval = build_transform(False, cfg.input_size, cfg.in_chans, mean, std)
-    tracker = Tracker(out, enabled=main_proc)
+    tracker = Tracker(out, enabled=main_proc, resume_step=step if ckpt is not None else None)
+    stop = StopFlag(device)
     bar = tqdm(
         total=stop_step, initial=step, disable=not main_proc, desc="pretrain", dynamic_ncols=True
     )
 
     # ------------------------------------------------------------------ train
     model.train()
-    sums = torch.zeros(4, device=device)  # loss, mae_loss, pos_loss, pos_acc since last log
-    n_sum, t_log = 0, time.perf_counter()
-    last = {}
-    while step < stop_step and epoch < cfg.epochs:
+    sums = torch.zeros(5, device=device)  # loss, mae_loss, pos_loss, pos_acc, finite count
+    n_micro, t_log, last, stopped = 0, time.perf_counter(), {}, False
+    while step < stop_step and epoch < cfg.epochs and not stopped:
         sampler.set_epoch(epoch, start=batch_in_epoch * cfg.batch_size)
         accelerator.step = batch_in_epoch  # Accelerate's micro-step counter decides the sync
-        for imgs, _ in loader:
-            if batch_in_epoch >= steps_per_epoch * cfg.accum_iter or step >= stop_step:
+        for imgs, _, bad in loader:
+            if batch_in_epoch >= micro_per_epoch or step >= stop_step:
                 break
+            if bad:  # unreadable files, replaced in the batch by a readable one
+                bad_total += len(bad)
+                print(f"[rank {rank}] skipped unreadable images: {bad}", file=sys.stderr)
+                tracker.event(step, "bad_images", files=bad)
             imgs = imgs.to(device, non_blocking=True)
             # DropPos-style smoothing: sigma decays linearly to 0 over the schedule
             sigma = cfg.pos_smoothing * (1 - step / total_steps)
@@ -180,62 +238,93 @@ def main(cfg: PretrainConfig) -> dict:
                 outputs = model(imgs, **noise, pos_sigma=sigma)
                 loss = outputs["mae_loss"] + cfg.pos_weight * outputs["pos_loss"]
                 accelerator.backward(loss)
+                finite = True
                 if accelerator.sync_gradients:
                     set_lr(optimizer, lr_at(step, lr, cfg.min_lr, warmup_steps, total_steps))
-                    if cfg.clip_grad:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                optimizer.step()  # Accelerate skips it until the last micro-step
+                    # the norm of the all-reduced gradients is the same on every rank, so all
+                    # ranks skip together; one host sync per optimizer step (MAE syncs too)
+                    norm = accelerator.clip_grad_norm_(
+                        model.parameters(), cfg.clip_grad or float("inf")
+                    )
+                    finite = bool(torch.isfinite(norm))
+                if finite or precision == "fp16":  # fp16: the scaler skips and backs off itself
+                    optimizer.step()  # Accelerate skips it until the last micro-step
                 optimizer.zero_grad(set_to_none=True)
             batch_in_epoch += 1
-            sums += torch.stack(
+            values = torch.stack(
                 [
                     loss.detach(),
                     outputs["mae_loss"].detach(),
                     outputs["pos_loss"].detach(),
                     outputs["pos_acc"].detach(),
                 ]
-            ).float()
-            n_sum += 1
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == stop_step:
-                # one host sync per log line, averaged over micro-steps and ranks
-                avg = (accelerator.reduce(sums, "mean") / n_sum).tolist()
-                dt = time.perf_counter() - t_log
-                last = dict(
-                    epoch=round(epoch + batch_in_epoch / (steps_per_epoch * cfg.accum_iter), 4),
-                    loss=avg[0],
-                    mae_loss=avg[1],
-                    pos_loss=avg[2],
-                    pos_acc=avg[3],
-                    lr=optimizer.param_groups[0]["lr"]
-                    / optimizer.param_groups[0].get("lr_scale", 1.0),
-                    img_per_s=n_sum * cfg.batch_size * world / dt,
-                )
-                tracker.log(step, last)
-                bar.set_postfix(loss=f"{avg[0]:.4f}", pos_acc=f"{avg[3]:.3f}")
-                sums.zero_()
-                n_sum, t_log = 0, time.perf_counter()
-        if batch_in_epoch >= steps_per_epoch * cfg.accum_iter:
+            )
+            ok = torch.isfinite(values).all()
+            sums += torch.cat([torch.where(ok, values.float(), 0.0), ok.float()[None]])
+            n_micro += 1
+            if accelerator.sync_gradients:
+                step += 1
+                bar.update(1)
+                nonfinite_run = 0 if finite else nonfinite_run + 1
+                nonfinite_total += 0 if finite else 1
+                if not finite:
+                    tracker.event(step, "nonfinite_grad_norm", skipped=precision != "fp16")
+                    if nonfinite_run >= cfg.max_nonfinite:
+                        raise FloatingPointError(
+                            f"step {step}: {nonfinite_run} consecutive steps with a non-finite "
+                            f"gradient norm (max_nonfinite={cfg.max_nonfinite}); the last "
+                            f"checkpoint (step {last_saved}) holds finite weights"
+                        )
+                if step % cfg.log_every == 0 or step == stop_step:
+                    # one host sync per log line, averaged over finite micro-steps and ranks
+                    tot = accelerator.reduce(sums, "sum").tolist()
+                    avg = [v / max(tot[4], 1.0) for v in tot[:4]]
+                    dt = time.perf_counter() - t_log
+                    group = optimizer.param_groups[0]
+                    last = dict(
+                        epoch=round(epoch + batch_in_epoch / micro_per_epoch, 4),
+                        loss=avg[0],
+                        mae_loss=avg[1],
+                        pos_loss=avg[2],
+                        pos_acc=avg[3],
+                        lr=group["lr"] / group.get("lr_scale", 1.0),
+                        img_per_s=n_micro * cfg.batch_size * world / dt,
+                        nonfinite_steps=nonfinite_total,
+                        bad_images=bad_total,
+                    )
+                    tracker.log(step, last)
+                    bar.set_postfix(loss=f"{avg[0]:.4f}", pos_acc=f"{avg[3]:.3f}")
+                    sums.zero_()
+                    n_micro, t_log = 0, time.perf_counter()
+                if cfg.save_every_steps and step % cfg.save_every_steps == 0:
+                    save()
+            if stop.agreed():  # a signal on any rank: save here, mid-accumulation included
+                save(with_grads=not accelerator.sync_gradients)
+                stopped = True
+                break
+        if not stopped and batch_in_epoch >= micro_per_epoch:
             epoch, batch_in_epoch = epoch + 1, 0
             if epoch % cfg.vis_every == 0:
-                visualise(epoch)
-            if epoch % cfg.save_every == 0 and step < stop_step:
-                save(step, epoch, batch_in_epoch)
+                visualise()
+            if epoch % cfg.save_every == 0 and last_saved != step:
+                save()
     bar.close()
+    stop.restore()
 
     # ------------------------------------------------------------------ finish
-    save(step, epoch, batch_in_epoch)
-    visualise(epoch)
-    # every rank must hold the same weights; a divergence means a broken collective
-    digest = torch.stack([p.detach().double().sum() for p in mae.parameters()])
-    in_sync = bool((accelerator.gather(digest[None]) == digest).all())
-    summary = {**last, "step": step, "epoch": epoch, "ranks_in_sync": in_sync}
-    if not in_sync:
-        accelerator.print("warning: model weights differ between processes")
-    if main_proc:
+    if last_saved != step:
+        save()
+    summary = {**last, "step": step, "epoch": epoch, "stopped_by_signal": stopped}
+    if stopped:
+        accelerator.print(f"stopped by signal at step {step}; resume with --resume auto")
+    else:
+        visualise()
+        # every rank must hold the same weights; a divergence means a broken collective
+        digest = torch.stack([p.detach().double().sum() for p in mae.parameters()])
+        summary["ranks_in_sync"] = bool((accelerator.gather(digest[None]) == digest).all())
+        if not summary["ranks_in_sync"]:
+            accelerator.print("warning: model weights differ between processes")
+    if main_proc and not stopped:
         enc_dir = export_encoder(
             mae.encoder,
             out / "export" / "encoder",
@@ -257,13 +346,14 @@ def main(cfg: PretrainConfig) -> dict:
             ),
         )
         export_full(mae, out / "export" / "mae.safetensors", dataclasses.asdict(cfg))
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
         print(
             f"done: {step} steps. encoder export (timm local-dir): {enc_dir}\n"
             f"  full model: {out / 'export' / 'mae.safetensors'}\n"
             f"  reconstructions: {out / 'vis'}  logs: {out / 'log.jsonl'}, "
             f"tensorboard --logdir {out / 'tensorboard'}"
         )
+    if main_proc:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
     tracker.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -273,9 +363,6 @@ def main(cfg: PretrainConfig) -> dict:
 if __name__ == "__main__":
     try:
         config = parse_config(PretrainConfig, description=__doc__)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    try:
         main(config)
     except ConfigError as e:
         sys.exit(f"error: {e}")

@@ -100,6 +100,10 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
 
 
+def _unwrap_opt(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    return optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+
+
 def save_checkpoint(
     accelerator,
     output_dir: str | Path,
@@ -109,9 +113,14 @@ def save_checkpoint(
     state: dict,
     generator: torch.Generator | None,
     keep_last: int,
+    with_grads: bool = False,
 ) -> Path:
     """Collective: every rank calls it. Rank files first, then the main process writes the
-    shared files, renames the folder into place, marks it complete and prunes old ones."""
+    shared files, renames the folder into place, marks it complete and prunes old ones.
+
+    ``with_grads``: stopped mid-accumulation; each rank's partial local gradients are part of
+    the state (under DDP's no_sync they differ per rank).
+    """
     final = step_dir(output_dir, step)
     tmp = final.parent / f".tmp_{final.name}"
     if accelerator.is_main_process:
@@ -119,25 +128,30 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    save_file(
-        _contiguous(rng_state(generator)), tmp / f"rng_rank{accelerator.process_index}.safetensors"
-    )
+    rank = accelerator.process_index
+    save_file(_contiguous(rng_state(generator)), tmp / f"rng_rank{rank}.safetensors")
+    if with_grads:
+        named = accelerator.unwrap_model(model).named_parameters()
+        grads = {n: p.grad for n, p in named if p.grad is not None}
+        save_file(_contiguous(grads), tmp / f"grads_rank{rank}.safetensors")
     if accelerator.is_main_process:
         sd = _contiguous(accelerator.unwrap_model(model).state_dict())
         assert_finite(sd, f"checkpoint step {step}")
         save_file(sd, tmp / "model.safetensors")
-        opt_tensors, opt_meta = optimizer_to_files(
-            optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-        )
+        opt_tensors, opt_meta = optimizer_to_files(_unwrap_opt(optimizer))
+        assert_finite(opt_tensors, f"checkpoint step {step} (optimizer)")
         save_file(_contiguous(opt_tensors), tmp / "optimizer.safetensors")
-        meta = dict(state, optimizer=opt_meta, num_processes=accelerator.num_processes)
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        meta = dict(
+            state, optimizer=opt_meta, scaler=scaler, num_processes=accelerator.num_processes
+        )
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():  # a stale, incomplete folder of the same step
             shutil.rmtree(final)
         tmp.rename(final)
-        (final / MARKER).write_text("ok\n")
+        (final / MARKER).write_text("ok\n")  # written last: the folder is now complete
         for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -152,8 +166,11 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
         found = complete_checkpoints(output_dir)
         return found[-1] if found else None
     path = Path(resume)
-    if not (path / MARKER).is_file():
-        raise FileNotFoundError(f"resume: {path} is not a complete maepl checkpoint (no {MARKER})")
+    if not path.is_dir() or not (path / MARKER).is_file():
+        raise FileNotFoundError(
+            f"resume: {path} is not a complete maepl checkpoint folder (a step_XXXXXXXX folder "
+            f"holding {MARKER}); maepl resumes only from its own safetensors checkpoints"
+        )
     return path
 
 
@@ -164,21 +181,31 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator | None,
 ) -> dict:
-    """Restore weights, optimizer and this rank's RNG; returns the counters in state.json."""
+    """Restore weights, optimizer, scaler, this rank's RNG and partial gradients.
+
+    Returns the counters and config stored in state.json. Only safetensors and JSON are read.
+    """
     meta = json.loads((path / "state.json").read_text())
     accelerator.unwrap_model(model).load_state_dict(load_file(path / "model.safetensors"))
-    opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-    opt.load_state_dict(
-        optimizer_from_files(load_file(path / "optimizer.safetensors"), meta["optimizer"])
-    )
-    rng_file = path / f"rng_rank{accelerator.process_index}.safetensors"
+    opt_state = optimizer_from_files(load_file(path / "optimizer.safetensors"), meta["optimizer"])
+    _unwrap_opt(optimizer).load_state_dict(opt_state)
+    if meta.get("scaler") and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(meta["scaler"])
+    rank = accelerator.process_index
+    rng_file = path / f"rng_rank{rank}.safetensors"
     if meta.get("num_processes") == accelerator.num_processes and rng_file.is_file():
         set_rng_state(load_file(rng_file), generator)
     else:
         accelerator.print(
-            f"resume: {path} was written by {meta.get('num_processes')} processes; "
-            "RNG streams restart from the seed"
+            f"resume: {path} was written by {meta.get('num_processes')} "
+            "processes; RNG streams restart from the seed"
         )
+    grads_file = path / f"grads_rank{rank}.safetensors"
+    if grads_file.is_file():  # stopped mid-accumulation: put the partial gradients back
+        grads = load_file(grads_file)
+        for n, p in accelerator.unwrap_model(model).named_parameters():
+            if n in grads:
+                p.grad = grads[n].to(p.device)
     return meta
 
 

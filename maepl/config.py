@@ -22,6 +22,27 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the key."""
 
 
+# keys that define the weights' shapes: a checkpoint only resumes under the same values
+ARCH_KEYS = (
+    "model",
+    "encoder",
+    "input_size",
+    "patch_size",
+    "in_chans",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "pos_embed",
+    "decoder_embed_dim",
+    "decoder_depth",
+    "decoder_num_heads",
+    "mask_ratio",
+    "pos_label",
+    "pos_channels",
+    "pos_drop_ratio",
+)
+
+
 @dataclass
 class PretrainConfig:
     """MAE + positional-label pretraining. Names follow facebookresearch/mae where it has one."""
@@ -61,6 +82,7 @@ class PretrainConfig:
     mixed_precision: str = "auto"  # auto (bf16 on GPUs that support it, else no) | bf16 | fp16 | no
     compile: bool = False
     seed: int = 0
+    max_nonfinite: int = 20  # stop after this many consecutive steps with a non-finite grad norm
     # --- data
     dataset: str = "imagefolder"  # imagefolder | fashion-mnist | sample
     data_path: str | None = None
@@ -68,6 +90,7 @@ class PretrainConfig:
     num_workers: int = 8
     pin_mem: bool = True
     crop_min: float = 0.2  # RandomResizedCrop scale lower bound
+    strict_data: bool = False  # fail on the first unreadable image instead of skipping it
     mean: list[float] | None = None  # None: the dataset's
     std: list[float] | None = None
     # --- output
@@ -75,6 +98,7 @@ class PretrainConfig:
     log_every: int = 20  # optimizer steps between log lines
     vis_every: int = 20  # epochs between reconstruction image grids (and at the end)
     save_every: int = 1  # epochs between checkpoints (and at the end)
+    save_every_steps: int = 0  # also save every N optimizer steps (0: off)
     keep_last: int = 2  # checkpoints kept
     resume: str = ""  # "" | auto | path to a checkpoint folder
     overwrite: bool = False  # allow an output_dir that holds a different run
@@ -239,6 +263,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 def resolve_model(cfg: PretrainConfig) -> PretrainConfig:
     """Fill shape fields from the preset or the timm model, without building weights."""
     import timm
+    from timm.models.vision_transformer import VisionTransformer
 
     from .models.mae import PRESETS, build_encoder
 
@@ -271,6 +296,11 @@ def resolve_model(cfg: PretrainConfig) -> PretrainConfig:
         )
     except (AssertionError, ValueError, TypeError, RuntimeError) as e:
         raise ConfigError(f"model: cannot build {cfg.encoder!r} with these shapes: {e}") from None
+    if not isinstance(enc, VisionTransformer) or enc.cls_token is None or enc.num_reg_tokens:
+        raise ConfigError(
+            f"model: {cfg.encoder!r} cannot be pretrained here: MAE needs a plain timm "
+            "VisionTransformer with a class token and no register tokens"
+        )
     return dataclasses.replace(
         cfg,
         input_size=enc.patch_embed.img_size[0],
@@ -297,7 +327,17 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
     _check(cfg.pos_pairs == 0 or cfg.pos_label == "rel", "pos_pairs", "only for pos_label rel")
     for key in ("batch_size", "accum_iter", "epochs", "log_every", "vis_every", "save_every"):
         _check(getattr(cfg, key) >= 1, key, f"must be >= 1, got {getattr(cfg, key)}")
-    for key in ("max_steps", "num_workers", "keep_last", "warmup_epochs", "min_lr", "blr"):
+    _check(cfg.max_nonfinite >= 1, "max_nonfinite", "must be >= 1")
+    keys = (
+        "max_steps",
+        "num_workers",
+        "keep_last",
+        "warmup_epochs",
+        "min_lr",
+        "blr",
+        "save_every_steps",
+    )
+    for key in keys:
         _check(getattr(cfg, key) >= 0, key, f"must be >= 0, got {getattr(cfg, key)}")
     _check(cfg.lr is None or cfg.lr > 0, "lr", "must be > 0")
     _check(cfg.clip_grad is None or cfg.clip_grad > 0, "clip_grad", "must be > 0 or null")

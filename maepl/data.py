@@ -351,10 +351,11 @@ class SeededTransformDataset(Dataset):
     epoch would never reach them.
     """
 
-    def __init__(self, dataset: Dataset, transform: Transform, seed: int) -> None:
+    def __init__(self, dataset: Dataset, transform: Transform, seed: int, strict: bool = False):
         self.dataset = dataset
         self.transform = transform
         self.seed = int(seed)
+        self.strict = strict  # raise on the first unreadable image instead of skipping it
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -367,7 +368,13 @@ class SeededTransformDataset(Dataset):
         # (epoch, index) pairs come from ShardedSampler(with_epoch=True): persistent workers
         # hold a copy of this dataset made once, so the epoch must travel with the index
         epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
-        img, label = self.dataset[index]
+        try:
+            img, label = self.dataset[index]
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
+            path = sample_path(self.dataset, index)
+            if self.strict:
+                raise BadImageError(f"unreadable image {path}: {err!r} (strict_data)") from err
+            return None, -1, f"{path}: {err!r}"
         key = _sample_seed(self.seed, epoch, int(index))
         if torch.utils.data.get_worker_info() is not None:
             # in a DataLoader worker nothing else draws from these RNGs: seed and go (saving
@@ -428,3 +435,30 @@ class ShardedSampler(torch.utils.data.Sampler[int]):
         if self.with_epoch:  # for SeededTransformDataset under persistent workers
             return iter([(self.epoch, i) for i in mine])
         return iter(mine)
+
+
+class BadImageError(RuntimeError):
+    """An image that cannot be decoded, under ``strict_data``."""
+
+
+def sample_path(dataset: Dataset, index: int) -> str:
+    """The file behind sample ``index`` (ImageFolder), else a description of the index."""
+    samples = getattr(dataset, "samples", None)
+    return str(samples[index][0]) if samples is not None else f"sample {index}"
+
+
+def collate_skip_bad(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Stack a batch, replacing each unreadable sample by the batch's first readable one.
+
+    Returns (images [B, C, H, W], labels [B], descriptions of the skipped files). The batch
+    keeps its size, so every process takes the same steps, and the substitution depends only
+    on the batch's content, not on the number of workers.
+    """
+    good = [item for item in batch if item[0] is not None]
+    bad = [item[2] for item in batch if item[0] is None]
+    if not good:
+        raise BadImageError("every image of a batch is unreadable:\n  " + "\n  ".join(bad))
+    items = [item if item[0] is not None else good[0] for item in batch]
+    images = torch.stack([x for x, _ in items])
+    labels = torch.tensor([y for _, y in items])
+    return images, labels, bad

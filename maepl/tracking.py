@@ -15,7 +15,13 @@ class Tracker:
     On non-main processes every method is a no-op, so the loop needs no ``if`` around calls.
     """
 
-    def __init__(self, output_dir: str | Path, enabled: bool, tensorboard: bool = True):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        enabled: bool,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+    ):
         self.enabled = enabled
         self.writer = None
         self._log = None
@@ -23,12 +29,28 @@ class Tracker:
             return
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        # append: a resumed run continues the same log
-        self._log = open(out / "log.jsonl", "a", buffering=1)
+        path = out / "log.jsonl"
+        if resume_step is not None and path.exists():
+            # rows written after the checkpoint we resume from are replayed by this run:
+            # keep the log a single, increasing history
+            rows = path.read_text().splitlines(keepends=True)
+            kept = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= resume_step]
+            if len(kept) != len(rows):
+                tmp = path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(kept))
+                tmp.replace(path)
+        self._log = open(path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+            # purge_step hides events past the checkpoint that an interrupted run had written
+            purge = resume_step + 1 if resume_step is not None else None
+            self.writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=purge)
+
+    def event(self, step: int, kind: str, **fields) -> None:
+        """A non-scalar record (bad image, skipped step) in log.jsonl."""
+        if self.enabled:
+            self._log.write(json.dumps({"step": step, "event": kind, **fields}) + "\n")
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:

@@ -1,0 +1,65 @@
+"""Graceful stops on SIGTERM/SIGINT, agreed by all processes at step boundaries."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGTERM/SIGINT.
+
+    A scheduler signals the whole process group; workers that died first would make the main
+    process fail with "DataLoader worker exited unexpectedly" before it could save.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class StopFlag:
+    """SIGTERM or SIGINT only sets a flag; ``agreed()`` tells every rank whether any rank saw one.
+
+    With several processes the flag is OR-reduced with an asynchronous all-reduce whose result
+    is read one boundary later, so the check never stalls the GPU queue; all ranks read the
+    same reduction at the same boundary, so they stop at the same step.
+    """
+
+    def __init__(self, device: torch.device, install: bool = True):
+        self.flag = False
+        self.device = device
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self._pending: tuple | None = None
+        self._previous = {}
+        if install and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        if self.flag and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.flag = True
+        print(
+            f"received {signal.Signals(signum).name}: saving at the next step boundary", flush=True
+        )
+
+    def agreed(self) -> bool:
+        if not self.distributed:
+            return self.flag
+        result = False
+        if self._pending is not None:
+            work, value = self._pending
+            work.wait()
+            result = bool(value.item() > 0)
+        value = torch.tensor([float(self.flag)], device=self.device)
+        self._pending = (dist.all_reduce(value, async_op=True), value)
+        return result
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None

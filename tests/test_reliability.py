@@ -1,0 +1,502 @@
+"""The promises of docs/reliability.md, one test (or more) each."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import pretrain
+from maepl.checkpoint import complete_checkpoints, export_encoder, resolve_resume
+from maepl.config import ConfigError, PretrainConfig, parse_config
+from maepl.data import (
+    BadImageError,
+    SeededTransformDataset,
+    build_dataset,
+    build_transform,
+    collate_skip_bad,
+)
+from maepl.guard import StopFlag
+
+from .conftest import ROOT
+
+TINY = [
+    "--model",
+    "mae_vit_micro_patch4_28",
+    "--dataset",
+    "sample",
+    "--embed_dim",
+    "24",
+    "--depth",
+    "1",
+    "--num_heads",
+    "2",
+    "--decoder_embed_dim",
+    "16",
+    "--decoder_depth",
+    "1",
+    "--decoder_num_heads",
+    "2",
+    "--warmup_epochs",
+    "0.5",
+    "--blr",
+    "1e-3",
+]
+
+
+def tensors_equal(a: Path, b: Path) -> None:
+    x, y = load_file(a), load_file(b)
+    assert x.keys() == y.keys(), a
+    for k in x:
+        assert torch.equal(x[k], y[k]), f"{a.name}: {k}"
+
+
+def scalar_rows(out: Path) -> list[dict]:
+    rows = [json.loads(r) for r in (out / "log.jsonl").read_text().splitlines()]
+    return [r for r in rows if "event" not in r]
+
+
+# ---------------------------------------------------------------------------- 1. exact resume
+class StopAtMicroStep(StopFlag):
+    """Acts as if a signal arrived during micro-step ``k`` (1-based) of this process."""
+
+    k = 0
+
+    def __init__(self, device, install=True):
+        super().__init__(device, install=False)
+        self.calls = 0
+
+    def agreed(self) -> bool:
+        self.calls += 1
+        return self.calls == self.k
+
+
+def resume_cfg(out: Path, **kw) -> PretrainConfig:
+    # 10,000 images / batch 128 = 78 micro-batches = 39 optimizer steps per epoch
+    base = dict(
+        batch_size=128,
+        accum_iter=2,
+        epochs=3,
+        max_steps=45,
+        num_workers=0,
+        log_every=5,
+        output_dir=str(out),
+    )
+    base.update(kw)
+    args = list(TINY)
+    for k, v in base.items():
+        args += [f"--{k}", str(v)]
+    return parse_config(PretrainConfig, args)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    pretrain.main(resume_cfg(out))
+    return out
+
+
+@pytest.mark.parametrize(
+    "stop_micro, where",
+    [(78, "epoch boundary"), (50, "mid-epoch"), (51, "mid-accumulation")],
+)
+def test_exact_resume(reference_run, monkeypatch, tmp_path, stop_micro, where):
+    ref, cut = reference_run, tmp_path / "cut"
+    StopAtMicroStep.k = stop_micro
+    monkeypatch.setattr(pretrain, "StopFlag", StopAtMicroStep)
+    first = pretrain.main(resume_cfg(cut))
+    assert first["stopped_by_signal"] and first["step"] == stop_micro // 2
+    ckpt = complete_checkpoints(cut)[-1]
+    state = json.loads((ckpt / "state.json").read_text())
+    assert (state["epoch"], state["batch_in_epoch"]) == divmod(stop_micro, 78) or stop_micro == 78
+    assert (ckpt / "grads_rank0.safetensors").exists() == (where == "mid-accumulation")
+    monkeypatch.undo()
+    # a new run with another worker count: data order and augmentations must not depend on it
+    pretrain.main(resume_cfg(cut, resume="auto", num_workers=2))
+    final = "step_00000045"
+    for f in ("model.safetensors", "optimizer.safetensors"):
+        tensors_equal(ref / "checkpoints" / final / f, cut / "checkpoints" / final / f)
+    a = json.loads((ref / "checkpoints" / final / "state.json").read_text())
+    b = json.loads((cut / "checkpoints" / final / "state.json").read_text())
+    for key in ("step", "epoch", "batch_in_epoch"):
+        assert a[key] == b[key]
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]  # lr included
+    for f in ("encoder/model.safetensors", "mae.safetensors"):
+        tensors_equal(ref / "export" / f, cut / "export" / f)
+    # the log is one increasing history
+    steps = [r["step"] for r in scalar_rows(cut)]
+    assert steps == sorted(set(steps)) and steps[-1] == 45
+
+
+# ---------------------------------------------------------------------------- 2. atomic saves
+KILL_DURING_SAVE = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import maepl.checkpoint as ck, pretrain
+from maepl.config import PretrainConfig, parse_config
+real = ck.save_file
+def save_then_die(tensors, path, *a, **k):
+    real(tensors, path, *a, **k)
+    if "step_00000004" in str(path) and str(path).endswith("optimizer.safetensors"):
+        os.kill(os.getpid(), signal.SIGKILL)
+ck.save_file = save_then_die
+pretrain.main(parse_config(PretrainConfig, sys.argv[1:]))
+"""
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    args = TINY + [
+        "--batch_size",
+        "16",
+        "--max_steps",
+        "6",
+        "--save_every_steps",
+        "2",
+        "--num_workers",
+        "0",
+        "--output_dir",
+        str(out),
+    ]
+    code = KILL_DURING_SAVE.format(root=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    ckroot = out / "checkpoints"
+    assert (ckroot / ".tmp_step_00000004").is_dir()  # the half-written save
+    assert not (ckroot / "step_00000004").exists()
+    assert resolve_resume("auto", out) == ckroot / "step_00000002"
+    load_file(ckroot / "step_00000002" / "model.safetensors")  # loadable
+    # an incomplete folder under the final name is skipped too
+    (ckroot / "step_00000005").mkdir()
+    assert resolve_resume("auto", out) == ckroot / "step_00000002"
+    cfg = parse_config(PretrainConfig, args + ["--resume", "auto", "--keep_last", "1"])
+    summary = pretrain.main(cfg)
+    assert summary["step"] == 6
+    assert [p.name for p in complete_checkpoints(out)] == ["step_00000006"]  # pruned
+
+
+# ---------------------------------------------------------------------------- 3. preemption
+def test_sigterm_on_one_rank_stops_both_cleanly_and_resumes(tmp_path):
+    out = tmp_path / "dist"
+    base = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29537",
+        "pretrain.py",
+        *TINY,
+        "--batch_size",
+        "8",
+        "--num_workers",
+        "1",
+        "--log_every",
+        "2",
+        "--output_dir",
+        str(out),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        base + ["--max_steps", "100000"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while not (out / "log.jsonl").exists() or not (out / "log.jsonl").read_text():
+            assert time.time() < deadline and proc.poll() is None, "training never started"
+            time.sleep(0.2)
+        ranks = [
+            p for p in psutil.Process(proc.pid).children() if "pretrain.py" in " ".join(p.cmdline())
+        ]
+        assert len(ranks) == 2
+        rank1 = max(ranks, key=lambda p: p.pid)
+        # a scheduler signals whole process trees: the rank and its DataLoader worker
+        for p in [rank1, *rank1.children(recursive=True)]:
+            p.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "DataLoader worker" not in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by_signal"] is True
+    stopped_at = summary["step"]
+    ckpt = out / "checkpoints" / f"step_{stopped_at:08d}"
+    assert (ckpt / "COMPLETE").is_file()
+    assert sorted(p.name for p in ckpt.glob("rng_rank*")) == [
+        "rng_rank0.safetensors",
+        "rng_rank1.safetensors",
+    ]
+    r = subprocess.run(
+        base + ["--max_steps", str(stopped_at + 4), "--resume", "auto"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == stopped_at + 4 and summary["ranks_in_sync"] is True
+
+
+# ---------------------------------------------------------------------------- 4. non-finite
+def poison(monkeypatch, bad_batches):
+    calls = {"n": 0}
+
+    def collate(batch):
+        imgs, labels, bad = collate_skip_bad(batch)
+        calls["n"] += 1
+        if bad_batches == "all" or calls["n"] in bad_batches:
+            imgs = torch.full_like(imgs, float("nan"))
+        return imgs, labels, bad
+
+    monkeypatch.setattr(pretrain, "collate_skip_bad", collate)
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tiny_cfg, monkeypatch):
+    poison(monkeypatch, {3, 4})
+    cfg = tiny_cfg(max_steps=8, log_every=1)
+    summary = pretrain.main(cfg)
+    out = Path(cfg.output_dir)
+    assert summary["nonfinite_steps"] == 2 and summary["step"] == 8
+    events = [json.loads(r) for r in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e.get("event") == "nonfinite_grad_norm"] == [3, 4]
+    rows = scalar_rows(out)
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    sd = load_file(out / "checkpoints" / "step_00000008" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in sd.values())
+    opt = load_file(out / "checkpoints" / "step_00000008" / "optimizer.safetensors")
+    assert {v.item() for k, v in opt.items() if k.endswith(".step")} == {6.0}  # 8 - 2 skipped
+
+
+def test_consecutive_nonfinite_steps_stop_the_run_naming_the_step(tiny_cfg, monkeypatch):
+    poison(monkeypatch, "all")
+    with pytest.raises(FloatingPointError, match="step 3: 3 consecutive"):
+        pretrain.main(tiny_cfg(max_steps=8, max_nonfinite=3))
+
+
+def test_nothing_nonfinite_is_exported(tmp_path):
+    enc = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        enc.weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="'weight'"):
+        export_encoder(enc, tmp_path / "e", "vit_tiny_patch16_224", {"embed_dim": 2}, {}, {})
+    assert not (tmp_path / "e" / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------- 5. bad images
+def make_messy_folder(root: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(0)
+    cls = root / "train" / "things"
+    cls.mkdir(parents=True)
+    files = {}
+    for i in range(6):
+        files[f"good{i}"] = cls / f"good{i}.JPEG"
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(files[f"good{i}"])
+    full = cls / "truncated.JPEG"
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(full, quality=95)
+    full.write_bytes(full.read_bytes()[:600])
+    files["truncated"] = full
+    files["empty"] = cls / "empty.JPEG"
+    files["empty"].write_bytes(b"")
+    files["cmyk"] = cls / "cmyk.JPEG"
+    Image.fromarray(rng.integers(0, 255, (20, 20, 4), dtype=np.uint8), "CMYK").save(files["cmyk"])
+    files["png_named_jpeg"] = cls / "png.JPEG"
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+        files["png_named_jpeg"], format="PNG"
+    )
+    files["gray"] = cls / "gray.JPEG"
+    Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8)).save(files["gray"])
+    files["tiny"] = cls / "tiny.JPEG"
+    Image.fromarray(rng.integers(0, 255, (1, 2, 3), dtype=np.uint8)).save(files["tiny"])
+    return files
+
+
+def load_all(root: Path, num_workers: int, strict: bool = False):
+    raw = build_dataset("imagefolder", str(root), train=True)
+    ds = SeededTransformDataset(
+        raw, build_transform(True, 16, 3, (0.5,) * 3, (0.5,) * 3), 0, strict
+    )
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=4, num_workers=num_workers, collate_fn=collate_skip_bad
+    )
+    imgs, bad = [], []
+    for x, _, b in loader:
+        imgs.append(x)
+        bad += b
+    return raw, torch.cat(imgs), bad
+
+
+def test_bad_images_are_skipped_counted_and_named(tmp_path):
+    files = make_messy_folder(tmp_path / "data")
+    raw, imgs0, bad0 = load_all(tmp_path / "data", 0)
+    _, imgs2, bad2 = load_all(tmp_path / "data", 2)
+    assert torch.equal(imgs0, imgs2) and bad0 == bad2  # same result for any worker count
+    named = sorted(b.split(":")[0] for b in bad0)
+    assert named == sorted([str(files["truncated"]), str(files["empty"])])
+    assert imgs0.shape == (len(raw), 3, 16, 16) and torch.isfinite(imgs0).all()
+    # readable odd files decode to their true content
+    by_path = {Path(p).name: i for i, (p, _) in enumerate(raw.samples)}
+    for name in ("cmyk", "png_named_jpeg", "gray", "tiny"):
+        img, _ = raw[by_path[files[name].name]]
+        assert img.mode == "RGB"
+        assert np.array_equal(np.asarray(img), np.asarray(Image.open(files[name]).convert("RGB")))
+    with pytest.raises(Exception, match="truncated.JPEG|empty.JPEG"):
+        load_all(tmp_path / "data", 0, strict=True)
+
+
+def test_pretraining_over_bad_images_logs_them(tmp_path):
+    make_messy_folder(tmp_path / "data")
+    args = (
+        TINY[:4]
+        + TINY[6:]
+        + [
+            "--dataset",
+            "imagefolder",
+            "--data_path",
+            str(tmp_path / "data"),
+            "--input_size",
+            "16",
+            "--batch_size",
+            "4",
+            "--epochs",
+            "1",
+            "--num_workers",
+            "0",
+            "--log_every",
+            "1",
+            "--output_dir",
+            str(tmp_path / "run"),
+        ]
+    )
+    summary = pretrain.main(parse_config(PretrainConfig, args))
+    assert summary["bad_images"] == 2
+    events = [json.loads(r) for r in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    files = [f for e in events if e.get("event") == "bad_images" for f in e["files"]]
+    assert len(files) == 2 and any("empty.JPEG" in f for f in files)
+    with pytest.raises(BadImageError):
+        pretrain.main(parse_config(PretrainConfig, args + ["--strict_data", "--overwrite"]))
+
+
+# ---------------------------------------------------------------------------- 6. configs, paths
+def test_empty_and_unsupported_inputs_fail_before_any_work(tmp_path):
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    cfg = parse_config(
+        PretrainConfig,
+        TINY[:4]
+        + [
+            "--dataset",
+            "imagefolder",
+            "--data_path",
+            str(tmp_path / "empty"),
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+    )
+    with pytest.raises(ConfigError, match="data_path.*empty"):
+        pretrain.main(cfg)
+    assert not (tmp_path / "o").exists()  # nothing written
+    with pytest.raises(ConfigError, match="class token"):
+        parse_config(PretrainConfig, ["--model", "vit_base_patch16_gap_224", "--dataset", "sample"])
+
+
+def test_resume_under_another_architecture_is_refused(tiny_cfg):
+    pretrain.main(tiny_cfg(max_steps=2))
+    with pytest.raises(ConfigError, match="embed_dim"):
+        pretrain.main(tiny_cfg(max_steps=4, embed_dim=24, resume="auto"))
+
+
+# ---------------------------------------------------------------------------- 7. untrusted files
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_pickles_are_never_unpickled(tmp_path, tiny_cfg):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps({"model": RunsCode(marker)}))
+    with pytest.raises(FileNotFoundError, match="not a complete maepl checkpoint"):
+        pretrain.main(tiny_cfg(resume=str(evil)))
+    # a checkpoint folder whose weights file is a pickle: safetensors refuses to parse it
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "COMPLETE").write_text("ok")
+    (fake / "model.safetensors").write_bytes(evil.read_bytes())
+    (fake / "state.json").write_text(json.dumps({"config": {}}))
+    with pytest.raises(Exception):  # noqa: B017 - any refusal will do, as long as no code ran
+        pretrain.main(tiny_cfg(resume=str(fake)))
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------- 8. long runs
+def test_soak_memory_logs_and_checkpoints_stay_bounded(tmp_path):
+    out = tmp_path / "soak"
+    cmd = [
+        sys.executable,
+        "pretrain.py",
+        *TINY,
+        "--input_size",
+        "16",
+        "--batch_size",
+        "4",
+        "--max_steps",
+        "2500",
+        "--save_every_steps",
+        "250",
+        "--keep_last",
+        "2",
+        "--log_every",
+        "50",
+        "--num_workers",
+        "0",
+        "--output_dir",
+        str(out),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    samples = []  # (step, rss)
+    ps = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            rss = ps.memory_info().rss
+        except psutil.NoSuchProcess:
+            break
+        log = out / "log.jsonl"
+        step = sum(1 for _ in log.open()) * 50 if log.exists() else 0
+        samples.append((step, rss))
+        time.sleep(0.25)
+    assert proc.wait() == 0
+    early = max(r for s, r in samples if 250 <= s < 1000)
+    late = max(r for s, r in samples if s >= 1500)
+    assert late - early < 40 * 2**20, f"RSS grew {(late - early) / 2**20:.1f} MiB"
+    rows = scalar_rows(out)
+    assert [r["step"] for r in rows] == list(range(50, 2550, 50))
+    sizes = [len(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert max(sizes) < 2 * min(sizes)  # linear growth: rows of bounded size
+    assert [p.name for p in complete_checkpoints(out)] == ["step_00002250", "step_00002500"]
+    assert not list((out / "checkpoints").glob(".tmp_*"))
