@@ -478,11 +478,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     imgs = torch.randn(
-        args.batch_size,
-        shape["in_chans"],
-        shape["input_size"],
-        shape["input_size"],
-        device=device,
+        args.batch_size, shape["in_chans"], shape["input_size"], shape["input_size"], device=device
     )
     t_all = time.perf_counter()
     run = run_sequential if args.schedule == "sequential" else run_interleaved

@@ -8,11 +8,13 @@ crash during a save never leaves a folder that ``--resume auto`` would pick.
 from __future__ import annotations
 
 import json
+import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -69,8 +71,19 @@ def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 # ---------------------------------------------------------------------------- RNG state
 def rng_state(generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-    """Every RNG that influences training on this process, as uint8 tensors."""
-    out = {"torch_cpu": torch.get_rng_state()}
+    """Every RNG that influences training on this process, as tensors (NumPy's and Python's
+    drive timm's Mixup/CutMix in the main process)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    out = {
+        "torch_cpu": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_extra": torch.tensor([pos, has_gauss, gauss], dtype=torch.float64),
+        "python_state": torch.tensor(py_state, dtype=torch.int64),
+        "python_extra": torch.tensor(
+            [version, float("nan") if py_gauss is None else py_gauss], dtype=torch.float64
+        ),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["torch_cuda"] = torch.cuda.get_rng_state()
     if generator is not None:
@@ -80,6 +93,13 @@ def rng_state(generator: torch.Generator | None) -> dict[str, torch.Tensor]:
 
 def set_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator | None) -> None:
     torch.set_rng_state(state["torch_cpu"])
+    if "numpy_keys" in state:
+        pos, has_gauss, gauss = state["numpy_extra"].tolist()
+        keys = state["numpy_keys"].numpy().astype(np.uint32)
+        np.random.set_state(("MT19937", keys, int(pos), int(has_gauss), gauss))
+        version, py_gauss = state["python_extra"].tolist()
+        py_gauss = None if py_gauss != py_gauss else py_gauss  # NaN encodes None
+        random.setstate((int(version), tuple(state["python_state"].tolist()), py_gauss))
     if "torch_cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["torch_cuda"])
     if generator is not None and "mask_generator" in state:
@@ -237,6 +257,7 @@ def export_encoder(
     model_args: dict,
     data_cfg: dict,
     card: dict,
+    num_classes: int = 0,
 ) -> Path:
     """Write a timm ``local-dir`` folder: model.safetensors, config.json, README.md.
 
@@ -251,12 +272,12 @@ def export_encoder(
     save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
     cfg = {
         "architecture": architecture,
-        "num_classes": 0,
+        "num_classes": num_classes,
         "num_features": model_args["embed_dim"],
-        "global_pool": "token",
+        "global_pool": model_args.get("global_pool", "token"),
         "model_args": model_args,
         "pretrained_cfg": dict(
-            num_classes=0,
+            num_classes=num_classes,
             classifier="head",
             first_conv="patch_embed.proj",
             fixed_input_size=True,

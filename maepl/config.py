@@ -44,30 +44,18 @@ ARCH_KEYS = (
 
 
 @dataclass
-class PretrainConfig:
-    """MAE + positional-label pretraining. Names follow facebookresearch/mae where it has one."""
+class TrainConfig:
+    """Keys shared by pretrain.py, finetune.py and linprobe.py (MAE's names where it has one)."""
 
     # --- model
-    model: str = "mae_vit_base_patch16"  # a preset (maepl.models.mae.PRESETS) or any timm vit_*
-    input_size: int | None = None  # None: from the preset / timm model
+    model: str | None = "mae_vit_base_patch16"  # a preset (models.mae.PRESETS) or a timm vit_*
+    input_size: int | None = None  # None: from the preset / timm model (/ the checkpoint)
     patch_size: int | None = None
     in_chans: int | None = None
     embed_dim: int | None = None
     depth: int | None = None
     num_heads: int | None = None
     pos_embed: str = "sincos"  # encoder PE: sincos (fixed, MAE values) | learned | none
-    decoder_embed_dim: int | None = None  # None: preset, else MAE's 512 / 8 / 16
-    decoder_depth: int | None = None
-    decoder_num_heads: int | None = None
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
-    # --- positional labels
-    pos_label: str = "abs"  # none | abs (APL) | rel (RPL)
-    pos_weight: float = 0.5  # lambda in L = L_mae + lambda * L_pos
-    pos_channels: float = 0.5  # fraction of channels each side of the head reads
-    pos_pairs: int = 0  # rel: ordered pairs sampled per image, 0 = all
-    pos_drop_ratio: float = 0.75  # fraction of visible tokens whose encoder PE is hidden
-    pos_smoothing: float = 0.0  # initial sigma of Gaussian targets, decays linearly to 0
     # --- optimisation
     batch_size: int = 64  # per process
     accum_iter: int = 1
@@ -89,14 +77,12 @@ class PretrainConfig:
     download: bool = False  # fashion-mnist only: allow a torchvision download
     num_workers: int = 8
     pin_mem: bool = True
-    crop_min: float = 0.2  # RandomResizedCrop scale lower bound
     strict_data: bool = False  # fail on the first unreadable image instead of skipping it
     mean: list[float] | None = None  # None: the dataset's
     std: list[float] | None = None
     # --- output
     output_dir: str = "./output_dir"
     log_every: int = 20  # optimizer steps between log lines
-    vis_every: int = 20  # epochs between reconstruction image grids (and at the end)
     save_every: int = 1  # epochs between checkpoints (and at the end)
     save_every_steps: int = 0  # also save every N optimizer steps (0: off)
     keep_last: int = 2  # checkpoints kept
@@ -105,6 +91,83 @@ class PretrainConfig:
 
     # resolved from the preset, not user-settable
     encoder: str | None = field(default=None, metadata={"internal": True})
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """MAE + positional-label pretraining."""
+
+    decoder_embed_dim: int | None = None  # None: preset, else MAE's 512 / 8 / 16
+    decoder_depth: int | None = None
+    decoder_num_heads: int | None = None
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    crop_min: float = 0.2  # RandomResizedCrop scale lower bound
+    vis_every: int = 20  # epochs between reconstruction image grids (and at the end)
+    # --- positional labels
+    pos_label: str = "abs"  # none | abs (APL) | rel (RPL)
+    pos_weight: float = 0.5  # lambda in L = L_mae + lambda * L_pos
+    pos_channels: float = 0.5  # fraction of channels each side of the head reads
+    pos_pairs: int = 0  # rel: ordered pairs sampled per image, 0 = all
+    pos_drop_ratio: float = 0.75  # fraction of visible tokens whose encoder PE is hidden
+    pos_smoothing: float = 0.0  # initial sigma of Gaussian targets, decays linearly to 0
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """Fine-tuning (or training from scratch) with MAE's recipe; optional positional labels."""
+
+    model: str | None = None  # None: the architecture stored with --finetune
+    pos_embed: str = (
+        "learned"  # learned (starts from the checkpoint's, else sin-cos) | sincos | none
+    )
+    finetune: str = ""  # weights to start from (export, checkpoint, official MAE .pth)
+    eval: bool = False  # evaluate --finetune / --resume weights and exit
+    nb_classes: int | None = None  # None: the dataset's
+    global_pool: str = "avg"  # avg (with fc_norm) | token
+    drop_path: float = 0.1
+    layer_decay: float = 0.75
+    blr: float = 1e-3
+    min_lr: float = 1e-6
+    epochs: int = 100
+    warmup_epochs: float = 5
+    smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    aa: str | None = "rand-m9-mstd0.5-inc1"  # RandAugment policy (timm), null: none
+    reprob: float = 0.25
+    remode: str = "pixel"
+    recount: int = 1
+    crop_pct: float | None = None  # eval resize = input_size / crop_pct; None: 0.875, 1 for 28 px
+    # --- supervised positional labels: L = L_cls + pos_weight * L_pos on all patch tokens
+    pos_label: str = "none"
+    pos_weight: float = 0.5
+    pos_channels: float = 0.5
+    pos_pairs: int = 0
+
+
+@dataclass
+class LinprobeConfig(TrainConfig):
+    """Linear probing of a frozen encoder with MAE's recipe (BatchNorm + Linear, LARS)."""
+
+    model: str | None = None  # None: the architecture stored with --finetune
+    pos_embed: str = "learned"  # keep the checkpoint's PE (none if it has none)
+    finetune: str = ""  # the encoder to probe (export, checkpoint, official MAE .pth)
+    eval: bool = False
+    nb_classes: int | None = None
+    global_pool: str = "token"  # token (CLS after the final norm) | avg (mean of patch tokens)
+    batch_size: int = 512
+    blr: float = 0.1
+    weight_decay: float = 0.0
+    epochs: int = 90
+    warmup_epochs: float = 10
+    crop_pct: float | None = None
+    knn: bool = False  # also report kNN accuracy on frozen, un-augmented features
+    knn_k: int = 20
+    knn_t: float = 0.07
 
 
 # ---------------------------------------------------------------------------- type handling
@@ -260,7 +323,7 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-def resolve_model(cfg: PretrainConfig) -> PretrainConfig:
+def resolve_model(cfg: TrainConfig, need_cls: bool = True) -> TrainConfig:
     """Fill shape fields from the preset or the timm model, without building weights."""
     import timm
     from timm.models.vision_transformer import VisionTransformer
@@ -276,7 +339,8 @@ def resolve_model(cfg: PretrainConfig) -> PretrainConfig:
             )
         preset = dict(encoder=cfg.model)
     preset = {"decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16, **preset}
-    updates = {k: v for k, v in preset.items() if getattr(cfg, k) is None}
+    names = {f.name for f in fields(cfg)}
+    updates = {k: v for k, v in preset.items() if k in names and getattr(cfg, k) is None}
     cfg = dataclasses.replace(cfg, **updates)
     if cfg.input_size and cfg.patch_size and cfg.input_size % cfg.patch_size:
         raise ConfigError(
@@ -296,7 +360,9 @@ def resolve_model(cfg: PretrainConfig) -> PretrainConfig:
         )
     except (AssertionError, ValueError, TypeError, RuntimeError) as e:
         raise ConfigError(f"model: cannot build {cfg.encoder!r} with these shapes: {e}") from None
-    if not isinstance(enc, VisionTransformer) or enc.cls_token is None or enc.num_reg_tokens:
+    if not isinstance(enc, VisionTransformer) or (
+        need_cls and (enc.cls_token is None or enc.num_reg_tokens)
+    ):
         raise ConfigError(
             f"model: {cfg.encoder!r} cannot be pretrained here: MAE needs a plain timm "
             "VisionTransformer with a class token and no register tokens"
@@ -312,23 +378,13 @@ def resolve_model(cfg: PretrainConfig) -> PretrainConfig:
     )
 
 
-def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
-    """Range and consistency checks; returns the resolved config."""
+def _validate_common(cfg: TrainConfig) -> None:
     _choice("pos_embed", cfg.pos_embed, ("sincos", "learned", "none"))
-    _choice("pos_label", cfg.pos_label, ("none", "abs", "rel"))
     _choice("dataset", cfg.dataset, ("imagefolder", "fashion-mnist", "sample"))
     _choice("mixed_precision", cfg.mixed_precision, ("auto", "bf16", "fp16", "no"))
-    _check(0 < cfg.mask_ratio < 1, "mask_ratio", f"must be in (0, 1), got {cfg.mask_ratio}")
-    _check(0 <= cfg.pos_drop_ratio < 1, "pos_drop_ratio", "must be in [0, 1)")
-    _check(0 < cfg.pos_channels <= 1, "pos_channels", "must be in (0, 1]")
-    _check(cfg.pos_weight >= 0, "pos_weight", "must be >= 0")
-    _check(cfg.pos_smoothing >= 0, "pos_smoothing", "must be >= 0")
-    _check(cfg.pos_pairs >= 0, "pos_pairs", "must be >= 0")
-    _check(cfg.pos_pairs == 0 or cfg.pos_label == "rel", "pos_pairs", "only for pos_label rel")
-    for key in ("batch_size", "accum_iter", "epochs", "log_every", "vis_every", "save_every"):
+    for key in ("batch_size", "accum_iter", "epochs", "log_every", "save_every", "max_nonfinite"):
         _check(getattr(cfg, key) >= 1, key, f"must be >= 1, got {getattr(cfg, key)}")
-    _check(cfg.max_nonfinite >= 1, "max_nonfinite", "must be >= 1")
-    keys = (
+    for key in (
         "max_steps",
         "num_workers",
         "keep_last",
@@ -336,12 +392,11 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
         "min_lr",
         "blr",
         "save_every_steps",
-    )
-    for key in keys:
+        "weight_decay",
+    ):
         _check(getattr(cfg, key) >= 0, key, f"must be >= 0, got {getattr(cfg, key)}")
     _check(cfg.lr is None or cfg.lr > 0, "lr", "must be > 0")
     _check(cfg.clip_grad is None or cfg.clip_grad > 0, "clip_grad", "must be > 0 or null")
-    _check(0 < cfg.crop_min <= 1, "crop_min", "must be in (0, 1]")
     _check(
         cfg.dataset != "imagefolder" or bool(cfg.data_path),
         "data_path",
@@ -349,15 +404,44 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
     )
     if cfg.data_path and cfg.dataset == "imagefolder":
         _check(Path(cfg.data_path).is_dir(), "data_path", f"no such folder {cfg.data_path}")
-    cfg = resolve_model(cfg)
+
+
+def _validate_resolved(cfg: TrainConfig) -> None:
     for key in ("mean", "std"):
         v = getattr(cfg, key)
         _check(v is None or len(v) in (1, cfg.in_chans), key, f"needs {cfg.in_chans} values")
     _check(
-        cfg.embed_dim % 4 == 0 or cfg.pos_embed != "sincos",
+        cfg.embed_dim % 4 == 0 or cfg.pos_embed == "none",
         "pos_embed",
-        f"sincos needs embed_dim divisible by 4, got {cfg.embed_dim}",
+        f"sin-cos values need embed_dim divisible by 4, got {cfg.embed_dim}",
     )
+
+
+def _validate_pos_label(cfg, labelled: int) -> None:
+    _choice("pos_label", cfg.pos_label, ("none", "abs", "rel"))
+    _check(0 < cfg.pos_channels <= 1, "pos_channels", "must be in (0, 1]")
+    _check(cfg.pos_weight >= 0, "pos_weight", "must be >= 0")
+    _check(cfg.pos_pairs >= 0, "pos_pairs", "must be >= 0")
+    _check(cfg.pos_pairs == 0 or cfg.pos_label == "rel", "pos_pairs", "only for pos_label rel")
+    if cfg.pos_label == "rel" and cfg.pos_pairs:
+        _check(
+            cfg.pos_pairs <= labelled**2,
+            "pos_pairs",
+            f"at most {labelled**2} pairs of {labelled} labelled tokens",
+        )
+
+
+def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
+    """Range and consistency checks; returns the resolved config."""
+    _validate_common(cfg)
+    _check(0 < cfg.mask_ratio < 1, "mask_ratio", f"must be in (0, 1), got {cfg.mask_ratio}")
+    _check(0 <= cfg.pos_drop_ratio < 1, "pos_drop_ratio", "must be in [0, 1)")
+    _check(cfg.pos_smoothing >= 0, "pos_smoothing", "must be >= 0")
+    _check(cfg.vis_every >= 1, "vis_every", "must be >= 1")
+    _check(0 < cfg.crop_min <= 1, "crop_min", "must be in (0, 1]")
+    _check(cfg.model is not None, "model", "required")
+    cfg = resolve_model(cfg, need_cls=True)
+    _validate_resolved(cfg)
     _check(cfg.decoder_embed_dim % 4 == 0, "decoder_embed_dim", "must be divisible by 4")
     _check(
         cfg.decoder_embed_dim % cfg.decoder_num_heads == 0,
@@ -367,20 +451,69 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
     grid = cfg.input_size // cfg.patch_size
     keep = int(grid * grid * (1 - cfg.mask_ratio))
     _check(keep >= 1, "mask_ratio", f"{cfg.mask_ratio} leaves no visible patch of {grid * grid}")
-    if cfg.pos_label != "none" and cfg.pos_embed != "none" and cfg.pos_drop_ratio > 0:
+    dropping = cfg.pos_label != "none" and cfg.pos_embed != "none" and cfg.pos_drop_ratio > 0
+    if dropping:
         _check(
             int(keep * cfg.pos_drop_ratio) >= 1,
             "pos_drop_ratio",
             f"{cfg.pos_drop_ratio} of {keep} visible tokens hides no position embedding",
         )
-    if cfg.pos_label == "rel" and cfg.pos_pairs:
-        m = (
-            int(keep * cfg.pos_drop_ratio)
-            if cfg.pos_embed != "none" and cfg.pos_drop_ratio
-            else keep
-        )
-        _check(cfg.pos_pairs <= m * m, "pos_pairs", f"at most {m * m} pairs of {m} labelled tokens")
+    _validate_pos_label(cfg, int(keep * cfg.pos_drop_ratio) if dropping else keep)
+    return cfg
+
+
+def _from_checkpoint(cfg):
+    """Without --model, take the architecture stored with the --finetune weights."""
+    if cfg.model is None:
+        from .weights import stored_architecture
+
+        arch = stored_architecture(cfg.finetune) if cfg.finetune else None
+        if arch is None:
+            raise ConfigError(
+                "model: required (a timm vit_* name) unless --finetune points at "
+                "maepl weights that record their architecture"
+            )
+        updates = {k: v for k, v in arch.items() if getattr(cfg, k, None) is None}
+        cfg = dataclasses.replace(cfg, **updates)
+    return resolve_model(cfg, need_cls=False)
+
+
+def validate_finetune(cfg: FinetuneConfig) -> FinetuneConfig:
+    _validate_common(cfg)
+    _choice("global_pool", cfg.global_pool, ("avg", "token"))
+    _choice("mixup_mode", cfg.mixup_mode, ("batch", "pair", "elem"))
+    for key in (
+        "drop_path",
+        "smoothing",
+        "mixup",
+        "cutmix",
+        "reprob",
+        "mixup_prob",
+        "mixup_switch_prob",
+    ):
+        _check(getattr(cfg, key) >= 0, key, "must be >= 0")
+    _check(0 < cfg.layer_decay <= 1, "layer_decay", "must be in (0, 1]")
+    _check(cfg.crop_pct is None or 0 < cfg.crop_pct <= 1, "crop_pct", "must be in (0, 1]")
+    _check(cfg.nb_classes is None or cfg.nb_classes >= 2, "nb_classes", "must be >= 2")
+    cfg = _from_checkpoint(cfg)
+    _validate_resolved(cfg)
+    grid = cfg.input_size // cfg.patch_size
+    _validate_pos_label(cfg, grid * grid)
+    return cfg
+
+
+def validate_linprobe(cfg: LinprobeConfig) -> LinprobeConfig:
+    _validate_common(cfg)
+    _choice("global_pool", cfg.global_pool, ("avg", "token"))
+    _check(cfg.crop_pct is None or 0 < cfg.crop_pct <= 1, "crop_pct", "must be in (0, 1]")
+    _check(cfg.nb_classes is None or cfg.nb_classes >= 2, "nb_classes", "must be >= 2")
+    _check(cfg.knn_k >= 1, "knn_k", "must be >= 1")
+    _check(cfg.knn_t > 0, "knn_t", "must be > 0")
+    cfg = _from_checkpoint(cfg)
+    _validate_resolved(cfg)
     return cfg
 
 
 PretrainConfig.validate = validate_pretrain  # type: ignore[attr-defined]
+FinetuneConfig.validate = validate_finetune  # type: ignore[attr-defined]
+LinprobeConfig.validate = validate_linprobe  # type: ignore[attr-defined]

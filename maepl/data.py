@@ -282,11 +282,13 @@ def build_transform(
     mean: Sequence[float],
     std: Sequence[float],
     scale: tuple[float, float] = (0.2, 1.0),
+    crop_pct: float = 1.0,
 ) -> Transform:
     """PIL image -> normalised float tensor ``[in_chans, input_size, input_size]``.
 
     Training uses the MAE pretraining recipe (random resized crop + horizontal flip);
-    evaluation resizes the short side and centre-crops, the identity at ``input_size``.
+    evaluation resizes the short side to ``input_size / crop_pct`` and centre-crops (MAE's
+    evaluation uses crop_pct 0.875 at 224 px; 1.0 is the identity at ``input_size``).
     """
     _check_in_chans(in_chans)
     if len(mean) != in_chans or len(std) != in_chans:
@@ -301,12 +303,56 @@ def build_transform(
         ]
     else:
         geometry = [
-            transforms.Resize(input_size, interpolation=bicubic),
+            transforms.Resize(int(input_size / crop_pct), interpolation=bicubic),
             transforms.CenterCrop(input_size),
         ]
     convert = _ConvertMode("L" if in_chans == 1 else "RGB")
     to_tensor = [transforms.ToTensor(), transforms.Normalize(tuple(mean), tuple(std))]
     return transforms.Compose([convert, *geometry, *to_tensor])
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    # timm's RandAugment asks for 0 bits at the top magnitudes of PosterizeIncreasing; Pillow
+    # >= 11 rejects bits outside 1-8 where older Pillow returned a black image. Keep that.
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    from PIL import ImageOps
+
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def build_finetune_transform(
+    input_size: int,
+    in_chans: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    aa: str | None,
+    reprob: float,
+    remode: str,
+    recount: int,
+) -> Transform:
+    """MAE's fine-tuning augmentation through timm: random resized crop (0.08-1, bicubic),
+    flip, RandAugment ``aa``, random erasing ``reprob``."""
+    import timm.data.auto_augment as timm_aa
+    from timm.data import create_transform
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        timm_aa.NAME_TO_OP[name] = _posterize  # see _posterize; forked workers inherit it
+    _check_in_chans(in_chans)
+    tf = create_transform(
+        input_size,
+        is_training=True,
+        auto_augment=aa,
+        interpolation="bicubic",
+        re_prob=reprob,
+        re_mode=remode,
+        re_count=recount,
+        mean=tuple(mean),
+        std=tuple(std),
+    )
+    return transforms.Compose([_ConvertMode("L" if in_chans == 1 else "RGB"), tf])
 
 
 _MASK64 = (1 << 64) - 1
@@ -462,3 +508,69 @@ def collate_skip_bad(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, li
     images = torch.stack([x for x, _ in items])
     labels = torch.tensor([y for _, y in items])
     return images, labels, bad
+
+
+def load_data(cfg, train: bool = True) -> tuple[Dataset, list[float], list[float]]:
+    """The raw split named by a run config, with its normalisation (one value per channel).
+
+    Data errors become ``ConfigError`` naming ``data_path``, raised before any process group.
+    """
+    from .config import ConfigError
+
+    try:
+        raw = build_dataset(cfg.dataset, cfg.data_path, train=train, download=cfg.download)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"data_path: {e}") from None
+    if len(raw) == 0:
+        raise ConfigError(f"data_path: dataset {cfg.dataset} at {cfg.data_path} is empty")
+    mean, std = default_mean_std(cfg.dataset, cfg.in_chans)
+    mean, std = list(cfg.mean or mean), list(cfg.std or std)
+    if len(mean) == 1:
+        mean, std = mean * cfg.in_chans, std * cfg.in_chans
+    return raw, mean, std
+
+
+def load_train_data(cfg) -> tuple[Dataset, list[float], list[float]]:
+    return load_data(cfg, train=True)
+
+
+def readable_images(raw: Dataset, n: int) -> list[Image.Image]:
+    """The first ``n`` images of ``raw`` that decode (for reconstruction grids)."""
+    out = []
+    for i in range(min(len(raw), 10 * n)):
+        try:
+            out.append(raw[i][0])
+        except Exception:  # unreadable files are counted by the training loop, not here
+            continue
+        if len(out) == n:
+            break
+    return out
+
+
+def collate_drop_bad(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """For evaluation: unreadable samples are left out (each sample counts once or not at all)."""
+    good = [item for item in batch if item[0] is not None]
+    bad = [item[2] for item in batch if item[0] is None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), bad
+    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), bad
+
+
+def eval_loader(
+    dataset: Dataset,
+    transform: Transform,
+    batch_size: int,
+    num_workers: int,
+    num_replicas: int = 1,
+    rank: int = 0,
+) -> torch.utils.data.DataLoader:
+    """Rank ``rank`` reads samples rank, rank + num_replicas, ...: every sample exactly once
+    over all processes, no padding (so counts can simply be summed across processes)."""
+    ds = SeededTransformDataset(dataset, transform, seed=0)
+    shard = list(range(rank, len(ds), num_replicas))
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(ds, shard),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_drop_bad,
+    )

@@ -8,14 +8,23 @@ import threading
 import torch
 import torch.distributed as dist
 
+WORKER_GRACE_S = 30
+
+
+def _worker_sigterm(_signum, _frame) -> None:
+    # outlive the main process's step boundary, then go: multiprocessing's exit handler also
+    # stops workers with SIGTERM, and a worker that ignored it for good would hang the exit
+    signal.alarm(WORKER_GRACE_S)
+
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGTERM/SIGINT.
+    """DataLoader ``worker_init_fn``: workers ignore SIGINT and outlive SIGTERM by 30 s.
 
-    A scheduler signals the whole process group; workers that died first would make the main
-    process fail with "DataLoader worker exited unexpectedly" before it could save.
+    A scheduler signals the whole process group; workers that died at once would make the
+    main process fail with "DataLoader worker exited unexpectedly" before it could save. The
+    main process shuts its workers down itself once it has saved.
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 

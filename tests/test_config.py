@@ -83,11 +83,7 @@ def test_missing_data_path_is_named():
 
 def run_cli(*args, cwd=ROOT):
     return subprocess.run(
-        [sys.executable, "pretrain.py", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, "pretrain.py", *args], cwd=cwd, capture_output=True, text=True, timeout=120
     )
 
 

@@ -285,8 +285,7 @@ def _epoch_batches(num_workers: int) -> list[torch.Tensor]:
     from maepl.data import ShardedSampler
 
     base = ArrayImageDataset(
-        np.random.default_rng(0).integers(0, 255, (24, 12, 12), dtype=np.uint8),
-        np.arange(24) % 3,
+        np.random.default_rng(0).integers(0, 255, (24, 12, 12), dtype=np.uint8), np.arange(24) % 3
     )
     tf = build_transform(True, 8, 1, (0.5,), (0.5,))
     ds = SeededTransformDataset(base, tf, seed=3)

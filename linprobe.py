@@ -1,0 +1,191 @@
+"""Linear probing of a frozen pretrained ViT with MAE's recipe, on Accelerate.
+
+    python linprobe.py --finetune output/quickstart/export/encoder --dataset sample --epochs 10
+    python linprobe.py --finetune output/quickstart/export/encoder --dataset sample --knn
+    python linprobe.py --model vit_base_patch16_224 --finetune mae_pretrain_vit_base.pth \
+        --data_path /imagenet --batch_size 512 --accum_iter 32   # MAE's effective 16384
+
+Head: BatchNorm1d(affine=False, eps 1e-6) + Linear (init std 0.01) on the CLS token after
+the final norm (or the mean of the patch tokens, --global_pool avg); LARS with no weight decay,
+trust-ratio adaptation on the weight only; RandomResizedCrop + flip. The last line printed is
+"top1=<x> top5=<y>" (with --knn: "knn_top1=<x>").
+"""
+
+from __future__ import annotations
+
+import sys
+
+import timm
+import torch
+from accelerate.utils import set_seed
+from timm.optim import Lars
+from torch import nn
+
+from finetune import evaluate
+from maepl.config import ConfigError, LinprobeConfig, parse_config
+from maepl.data import SeededTransformDataset, build_transform, eval_loader, load_data
+from maepl.evaluate import knn_accuracy
+from maepl.loop import Run
+from maepl.weights import load_encoder_weights
+
+LP_ARCH_KEYS = (
+    "model",
+    "input_size",
+    "patch_size",
+    "in_chans",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "global_pool",
+    "nb_classes",
+    "finetune",
+)
+
+
+class Probe(nn.Module):
+    """Frozen encoder (always in eval mode) + BatchNorm1d(affine=False) + Linear."""
+
+    def __init__(self, encoder: nn.Module, nb_classes: int, global_pool: str):
+        super().__init__()
+        self.encoder, self.global_pool = encoder.requires_grad_(False), global_pool
+        linear = nn.Linear(encoder.embed_dim, nb_classes)
+        nn.init.trunc_normal_(linear.weight, std=0.01)
+        nn.init.zeros_(linear.bias)
+        self.head = nn.Sequential(nn.BatchNorm1d(encoder.embed_dim, affine=False, eps=1e-6), linear)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.eval()  # frozen: no drop path, no dropout, ever
+        return self
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            tokens = self.encoder.forward_features(x)
+        if self.global_pool == "avg":
+            return tokens[:, self.encoder.num_prefix_tokens :].mean(1)
+        return tokens[:, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).float())
+
+    @property
+    def vit(self):  # evaluate() in finetune.py calls model.vit(x)
+        return self
+
+
+def lars_groups(head: nn.Module, weight_decay: float) -> list[dict]:
+    """LARS adapts the weight matrix only: biases (and the affine-free BN) are left alone.
+
+    timm's Lars skips adaptation when a group's weight decay is 0 unless ``always_adapt``;
+    MAE adapts weights at weight decay 0, so the weight group sets it.
+    """
+    weights = [p for p in head.parameters() if p.ndim > 1]
+    others = [p for p in head.parameters() if p.ndim <= 1]
+    return [
+        dict(params=weights, weight_decay=weight_decay, always_adapt=True),
+        dict(params=others, weight_decay=0.0, always_adapt=False),
+    ]
+
+
+def main(cfg: LinprobeConfig) -> dict:
+    # ------------------------------------------------------------------ data (checked first)
+    raw_train, mean, std = load_data(cfg, train=True)
+    raw_val, _, _ = load_data(cfg, train=False)
+    nb_classes = cfg.nb_classes or len(raw_train.classes)
+    crop_pct = cfg.crop_pct or (1.0 if cfg.input_size <= 32 else 0.875)
+    val_tf = build_transform(False, cfg.input_size, cfg.in_chans, mean, std, crop_pct=crop_pct)
+    # MAE's linear-probe augmentation: RandomResizedCrop (scale 0.08-1) + flip
+    train_tf = build_transform(True, cfg.input_size, cfg.in_chans, mean, std, (0.08, 1.0))
+    dataset = SeededTransformDataset(raw_train, train_tf, cfg.seed, strict=cfg.strict_data)
+
+    run = Run(cfg, "linprobe")
+    loader, sampler = run.train_loader(dataset)
+
+    # ------------------------------------------------------------------ model
+    set_seed(cfg.seed)
+    kwargs = dict(
+        img_size=cfg.input_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        num_classes=0,
+        global_pool="token",
+    )
+    encoder = timm.create_model(cfg.encoder, pretrained=False, **kwargs)
+    if cfg.finetune:
+        report = load_encoder_weights(encoder, cfg.finetune, "learned")
+        run.accelerator.print(f"encoder from {cfg.finetune}: " + "; ".join(report["notes"]))
+    model = Probe(encoder, nb_classes, cfg.global_pool)
+
+    if cfg.knn:  # cheap check: frozen, un-augmented features, no training
+        top1 = knn_probe(run, model, raw_train, raw_val, val_tf, cfg)
+        run.accelerator.print(f"knn_top1={top1:.2f}")
+        run.close()
+        return {"knn_top1": top1}
+
+    optimizer = Lars(lars_groups(model.head, cfg.weight_decay), lr=run.lr, momentum=0.9)
+    model, optimizer = run.prepare(model, optimizer, cfg.seed)
+    probe = run.unwrapped
+    run.accelerator.print(
+        f"{cfg.encoder} frozen, probe on {cfg.global_pool}; "
+        f"{len(dataset)} training images; {run.describe()}"
+    )
+    run.resume(LP_ARCH_KEYS)
+    if cfg.eval:
+        top = evaluate(run, probe, raw_val, val_tf, cfg)
+        run.accelerator.print(f"top1={top['top1']:.2f} top5={top['top5']:.2f}")
+        run.close()
+        return top
+
+    def on_epoch_end() -> None:
+        top = evaluate(run, probe, raw_val, val_tf, cfg)
+        run.tracker.log(run.step, {f"val_{k}": v for k, v in top.items()})
+        run.accelerator.print(
+            f"epoch {run.epoch}: val top1 {top['top1']:.2f} top5 {top['top5']:.2f}"
+        )
+
+    # ------------------------------------------------------------------ train
+    criterion = nn.CrossEntropyLoss()
+    model.train()
+    for imgs, labels in run.batches(loader, sampler, on_epoch_end):
+        with run.accumulate():
+            loss = criterion(model(imgs), labels)
+            run.backward(loss)
+        run.end_micro(dict(loss=loss))
+
+    summary = run.finish()
+    if not run.stopped:
+        top = evaluate(run, probe, raw_val, val_tf, cfg)
+        summary.update(top)
+        run.accelerator.print(f"top1={top['top1']:.2f} top5={top['top5']:.2f}")
+    run.close()
+    return summary
+
+
+@torch.no_grad()
+def knn_probe(run: Run, model: Probe, raw_train, raw_val, transform, cfg) -> float:
+    """kNN top-1 (%) on frozen features; computed on the main process, broadcast to all."""
+    result = torch.zeros(1, device=run.device)
+    if run.main:
+        model.to(run.device).eval()
+        feats = []
+        for raw in (raw_train, raw_val):
+            xs, ys = [], []
+            for x, y, _ in eval_loader(raw, transform, cfg.batch_size, cfg.num_workers):
+                if len(y):
+                    with run.accelerator.autocast():
+                        xs.append(model.features(x.to(run.device)).float().cpu())
+                    ys.append(y)
+            feats.append((torch.cat(xs), torch.cat(ys)))
+        (tr_f, tr_y), (te_f, te_y) = feats
+        result[0] = knn_accuracy(tr_f, tr_y, te_f, te_y, k=cfg.knn_k, temperature=cfg.knn_t)
+    return float(run.accelerator.reduce(result, "sum").item())
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_config(LinprobeConfig, description=__doc__))
+    except ConfigError as e:
+        sys.exit(f"error: {e}")

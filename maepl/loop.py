@@ -1,0 +1,363 @@
+"""Plumbing shared by pretrain.py, finetune.py and linprobe.py; the steps stay in the scripts.
+
+``Run`` owns the Accelerator, the run directory, counters, checkpoints and resume, the
+SIGTERM/SIGINT stop, non-finite step skipping and the log. A script's loop reads:
+
+    for imgs, labels in run.batches(loader, sampler, on_epoch_end):
+        with run.accumulate():
+            loss = ...                       # the script's forward pass and loss
+            run.backward(loss)               # optimizer step on the last micro-batch
+        run.end_micro({"loss": loss, ...})   # counters, log line, periodic save, stop check
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .config import ConfigError, dump_config
+from .data import ShardedSampler, collate_skip_bad
+from .guard import StopFlag, ignore_stop_signals
+from .optim import lr_at, set_lr
+from .tracking import Tracker
+
+
+def check_output_dir(cfg) -> None:
+    """Refuse to start over a different run: its checkpoints and logs would be mixed with ours."""
+    out = Path(cfg.output_dir)
+    if (out / "config.yaml").exists() and not cfg.resume and not cfg.overwrite:
+        raise ConfigError(
+            f"output_dir: {out} already holds a run (config.yaml); pass --resume auto to "
+            "continue it, --overwrite to replace it, or choose another --output_dir"
+        )
+
+
+def resolve_precision(name: str) -> str:
+    """``auto``: bf16 on GPUs that support it, full precision elsewhere."""
+    if name != "auto":
+        return name
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+class Run:
+    """One training run: call order is ``Run(cfg)``, ``plan()``, ``prepare()``, ``resume()``,
+    then the loop, then ``finish()``."""
+
+    def __init__(self, cfg, desc: str):
+        check_output_dir(cfg)
+        self.cfg, self.desc = cfg, desc
+        self.precision = resolve_precision(cfg.mixed_precision)
+        # cpu=True without CUDA: Accelerate only detects a torchrun/gloo launch on CPU when told
+        self.accelerator = Accelerator(
+            mixed_precision=self.precision,
+            gradient_accumulation_steps=cfg.accum_iter,
+            cpu=not torch.cuda.is_available(),
+        )
+        acc = self.accelerator
+        self.device, self.rank, self.world = acc.device, acc.process_index, acc.num_processes
+        self.main = acc.is_main_process
+        self.out = Path(cfg.output_dir)
+        if self.main:
+            if cfg.overwrite and not cfg.resume:
+                for stale in ("checkpoints", "tensorboard", "log.jsonl", "export", "vis"):
+                    p = self.out / stale
+                    shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.out / "config.yaml")
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.nonfinite_total = self.nonfinite_run = self.bad_images = 0
+        self.last_saved, self.stopped, self.last_log = -1, False, {}
+        self.generator: torch.Generator | None = None
+        self.extra_state: dict = {}  # script counters to checkpoint (e.g. best accuracy)
+        self.tracker: Tracker | None = None
+
+    # ------------------------------------------------------------------ data, schedule
+    def train_loader(self, dataset) -> tuple[DataLoader, ShardedSampler]:
+        """This rank's shuffled shard, resumable mid-epoch; unreadable images are skipped."""
+        cfg = self.cfg
+        sampler = ShardedSampler(len(dataset), self.world, self.rank, cfg.seed, with_epoch=True)
+        loader = DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            num_workers=cfg.num_workers,
+            pin_memory=cfg.pin_mem and self.device.type == "cuda",
+            drop_last=True,
+            collate_fn=collate_skip_bad,
+            worker_init_fn=ignore_stop_signals,
+            persistent_workers=cfg.num_workers > 0,  # epochs travel with the indices
+        )
+        self.plan(len(sampler))
+        return loader, sampler
+
+    def plan(self, samples_per_rank: int) -> None:
+        """Steps per epoch from this rank's share of the data; lr from MAE's scaling rule."""
+        cfg = self.cfg
+        self.micro_per_epoch = (
+            (samples_per_rank // cfg.batch_size) // cfg.accum_iter * cfg.accum_iter
+        )
+        self.steps_per_epoch = self.micro_per_epoch // cfg.accum_iter
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"batch_size: {samples_per_rank} images per process give no full step of "
+                f"{cfg.batch_size} x accum_iter {cfg.accum_iter}"
+            )
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
+        self.eff_batch = cfg.batch_size * cfg.accum_iter * self.world
+        self.lr = cfg.lr if cfg.lr is not None else cfg.blr * self.eff_batch / 256
+        self.stop_step = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
+
+    def describe(self) -> str:
+        cfg = self.cfg
+        return (
+            f"{self.world} process(es), effective batch {self.eff_batch} = {cfg.batch_size} x "
+            f"{cfg.accum_iter} accum x {self.world}; base lr {cfg.blr:.2e}, actual lr "
+            f"{self.lr:.2e}; {self.steps_per_epoch} steps/epoch, {self.total_steps} total, "
+            f"precision {self.precision}, device {self.device}"
+        )
+
+    # ------------------------------------------------------------------ model, resume
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, seed: int):
+        """Wrap for the launch (DDP, autocast); a per-rank generator for the script's noise."""
+        if self.cfg.compile:
+            model.compile()  # in place: state_dict keys stay free of "_orig_mod."
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.generator = torch.Generator(device=self.device).manual_seed(
+            seed * 1000 + self.rank + 1
+        )
+        return self.model, self.optimizer
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def resume(self, arch_keys: tuple[str, ...]) -> None:
+        """Continue from ``cfg.resume`` (auto: the newest complete checkpoint, if any)."""
+        cfg = self.cfg
+        ckpt = resolve_resume(cfg.resume, self.out)
+        if ckpt is not None:
+            saved = json.loads((ckpt / "state.json").read_text()).get("config", {})
+            changed = [k for k in arch_keys if saved.get(k) != getattr(cfg, k)]
+            if changed:
+                raise ConfigError(
+                    f"resume: {ckpt} was trained with other values of {', '.join(changed)} "
+                    f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)})"
+                )
+            meta = load_checkpoint(
+                ckpt, self.accelerator, self.model, self.optimizer, self.generator
+            )
+            for key in (
+                "step",
+                "epoch",
+                "batch_in_epoch",
+                "nonfinite_total",
+                "nonfinite_run",
+                "bad_images",
+            ):
+                setattr(self, key, meta[key])
+            self.extra_state = meta.get("extra", {})
+            self.last_saved = self.step
+            self.accelerator.print(f"resumed from {ckpt} at step {self.step} (epoch {self.epoch})")
+        self.tracker = Tracker(
+            self.out, enabled=self.main, resume_step=self.step if ckpt is not None else None
+        )
+        self.stop = StopFlag(self.device)
+        self.bar = tqdm(
+            total=self.stop_step,
+            initial=self.step,
+            disable=not self.main,
+            desc=self.desc,
+            dynamic_ncols=True,
+        )
+        self._sums: dict[str, torch.Tensor] = {}
+        self._finite = torch.zeros((), device=self.device)
+        self._n_micro, self._t_log = 0, time.perf_counter()
+
+    def save(self, with_grads: bool = False) -> None:
+        state = dict(
+            step=self.step,
+            epoch=self.epoch,
+            batch_in_epoch=self.batch_in_epoch,
+            nonfinite_total=self.nonfinite_total,
+            nonfinite_run=self.nonfinite_run,
+            bad_images=self.bad_images,
+            extra=self.extra_state,
+            config=dataclasses.asdict(self.cfg),
+        )
+        save_checkpoint(
+            self.accelerator,
+            self.out,
+            self.step,
+            self.model,
+            self.optimizer,
+            state,
+            self.generator,
+            self.cfg.keep_last,
+            with_grads=with_grads,
+        )
+        self.last_saved = self.step
+
+    # ------------------------------------------------------------------ the loop
+    def batches(self, loader, sampler, on_epoch_end: Callable[[], None] | None = None) -> Iterator:
+        """Micro-batches until the schedule, ``max_steps`` or a signal ends the run."""
+        try:
+            yield from self._batches(loader, sampler, on_epoch_end)
+        finally:
+            # persistent workers live on the loader: stop them now, also when the loop raised
+            # (left to interpreter exit, their shutdown can stall)
+            loader._iterator = None
+            self.bar.close()
+            self.stop.restore()
+
+    def _batches(self, loader, sampler, on_epoch_end) -> Iterator:
+        cfg = self.cfg
+        while self.step < self.stop_step and self.epoch < cfg.epochs and not self.stopped:
+            sampler.set_epoch(self.epoch, start=self.batch_in_epoch * cfg.batch_size)
+            self.accelerator.step = self.batch_in_epoch  # Accelerate's micro-step counter
+            for imgs, labels, bad in loader:
+                if self.batch_in_epoch >= self.micro_per_epoch or self.step >= self.stop_step:
+                    break
+                if bad:  # unreadable files, replaced in the batch by a readable one
+                    self.bad_images += len(bad)
+                    print(f"[rank {self.rank}] skipped unreadable images: {bad}", file=sys.stderr)
+                    self.tracker.event(self.step, "bad_images", files=bad)
+                yield imgs.to(self.device, non_blocking=True), labels.to(self.device)
+                if self.stopped:
+                    break
+            if not self.stopped and self.batch_in_epoch >= self.micro_per_epoch:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                if on_epoch_end is not None:
+                    on_epoch_end()
+                if self.epoch % cfg.save_every == 0 and self.last_saved != self.step:
+                    self.save()
+
+    def accumulate(self):
+        return self.accelerator.accumulate(self.model)
+
+    @property
+    def sync(self) -> bool:
+        """True on the micro-batch that ends an optimizer step."""
+        return self.accelerator.sync_gradients
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward; on the last micro-batch: lr, clipping, the non-finite check, the step.
+
+        The norm of the all-reduced gradients is the same on every rank, so all ranks skip a
+        non-finite step together; reading it is one host sync per optimizer step (MAE syncs on
+        the loss every step too).
+        """
+        self.accelerator.backward(loss)
+        self._step_finite = True
+        if self.sync:
+            cfg = self.cfg
+            set_lr(
+                self.optimizer,
+                lr_at(self.step, self.lr, cfg.min_lr, self.warmup_steps, self.total_steps),
+            )
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            norm = self.accelerator.clip_grad_norm_(params, cfg.clip_grad or float("inf"))
+            self._step_finite = bool(torch.isfinite(norm))
+        if self._step_finite or self.precision == "fp16":  # fp16: GradScaler skips by itself
+            self.optimizer.step()  # Accelerate skips it until the last micro-batch
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def end_micro(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Book-keeping after one micro-batch; ``metrics`` are scalar tensors to average."""
+        cfg = self.cfg
+        self.batch_in_epoch += 1
+        values = torch.stack([v.detach().float() for v in metrics.values()])
+        ok = torch.isfinite(values).all()
+        for (k, _), v in zip(metrics.items(), torch.where(ok, values, 0.0), strict=True):
+            self._sums[k] = self._sums.get(k, 0.0) + v
+        self._finite = self._finite + ok.float()
+        self._n_micro += 1
+        if self.sync:
+            self.step += 1
+            self.bar.update(1)
+            finite = self._step_finite
+            self.nonfinite_run = 0 if finite else self.nonfinite_run + 1
+            self.nonfinite_total += 0 if finite else 1
+            if not finite:
+                self.tracker.event(
+                    self.step, "nonfinite_grad_norm", skipped=self.precision != "fp16"
+                )
+                if self.nonfinite_run >= cfg.max_nonfinite:
+                    raise FloatingPointError(
+                        f"step {self.step}: {self.nonfinite_run} consecutive steps with a "
+                        f"non-finite gradient norm (max_nonfinite={cfg.max_nonfinite}); the last "
+                        f"checkpoint (step {self.last_saved}) holds finite weights"
+                    )
+            if self.step % cfg.log_every == 0 or self.step == self.stop_step:
+                self._write_log()
+            if cfg.save_every_steps and self.step % cfg.save_every_steps == 0:
+                self.save()
+        if self.stop.agreed():  # a signal on any rank: save here, mid-accumulation included
+            self.save(with_grads=not self.sync)
+            self.stopped = True
+
+    def _write_log(self) -> None:
+        # one host sync per log line: averages over finite micro-batches of all ranks
+        keys = list(self._sums)
+        packed = torch.stack([self._sums[k] for k in keys] + [self._finite])
+        tot = self.accelerator.reduce(packed, "sum").tolist()
+        dt = time.perf_counter() - self._t_log
+        group = self.optimizer.param_groups[0]
+        row = {k: v / max(tot[-1], 1.0) for k, v in zip(keys, tot[:-1], strict=True)}
+        row.update(
+            epoch=round(self.epoch + self.batch_in_epoch / self.micro_per_epoch, 4),
+            lr=group["lr"] / group.get("lr_scale", 1.0),
+            img_per_s=self._n_micro * self.cfg.batch_size * self.world / dt,
+            nonfinite_steps=self.nonfinite_total,
+            bad_images=self.bad_images,
+        )
+        self.last_log = row
+        self.tracker.log(self.step, row)
+        if "loss" in row:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}")
+        self._sums = {}
+        self._finite = torch.zeros((), device=self.device)
+        self._n_micro, self._t_log = 0, time.perf_counter()
+
+    # ------------------------------------------------------------------ the end
+    def finish(self, summary: dict | None = None) -> dict:
+        """Final checkpoint, the rank-consistency check, summary.json; returns the summary."""
+        if self.last_saved != self.step:
+            self.save()
+        out = {
+            **self.last_log,
+            **(summary or {}),
+            "step": self.step,
+            "epoch": self.epoch,
+            "stopped_by_signal": self.stopped,
+        }
+        if self.stopped:
+            self.accelerator.print(
+                f"stopped by signal at step {self.step}; resume with --resume auto"
+            )
+        else:
+            # every rank must hold the same weights; a divergence means a broken collective
+            digest = torch.stack([p.detach().double().sum() for p in self.unwrapped.parameters()])
+            out["ranks_in_sync"] = bool((self.accelerator.gather(digest[None]) == digest).all())
+            if not out["ranks_in_sync"]:
+                self.accelerator.print("warning: model weights differ between processes")
+        if self.main:
+            (self.out / "summary.json").write_text(json.dumps(out, indent=1))
+        return out
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
