@@ -177,6 +177,8 @@ def main(cfg: FinetuneConfig) -> dict:
     run.accelerator.print(
         f"{len(dataset)} training images, {len(raw_val)} validation; {run.describe()}"
     )
+    # Mixup draws from NumPy's RNG in this process: seed it per rank before a resume restores it
+    np.random.seed(cfg.seed * 1000 + run.rank)
     run.resume(FT_ARCH_KEYS)
     best = run.extra_state.get("best_top1", -1.0)
 
@@ -230,8 +232,6 @@ def main(cfg: FinetuneConfig) -> dict:
             export("best", top)
 
     # ------------------------------------------------------------------ train
-    # Mixup draws from NumPy's RNG in this process: seed it per rank (its state is checkpointed)
-    np.random.seed(cfg.seed * 1000 + run.rank)
     mixup = (
         Mixup(
             mixup_alpha=cfg.mixup,
