@@ -26,13 +26,8 @@ from torch import nn
 
 from maepl.checkpoint import export_encoder
 from maepl.config import ConfigError, FinetuneConfig, parse_config
-from maepl.data import (
-    SeededTransformDataset,
-    build_finetune_transform,
-    build_transform,
-    eval_loader,
-    load_data,
-)
+from maepl.data import build_finetune_transform, build_transform, load_data
+from maepl.loaders import SeededTransformDataset, eval_loader
 from maepl.loop import Run
 from maepl.models.mae import encoder_model_args
 from maepl.models.pos_labels import PositionLabeler

@@ -23,8 +23,9 @@ from torch import nn
 
 from finetune import evaluate
 from maepl.config import ConfigError, LinprobeConfig, parse_config
-from maepl.data import SeededTransformDataset, build_transform, eval_loader, load_data
+from maepl.data import build_transform, load_data
 from maepl.evaluate import knn_accuracy
+from maepl.loaders import SeededTransformDataset, eval_loader
 from maepl.loop import Run
 from maepl.weights import load_encoder_weights
 

@@ -20,7 +20,8 @@ from torchvision.utils import save_image
 
 from maepl.checkpoint import export_encoder, export_full
 from maepl.config import ARCH_KEYS, ConfigError, PretrainConfig, parse_config
-from maepl.data import SeededTransformDataset, build_transform, load_train_data, readable_images
+from maepl.data import build_transform, load_train_data, readable_images
+from maepl.loaders import SeededTransformDataset
 from maepl.loop import Run
 from maepl.models.mae import build_mae, encoder_model_args
 from maepl.optim import build_adamw, param_groups_weight_decay

@@ -7,16 +7,13 @@ Three dataset sources are supported, all yielding ``(PIL.Image, int)`` pairs:
   a download through torchvision).
 - ``imagefolder``: any ``ImageFolder`` tree, with ``train/`` and ``val/`` subfolders.
 
-:class:`SeededTransformDataset` makes random augmentations a pure function of
-``(seed, epoch, index)`` so that a resumed run sees exactly the augmentations it would have
-seen without interruption, whatever the number of DataLoader workers.
+Seeding, sharding and bad-image handling for the DataLoaders live in ``maepl.loaders``.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
-import random
 import struct
 import zlib
 from collections.abc import Callable, Sequence
@@ -355,161 +352,6 @@ def build_finetune_transform(
     return transforms.Compose([_ConvertMode("L" if in_chans == 1 else "RGB"), tf])
 
 
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    """One SplitMix64 step: a cheap, well-mixed bijection on 64-bit integers."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def _sample_seed(seed: int, epoch: int, index: int) -> int:
-    """Deterministic 63-bit seed for one sample; chaining avoids (seed, epoch) collisions."""
-    h = _splitmix64(seed & _MASK64)
-    h = _splitmix64(h ^ (epoch & _MASK64))
-    h = _splitmix64(h ^ (index & _MASK64))
-    return h >> 1  # 63 bits: a non-negative int64, accepted by every RNG seeding API
-
-
-def _seed_all(key: int) -> None:
-    # torchvision v1 transforms draw from the global torch RNG; Python's and NumPy's are pinned
-    # too for transforms that use them (e.g. timm's RandAugment). The CPU generator is seeded
-    # directly: torch.manual_seed also reseeds CUDA and costs ~65 us per call.
-    torch.random.default_generator.manual_seed(key)
-    random.seed(key)
-    np.random.seed(key & 0xFFFFFFFF)  # NumPy's legacy seed is 32-bit
-
-
-class SeededTransformDataset(Dataset):
-    """Apply ``transform`` with randomness fixed by ``(seed, epoch, index)``.
-
-    With the usual per-worker RNG streams an image's augmentation depends on which worker
-    reads it and on how many workers there are, so a resumed run cannot replay an epoch.
-    Here every sample reseeds the RNGs from its own key inside a forked RNG scope, which also
-    leaves the caller's global RNG untouched (the transform runs in the main process when
-    ``num_workers=0``).
-
-    Call :meth:`set_epoch` before creating the epoch's DataLoader iterator: workers receive a
-    copy of the dataset when the iterator starts, so with ``persistent_workers=True`` the
-    epoch would never reach them.
-    """
-
-    def __init__(self, dataset: Dataset, transform: Transform, seed: int, strict: bool = False):
-        self.dataset = dataset
-        self.transform = transform
-        self.seed = int(seed)
-        self.strict = strict  # raise on the first unreadable image instead of skipping it
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        # (epoch, index) pairs come from ShardedSampler(with_epoch=True): persistent workers
-        # hold a copy of this dataset made once, so the epoch must travel with the index
-        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
-        try:
-            img, label = self.dataset[index]
-        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
-            path = sample_path(self.dataset, index)
-            if self.strict:
-                raise BadImageError(f"unreadable image {path}: {err!r} (strict_data)") from err
-            return None, -1, f"{path}: {err!r}"
-        key = _sample_seed(self.seed, epoch, int(index))
-        if torch.utils.data.get_worker_info() is not None:
-            # in a DataLoader worker nothing else draws from these RNGs: seed and go (saving
-            # and restoring NumPy's state alone would cost ~50 us per image)
-            _seed_all(key)
-            return self.transform(img), int(label)
-        # main process (num_workers=0): leave the caller's RNG streams untouched
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                _seed_all(key)
-                out = self.transform(img)
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-        return out, int(label)
-
-
-class ShardedSampler(torch.utils.data.Sampler[int]):
-    """Epoch-seeded shuffle, split across processes, resumable mid-epoch.
-
-    Epoch e's order is a permutation drawn from ``seed + e`` alone, so it does not depend on
-    worker count or on how the run was interrupted. Process ``rank`` of ``num_replicas`` reads
-    every num_replicas-th index (each rank gets len // num_replicas; the tail is dropped so all
-    ranks take the same number of steps). ``set_epoch(e, start)`` skips this rank's first
-    ``start`` indices, which is how a resumed run continues mid-epoch without re-reading data.
-    ``with_epoch`` yields ``(epoch, index)`` pairs for :class:`SeededTransformDataset`.
-    """
-
-    def __init__(
-        self,
-        length: int,
-        num_replicas: int = 1,
-        rank: int = 0,
-        seed: int = 0,
-        shuffle: bool = True,
-        with_epoch: bool = False,
-    ):
-        self.length, self.num_replicas, self.rank = length, num_replicas, rank
-        self.seed, self.shuffle, self.with_epoch = seed, shuffle, with_epoch
-        self.per_rank = length // num_replicas
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def __len__(self) -> int:
-        return self.per_rank - self.start
-
-    def __iter__(self):
-        if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.length, generator=gen)
-        else:
-            order = torch.arange(self.length)
-        mine = order[self.rank : self.per_rank * self.num_replicas : self.num_replicas]
-        mine = mine[self.start :].tolist()
-        if self.with_epoch:  # for SeededTransformDataset under persistent workers
-            return iter([(self.epoch, i) for i in mine])
-        return iter(mine)
-
-
-class BadImageError(RuntimeError):
-    """An image that cannot be decoded, under ``strict_data``."""
-
-
-def sample_path(dataset: Dataset, index: int) -> str:
-    """The file behind sample ``index`` (ImageFolder), else a description of the index."""
-    samples = getattr(dataset, "samples", None)
-    return str(samples[index][0]) if samples is not None else f"sample {index}"
-
-
-def collate_skip_bad(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Stack a batch, replacing each unreadable sample by the batch's first readable one.
-
-    Returns (images [B, C, H, W], labels [B], descriptions of the skipped files). The batch
-    keeps its size, so every process takes the same steps, and the substitution depends only
-    on the batch's content, not on the number of workers.
-    """
-    good = [item for item in batch if item[0] is not None]
-    bad = [item[2] for item in batch if item[0] is None]
-    if not good:
-        raise BadImageError("every image of a batch is unreadable:\n  " + "\n  ".join(bad))
-    items = [item if item[0] is not None else good[0] for item in batch]
-    images = torch.stack([x for x, _ in items])
-    labels = torch.tensor([y for _, y in items])
-    return images, labels, bad
-
-
 def load_data(cfg, train: bool = True) -> tuple[Dataset, list[float], list[float]]:
     """The raw split named by a run config, with its normalisation (one value per channel).
 
@@ -545,32 +387,3 @@ def readable_images(raw: Dataset, n: int) -> list[Image.Image]:
         if len(out) == n:
             break
     return out
-
-
-def collate_drop_bad(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """For evaluation: unreadable samples are left out (each sample counts once or not at all)."""
-    good = [item for item in batch if item[0] is not None]
-    bad = [item[2] for item in batch if item[0] is None]
-    if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), bad
-    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), bad
-
-
-def eval_loader(
-    dataset: Dataset,
-    transform: Transform,
-    batch_size: int,
-    num_workers: int,
-    num_replicas: int = 1,
-    rank: int = 0,
-) -> torch.utils.data.DataLoader:
-    """Rank ``rank`` reads samples rank, rank + num_replicas, ...: every sample exactly once
-    over all processes, no padding (so counts can simply be summed across processes)."""
-    ds = SeededTransformDataset(dataset, transform, seed=0)
-    shard = list(range(rank, len(ds), num_replicas))
-    return torch.utils.data.DataLoader(
-        torch.utils.data.Subset(ds, shard),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=collate_drop_bad,
-    )

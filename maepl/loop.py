@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .config import ConfigError, dump_config
-from .data import ShardedSampler, collate_skip_bad
 from .guard import StopFlag, ignore_stop_signals
+from .loaders import ShardedSampler, collate_skip_bad
 from .optim import lr_at, set_lr
 from .tracking import Tracker
 

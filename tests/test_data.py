@@ -16,13 +16,13 @@ from maepl import data
 from maepl.data import (
     FASHION_MNIST_CLASSES,
     ArrayImageDataset,
-    SeededTransformDataset,
     build_dataset,
     build_transform,
     default_mean_std,
     find_fashion_mnist,
     read_idx,
 )
+from maepl.loaders import SeededTransformDataset
 
 DEBIAN_TRAIN_IMAGES = Path(data.DEBIAN_FMNIST_DIR) / "train-images-idx3-ubyte.gz"
 
@@ -282,7 +282,7 @@ def test_seeded_batches_independent_of_workers(small_base: ArrayImageDataset) ->
 
 
 def _epoch_batches(num_workers: int) -> list[torch.Tensor]:
-    from maepl.data import ShardedSampler
+    from maepl.loaders import ShardedSampler
 
     base = ArrayImageDataset(
         np.random.default_rng(0).integers(0, 255, (24, 12, 12), dtype=np.uint8), np.arange(24) % 3
@@ -312,7 +312,7 @@ def test_persistent_workers_see_each_epoch():
 
 
 def test_sharded_sampler_partitions_and_resumes():
-    from maepl.data import ShardedSampler
+    from maepl.loaders import ShardedSampler
 
     shards = [ShardedSampler(10, num_replicas=3, rank=r, seed=1) for r in range(3)]
     for s in shards:

@@ -20,14 +20,9 @@ import maepl.loop
 import pretrain
 from maepl.checkpoint import complete_checkpoints, export_encoder, resolve_resume
 from maepl.config import ConfigError, PretrainConfig, parse_config
-from maepl.data import (
-    BadImageError,
-    SeededTransformDataset,
-    build_dataset,
-    build_transform,
-    collate_skip_bad,
-)
+from maepl.data import build_dataset, build_transform
 from maepl.guard import StopFlag
+from maepl.loaders import BadImageError, SeededTransformDataset, collate_skip_bad
 
 from .conftest import ROOT
 
