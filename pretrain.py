@@ -67,7 +67,9 @@ def main(cfg: PretrainConfig) -> dict:
     model.train()
     for imgs, _ in run.batches(loader, sampler, on_epoch_end=visualise):
         # DropPos-style smoothing: sigma decays linearly to 0 over the schedule
-        sigma = cfg.pos_smoothing * (1 - run.step / run.total_steps)
+        sigma = None
+        if cfg.pos_smoothing > 0:  # a tensor, so that torch.compile does not recompile
+            sigma = torch.tensor(cfg.pos_smoothing * (1 - run.step / run.total_steps))
         with run.accumulate():
             noise = mae.make_noise(imgs.shape[0], run.device, run.generator)
             out = model(imgs, **noise, pos_sigma=sigma)

@@ -72,8 +72,8 @@ def test_smoothing_targets_peak_at_label_and_sum_to_one():
     # neighbours at distance 1 get exp(-1) of the peak
     assert torch.allclose(q[0, 1] / q[0, 4], torch.tensor(torch.e**-1.0))
     logits = torch.randn(2, 9)
-    hard, _ = position_loss(logits, torch.tensor([4, 0]), coords, 0.0)
-    tiny, _ = position_loss(logits, torch.tensor([4, 0]), coords, 1e-3)
+    hard, _ = position_loss(logits, torch.tensor([4, 0]), coords, None)
+    tiny, _ = position_loss(logits, torch.tensor([4, 0]), coords, 0.0)
     assert torch.allclose(hard, tiny, atol=1e-5)  # sigma -> 0 is plain cross-entropy
 
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -209,3 +210,23 @@ def test_imagefolder_rgb_pretraining(tmp_path):
     )
     assert model.patch_embed.proj.in_channels == 3
     assert tuple(model.pretrained_cfg["mean"]) == (0.485, 0.456, 0.406)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(pos_label="rel", pos_pairs=40, pos_smoothing=1.0),
+        dict(pos_label="abs", pos_embed="none"),
+        dict(pos_label="abs", pos_smoothing=2.0, pos_drop_ratio=0.5),
+        dict(pos_label="none"),
+    ],
+)
+def test_positional_label_settings_train(tiny_cfg, settings):
+    cfg = tiny_cfg(max_steps=12, log_every=4, **settings)
+    pretrain.main(cfg)
+    rows = read_log(Path(cfg.output_dir))
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    if settings["pos_label"] == "none":
+        assert all(r["pos_loss"] == 0 for r in rows)
+    else:
+        assert rows[-1]["pos_loss"] > 0 and 0 <= rows[-1]["pos_acc"] <= 1

@@ -295,7 +295,7 @@ class MaskedAutoencoder(nn.Module):
         noise: torch.Tensor,
         drop_noise: torch.Tensor | None = None,
         pair_noise: torch.Tensor | None = None,
-        pos_sigma: float = 0.0,
+        pos_sigma: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One pretraining forward pass.
 

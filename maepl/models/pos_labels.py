@@ -42,24 +42,34 @@ def class_coords(kind: str, grid_h: int, grid_w: int, device=None) -> torch.Tens
     return grid_coords(2 * grid_h - 1, 2 * grid_w - 1, device).float()
 
 
-def smooth_targets(labels: torch.Tensor, coords: torch.Tensor, sigma: float) -> torch.Tensor:
+def smooth_targets(
+    labels: torch.Tensor, coords: torch.Tensor, sigma: float | torch.Tensor
+) -> torch.Tensor:
     """DropPos-style soft targets: q(c | y) proportional to exp(-|coord_c - coord_y|^2 / sigma^2).
 
     labels: [P] long; coords: [C, 2]. Returns [P, C] rows summing to one.
     """
     d2 = (coords[labels][:, None, :] - coords[None]).pow(2).sum(-1)
-    return torch.softmax(-d2 / (sigma * sigma), dim=-1)
+    # sigma -> 0 is one-hot; the floor keeps the division finite at the end of a decay
+    s2 = torch.as_tensor(sigma, device=d2.device).clamp_min(1e-3) ** 2
+    return torch.softmax(-d2 / s2, dim=-1)
 
 
 def position_loss(
-    logits: torch.Tensor, labels: torch.Tensor, coords: torch.Tensor, sigma: float = 0.0
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    coords: torch.Tensor,
+    sigma: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy and top-1 accuracy; soft Gaussian targets when ``sigma`` > 0.
+    """Mean cross-entropy and top-1 accuracy; soft Gaussian targets when ``sigma`` is given.
+
+    ``sigma`` may be a tensor: a value that changes every step then does not make
+    ``torch.compile`` recompile (a Python float would be baked into the graph).
 
     logits: [P, C] (any float dtype, computed in float32), labels: [P].
     """
     logits = logits.float()
-    if sigma > 0:
+    if sigma is not None:
         target = smooth_targets(labels, coords, sigma)
         loss = torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
     else:
@@ -154,7 +164,7 @@ class PositionLabeler(nn.Module):
         self,
         z: torch.Tensor,
         pos: torch.Tensor,
-        sigma: float = 0.0,
+        sigma: float | torch.Tensor | None = None,
         pair_noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and top-1 accuracy of the labelled tokens.
