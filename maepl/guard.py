@@ -31,15 +31,17 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
 class StopFlag:
     """SIGTERM or SIGINT only sets a flag; ``agreed()`` tells every rank whether any rank saw one.
 
-    With several processes the flag is OR-reduced with an asynchronous all-reduce whose result
-    is read one boundary later, so the check never stalls the GPU queue; all ranks read the
-    same reduction at the same boundary, so they stop at the same step.
+    With several processes the flag is OR-reduced by an asynchronous all-reduce of a CPU tensor
+    over a gloo group, read one boundary later: no GPU stream is involved, so the check never
+    makes the host wait for the GPU; all ranks read the same reduction at the same boundary,
+    so they stop at the same step.
     """
 
-    def __init__(self, device: torch.device, install: bool = True):
+    def __init__(self, install: bool = True):
         self.flag = False
-        self.device = device
         self.distributed = dist.is_available() and dist.is_initialized()
+        # collective: every rank builds its StopFlag at the same point of the script
+        self.group = dist.new_group(backend="gloo") if self.distributed else None
         self._pending: tuple | None = None
         self._previous = {}
         if install and threading.current_thread() is threading.main_thread():
@@ -62,8 +64,8 @@ class StopFlag:
             work, value = self._pending
             work.wait()
             result = bool(value.item() > 0)
-        value = torch.tensor([float(self.flag)], device=self.device)
-        self._pending = (dist.all_reduce(value, async_op=True), value)
+        value = torch.tensor([float(self.flag)])
+        self._pending = (dist.all_reduce(value, group=self.group, async_op=True), value)
         return result
 
     def restore(self) -> None:

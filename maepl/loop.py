@@ -173,7 +173,7 @@ class Run:
         self.tracker = Tracker(
             self.out, enabled=self.main, resume_step=self.step if ckpt is not None else None
         )
-        self.stop = StopFlag(self.device)
+        self.stop = StopFlag()
         self.bar = tqdm(
             total=self.stop_step,
             initial=self.step,

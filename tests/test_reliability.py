@@ -68,8 +68,8 @@ class StopAtMicroStep(StopFlag):
 
     k = 0
 
-    def __init__(self, device, install=True):
-        super().__init__(device, install=False)
+    def __init__(self, install=True):
+        super().__init__(install=False)
         self.calls = 0
 
     def agreed(self) -> bool:
