@@ -25,7 +25,7 @@ from timm.optim import param_groups_layer_decay
 from torch import nn
 
 from maepl.checkpoint import export_encoder
-from maepl.config import ConfigError, FinetuneConfig, parse_config
+from maepl.config import SHAPE_KEYS, ConfigError, FinetuneConfig, parse_config
 from maepl.data import build_finetune_transform, build_transform, load_data
 from maepl.loaders import SeededTransformDataset, eval_loader
 from maepl.loop import Run
@@ -34,20 +34,7 @@ from maepl.models.pos_labels import PositionLabeler
 from maepl.optim import build_adamw, param_groups_weight_decay
 from maepl.weights import fill_sincos, load_encoder_weights
 
-FT_ARCH_KEYS = (
-    "model",
-    "input_size",
-    "patch_size",
-    "in_chans",
-    "embed_dim",
-    "depth",
-    "num_heads",
-    "pos_embed",
-    "global_pool",
-    "nb_classes",
-    "pos_label",
-    "pos_channels",
-)
+FT_ARCH_KEYS = SHAPE_KEYS + ("pos_embed", "global_pool", "nb_classes", "pos_label", "pos_channels")
 
 
 class Classifier(nn.Module):
@@ -106,8 +93,9 @@ def build_classifier(cfg: FinetuneConfig, nb_classes: int) -> tuple[Classifier, 
 
 
 @torch.no_grad()
-def evaluate(run: Run, model: Classifier, raw_val, transform, cfg) -> dict[str, float]:
-    """Top-1/top-5 (%) over the whole validation set, each image counted once overall."""
+def evaluate(run: Run, model: nn.Module, raw_val, transform, cfg) -> dict[str, float]:
+    """Top-1/top-5 (%) of ``model`` (images -> logits) over the whole validation set, each
+    image counted once over all processes."""
     loader = eval_loader(raw_val, transform, cfg.batch_size, cfg.num_workers, run.world, run.rank)
     was_training = model.training
     model.eval()
@@ -117,7 +105,7 @@ def evaluate(run: Run, model: Classifier, raw_val, transform, cfg) -> dict[str, 
             continue
         x, y = x.to(run.device), y.to(run.device)
         with run.accelerator.autocast():
-            logits = model.vit(x).float()
+            logits = model(x).float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         counts += torch.stack(
             [
@@ -206,7 +194,7 @@ def main(cfg: FinetuneConfig) -> dict:
             )
 
     if cfg.eval:
-        top = evaluate(run, clf, raw_val, val_tf, cfg)
+        top = evaluate(run, clf.vit, raw_val, val_tf, cfg)
         run.accelerator.print(
             f"evaluated {top['n']} images\ntop1={top['top1']:.2f} top5={top['top5']:.2f}"
         )
@@ -215,7 +203,7 @@ def main(cfg: FinetuneConfig) -> dict:
 
     def on_epoch_end() -> None:
         nonlocal best
-        top = evaluate(run, clf, raw_val, val_tf, cfg)
+        top = evaluate(run, clf.vit, raw_val, val_tf, cfg)
         run.tracker.log(run.step, {f"val_{k}": v for k, v in top.items()})
         run.accelerator.print(
             f"epoch {run.epoch}: val top1 {top['top1']:.2f} "
@@ -262,7 +250,7 @@ def main(cfg: FinetuneConfig) -> dict:
     # ------------------------------------------------------------------ finish
     summary = run.finish()
     if not run.stopped:
-        top = evaluate(run, clf, raw_val, val_tf, cfg)
+        top = evaluate(run, clf.vit, raw_val, val_tf, cfg)
         summary.update(top, best_top1=max(best, top["top1"]))
         export("last", top)
         if top["top1"] > best:

@@ -22,25 +22,14 @@ from timm.optim import Lars
 from torch import nn
 
 from finetune import evaluate
-from maepl.config import ConfigError, LinprobeConfig, parse_config
+from maepl.config import SHAPE_KEYS, ConfigError, LinprobeConfig, parse_config
 from maepl.data import build_transform, load_data
 from maepl.evaluate import knn_accuracy
 from maepl.loaders import SeededTransformDataset, eval_loader
 from maepl.loop import Run
 from maepl.weights import load_encoder_weights
 
-LP_ARCH_KEYS = (
-    "model",
-    "input_size",
-    "patch_size",
-    "in_chans",
-    "embed_dim",
-    "depth",
-    "num_heads",
-    "global_pool",
-    "nb_classes",
-    "finetune",
-)
+LP_ARCH_KEYS = SHAPE_KEYS + ("global_pool", "nb_classes", "finetune")
 
 
 class Probe(nn.Module):
@@ -68,10 +57,6 @@ class Probe(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).float())
-
-    @property
-    def vit(self):  # evaluate() in finetune.py calls model.vit(x)
-        return self
 
 
 def lars_groups(head: nn.Module, weight_decay: float) -> list[dict]:

@@ -23,15 +23,9 @@ class ConfigError(ValueError):
 
 
 # keys that define the weights' shapes: a checkpoint only resumes under the same values
-ARCH_KEYS = (
-    "model",
+SHAPE_KEYS = ("model", "input_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")
+ARCH_KEYS = SHAPE_KEYS + (
     "encoder",
-    "input_size",
-    "patch_size",
-    "in_chans",
-    "embed_dim",
-    "depth",
-    "num_heads",
     "pos_embed",
     "decoder_embed_dim",
     "decoder_depth",

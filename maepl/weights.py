@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from .config import SHAPE_KEYS
 from .models.pos_embed import sincos_2d
 
 # keys of MAE training that are not part of the encoder
 _NOT_ENCODER = ("decoder", "mask_token", "pos_mask_token", "pos_head.")
-_SHAPE_KEYS = ("input_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")
 
 
 def _first(v):
@@ -54,7 +54,8 @@ def stored_architecture(path: str | Path) -> dict | None:
     if not run_cfg:
         return None
     model = run_cfg.get("encoder") or run_cfg.get("model")
-    return {"model": model, **{k: run_cfg[k] for k in _SHAPE_KEYS if run_cfg.get(k) is not None}}
+    shape = {k: run_cfg[k] for k in SHAPE_KEYS[1:] if run_cfg.get(k) is not None}
+    return {"model": model, **shape}
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
