@@ -26,7 +26,8 @@ timeout 200 python benchmarks/throughput.py --preset vit_base --json "$OUT/throu
 
 log "quality benchmark, gpu budget (reference setup), MAE vs the default APL, one seed"
 timeout 420 python benchmarks/quality.py --budget gpu --seeds 1 --variants mae,apl_drop \
-    --data_path "$FMNIST" --out "$OUT/quality_gpu" 2>&1 | grep -E '^\{|^\|' | tail -12
+    --data_path "$FMNIST" --out /tmp/quality_gpu 2>&1 | grep -E '^\{|^\|' | tail -12
+cp /tmp/quality_gpu/results.json "$OUT/quality_gpu.json"  # few files come back: results only
 
 log "throughput, ViT-B/16, torch.compile (plain, apl, rpl, hf)"
 timeout 400 python benchmarks/throughput.py --preset vit_base --compile --steps 15 --warmup 5 --only plain,apl,rpl,hf \
