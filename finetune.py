@@ -185,10 +185,10 @@ def main(cfg: FinetuneConfig) -> dict:
                 ),
                 card=dict(
                     name=f"maepl {cfg.encoder} classifier ({name})",
+                    description=f"Vision Transformer classifier fine-tuned with maepl from "
+                    f"{cfg.finetune or 'random init'}; validation top-1 {top['top1']:.2f} %.",
                     dataset=cfg.dataset,
                     steps=run.step,
-                    mask_ratio="n/a",
-                    pos=f"; top-1 {top['top1']:.2f}",
                 ),
                 num_classes=nb_classes,
             )

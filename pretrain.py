@@ -102,11 +102,11 @@ def main(cfg: PretrainConfig) -> dict:
                 crop_pct=1.0,
             ),
             card=dict(
-                name=f"maepl {cfg.model}",
+                name=f"maepl {cfg.model} encoder",
+                description=f"Vision Transformer encoder pretrained with maepl: masked "
+                f"autoencoder (mask ratio {cfg.mask_ratio}), positional label {cfg.pos_label}.",
                 dataset=cfg.dataset,
                 steps=run.step,
-                mask_ratio=cfg.mask_ratio,
-                pos=f" + positional label {cfg.pos_label}" if cfg.pos_label != "none" else "",
             ),
         )
         export_full(mae, run.out / "export" / "mae.safetensors", dataclasses.asdict(cfg))

@@ -233,14 +233,14 @@ def load_checkpoint(
 MODEL_CARD = """---
 library_name: timm
 license: {license}
-tags: [image-feature-extraction, maepl, mae]
+tags: [maepl, mae]
 ---
 # {name}
 
-Vision Transformer encoder pretrained with maepl (masked autoencoder{pos}).
+{description}
 
 - architecture: `{arch}` with {model_args}
-- pretraining: {dataset}, {steps} optimizer steps, mask ratio {mask_ratio}
+- training: {dataset}, {steps} optimizer steps
 - input: {input_size} px, mean {mean}, std {std}
 
 ```python

@@ -62,6 +62,8 @@ def test_export_loads_strictly_in_timm_with_identical_features(tiny_cfg, pos_emb
     with torch.no_grad():
         assert torch.equal(model.forward_features(x), mae.encoder.forward_features(x))
     assert model.pretrained_cfg["input_size"] == (1, 28, 28)
+    card = (export / "encoder" / "README.md").read_text()
+    assert "library_name: timm" in card and "positional label abs" in card
     # a classifier on top for fine-tuning: the new head is the only fresh part
     clf = timm.create_model(f"local-dir:{export / 'encoder'}", pretrained=True, num_classes=10)
     assert clf.head.out_features == 10
