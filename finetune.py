@@ -16,7 +16,6 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-import timm
 import torch
 from accelerate.utils import set_seed
 from timm.data import Mixup
@@ -29,7 +28,7 @@ from maepl.config import SHAPE_KEYS, ConfigError, FinetuneConfig, parse_config
 from maepl.data import build_finetune_transform, build_transform, load_data
 from maepl.loaders import SeededTransformDataset, eval_loader
 from maepl.loop import Run
-from maepl.models.mae import encoder_model_args
+from maepl.models.mae import build_encoder, encoder_model_args
 from maepl.models.pos_labels import PositionLabeler
 from maepl.optim import build_adamw, param_groups_weight_decay
 from maepl.weights import fill_sincos, load_encoder_weights
@@ -59,20 +58,19 @@ class Classifier(nn.Module):
 
 
 def build_classifier(cfg: FinetuneConfig, nb_classes: int) -> tuple[Classifier, dict]:
-    kwargs = dict(
-        img_size=cfg.input_size,
-        patch_size=cfg.patch_size,
-        in_chans=cfg.in_chans,
-        embed_dim=cfg.embed_dim,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
+    vit = build_encoder(
+        cfg.encoder,
+        cfg.input_size,
+        cfg.patch_size,
+        cfg.in_chans,
+        cfg.embed_dim,
+        cfg.depth,
+        cfg.num_heads,
+        cfg.pos_embed,
         num_classes=nb_classes,
         global_pool=cfg.global_pool,
         drop_path_rate=cfg.drop_path,
     )
-    if cfg.pos_embed == "none":
-        kwargs["pos_embed"] = "none"
-    vit = timm.create_model(cfg.encoder, pretrained=False, **kwargs)
     report = {"notes": ["trained from scratch"]}
     if cfg.finetune:
         report = load_encoder_weights(vit, cfg.finetune, cfg.pos_embed)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import sys
 
-import timm
 import torch
 from accelerate.utils import set_seed
 from timm.optim import Lars
@@ -27,6 +26,7 @@ from maepl.data import build_transform, load_data
 from maepl.evaluate import knn_accuracy
 from maepl.loaders import SeededTransformDataset, eval_loader
 from maepl.loop import Run
+from maepl.models.mae import build_encoder
 from maepl.weights import load_encoder_weights
 
 LP_ARCH_KEYS = SHAPE_KEYS + ("global_pool", "nb_classes", "finetune")
@@ -89,17 +89,17 @@ def main(cfg: LinprobeConfig) -> dict:
 
     # ------------------------------------------------------------------ model
     set_seed(cfg.seed)
-    kwargs = dict(
-        img_size=cfg.input_size,
-        patch_size=cfg.patch_size,
-        in_chans=cfg.in_chans,
-        embed_dim=cfg.embed_dim,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        num_classes=0,
+    encoder = build_encoder(
+        cfg.encoder,
+        cfg.input_size,
+        cfg.patch_size,
+        cfg.in_chans,
+        cfg.embed_dim,
+        cfg.depth,
+        cfg.num_heads,
+        "learned",
         global_pool="token",
     )
-    encoder = timm.create_model(cfg.encoder, pretrained=False, **kwargs)
     if cfg.finetune:
         report = load_encoder_weights(encoder, cfg.finetune, "learned")
         run.accelerator.print(f"encoder from {cfg.finetune}: " + "; ".join(report["notes"]))

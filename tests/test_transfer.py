@@ -88,6 +88,19 @@ def pretrained(tmp_path_factory) -> Path:
     return out
 
 
+def tiny_vit(img_size=16, **kw):
+    """The pretrained fixture's shape (32-d x 2 blocks, patch 4) as a timm classifier."""
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=img_size,
+        patch_size=4,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        **kw,
+    )
+
+
 def official_mae_pth(pretrained: Path, path: Path, with_args: bool = True) -> Path:
     """An official-MAE-format checkpoint: timm encoder keys + decoder keys + mask_token under
     'model', as in facebookresearch/mae's released files (and its training checkpoints)."""
@@ -149,16 +162,7 @@ def test_each_checkpoint_kind_loads(pretrained, tmp_path, kind):
     assert all(torch.equal(sd[k], reference[k]) for k in sd)
     if kind in ("official_pth", "mae_full", "checkpoint"):
         assert "mask_token" in dropped and any(k.startswith("decoder") for k in dropped)
-    model = timm.create_model(
-        "vit_tiny_patch16_224",
-        img_size=16,
-        patch_size=4,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        num_classes=5,
-        global_pool="avg",
-    )
+    model = tiny_vit(img_size=16, num_classes=5, global_pool="avg")
     report = load_encoder_weights(model, path, "learned")
     assert set(report["missing"]) == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
     assert torch.equal(model.blocks[1].mlp.fc2.weight, reference["blocks.1.mlp.fc2.weight"])
@@ -168,15 +172,7 @@ def test_missing_encoder_keys_are_refused_by_name(pretrained, tmp_path):
     sd = load_file(pretrained / "export" / "encoder" / "model.safetensors")
     del sd["blocks.1.attn.qkv.weight"], sd["cls_token"]
     save_file(sd, tmp_path / "broken.safetensors")
-    model = timm.create_model(
-        "vit_tiny_patch16_224",
-        img_size=16,
-        patch_size=4,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        num_classes=5,
-    )
+    model = tiny_vit(img_size=16, num_classes=5)
     with pytest.raises(ValueError, match=r"blocks\.1\.attn\.qkv\.weight.*cls_token|cls_token.*qkv"):
         load_encoder_weights(model, tmp_path / "broken.safetensors", "learned")
 
@@ -196,44 +192,20 @@ def test_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
 
 
 def test_pos_embed_resampled_and_added_for_pe_free_encoders(pretrained, tmp_path):
-    model = timm.create_model(
-        "vit_tiny_patch16_224",
-        img_size=32,
-        patch_size=4,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        num_classes=3,
-    )
+    model = tiny_vit(img_size=32, num_classes=3)
     report = load_encoder_weights(model, pretrained / "export" / "encoder", "learned")
     assert model.pos_embed.shape == (1, 65, 32) and any("resampled" in n for n in report["notes"])
     sd = load_file(pretrained / "export" / "encoder" / "model.safetensors")
     del sd["pos_embed"]  # as exported by --pos_embed none pretraining
     save_file(sd, tmp_path / "nope.safetensors")
-    model = timm.create_model(
-        "vit_tiny_patch16_224",
-        img_size=16,
-        patch_size=4,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        num_classes=3,
-    )
+    model = tiny_vit(img_size=16, num_classes=3)
     load_encoder_weights(model, tmp_path / "nope.safetensors", "learned")
     assert torch.equal(model.pos_embed[0], sincos_2d(32, 4, 4, cls_token=True))
     assert model.pos_embed.requires_grad  # learned, starting from sin-cos (MP3)
 
 
 def test_layer_decay_groups_and_lr_scales():
-    model = timm.create_model(
-        "vit_tiny_patch16_224",
-        img_size=16,
-        patch_size=4,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        num_classes=3,
-    )
+    model = tiny_vit(img_size=16, num_classes=3)
     groups = param_groups_layer_decay(model, 0.05, model.no_weight_decay(), layer_decay=0.5)
     scales = {}
     for g in groups:

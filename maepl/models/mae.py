@@ -74,8 +74,10 @@ def build_encoder(
     num_heads: int | None = None,
     pos_embed: str = "sincos",
     device: torch.device | str | None = None,
+    **extra,
 ) -> VisionTransformer:
-    """A timm ViT by name with optional shape overrides, without a classifier (num_classes=0)."""
+    """A timm ViT by name with optional shape overrides; no classifier unless ``extra`` sets
+    ``num_classes`` (``extra`` goes to ``timm.create_model``: global_pool, drop_path_rate...)."""
     kwargs = dict(
         img_size=input_size,
         patch_size=patch_size,
@@ -87,8 +89,9 @@ def build_encoder(
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if pos_embed == "none":
         kwargs["pos_embed"] = "none"
+    kwargs = {"num_classes": 0, **kwargs, **extra}
     with torch.device(device or "cpu"):
-        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        model = timm.create_model(name, pretrained=False, **kwargs)
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"model: {name!r} is not a timm VisionTransformer")
     return model
