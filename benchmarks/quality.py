@@ -3,6 +3,8 @@
     python benchmarks/quality.py --budget cpu            # ~30 min on 2 CPU cores
     python benchmarks/quality.py --budget gpu            # reference setup, one GPU
     python benchmarks/quality.py --budget cpu --sweeps   # + lambda and mask-ratio sweeps
+    python benchmarks/quality.py --budget gpu --sweeps --parallel 6 --time_limit 3000 \
+        --reuse benchmarks/results/quality_gpu.json      # runs only what that file lacks
 
 Each variant is pretrained with pretrain.main for every seed, then its encoder export is read
 with the protocol of shared/reference.md (frozen un-augmented features, CLS and mean of patch
@@ -10,13 +12,23 @@ tokens; linear probe on standardised features, 100 epochs AdamW; kNN k=20, T=0.0
 fine-tuned briefly with finetune.main. Results (mean ± std over seeds) go to
 <out>/results.json and <out>/results.md; the sweeps also write PNG plots when matplotlib is
 installed (pip install -e .[bench]).
+
+Runs are seed-major (every variant once before any second seed; sweeps last) and each writes
+its row to <out>/rows/ when done, so that a run cut short by --time_limit keeps what finished;
+--reuse merges the rows of an earlier results.json, so that a study too long for one GPU session
+is completed over several. --parallel N runs N pretrainings at once as subprocesses on the same
+device (a 28-px ViT-Tiny leaves most of an H100 idle).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +54,14 @@ VARIANTS = {  # name -> pretraining overrides
     "apl_drop_smooth": dict(pos_label="abs", pos_drop_ratio=0.75, pos_smoothing=1.0),
     "rpl_drop": dict(pos_label="rel", pos_drop_ratio=0.75),
 }
+# the paper's two studies around the default (apl_drop, seed 0; it is the lambda 0.5 / mask 0.75
+# point): accuracy and position loss against lambda, position loss against the mask ratio
+SWEEPS = {
+    **{f"lambda_{x}": dict(VARIANTS["apl_drop"], pos_weight=x) for x in (0.1, 0.25, 0.75, 1.0)},
+    **{f"mask_{x}": dict(VARIANTS["apl_drop"], mask_ratio=x) for x in (0.5, 0.6, 0.7, 0.8, 0.9)},
+}
+JOBS = {**VARIANTS, **SWEEPS}
+DEFAULTS = dict(pos_weight=0.5, mask_ratio=0.75)  # PretrainConfig's, for the apl_drop point
 BUDGETS = {
     # reference setup (configs/fmnist_vit_tiny.yaml): all 60,000 images, 40 epochs
     "gpu": dict(
@@ -55,6 +75,7 @@ BUDGETS = {
             num_workers=8,
         ),
         ft_epochs=5,
+        ft_batch=256,
         probe_epochs=100,
     ),
     # CPU-sized: the 10,000-image embedded sample, a 96-d x 6 ViT, small batches for steps
@@ -69,6 +90,7 @@ BUDGETS = {
             num_workers=2,
         ),
         ft_epochs=1,
+        ft_batch=64,
         probe_epochs=50,
     ),
     "smoke": dict(
@@ -84,6 +106,7 @@ BUDGETS = {
             num_workers=0,
         ),
         ft_epochs=0,
+        ft_batch=64,
         probe_epochs=2,
     ),
 }
@@ -117,19 +140,16 @@ def evaluate_export(
     return out
 
 
-def run_one(
-    name: str,
-    overrides: dict,
-    seed: int,
-    budget: dict,
-    out: Path,
-    data_path: str | None,
-    device: str,
-) -> dict:
+def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace, out: Path) -> dict:
+    budget, data_path = BUDGETS[args.budget], args.data_path
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pre = dict(budget["pre"])
+    if args.workers is not None:
+        pre["num_workers"] = args.workers
     run_dir = out / f"{name}_s{seed}"
     cfg = PretrainConfig(
         **{
-            **budget["pre"],
+            **pre,
             **overrides,
             "seed": seed,
             "data_path": data_path,
@@ -141,12 +161,13 @@ def run_one(
     ).validate()
     t0 = time.perf_counter()
     summary = pretrain.main(cfg)
+    t1 = time.perf_counter()
     row = dict(
         variant=name,
         seed=seed,
         pretrain_s=round(time.perf_counter() - t0, 1),
-        pos_loss=summary.get("pos_loss"),
-        pos_acc=summary.get("pos_acc"),
+        pos_loss=summary.get("pos_loss") if cfg.pos_label != "none" else None,
+        pos_acc=summary.get("pos_acc") if cfg.pos_label != "none" else None,
         mae_loss=summary.get("mae_loss"),
         **overrides,
     )
@@ -168,12 +189,13 @@ def run_one(
             aa=None,
             reprob=0.0,
             seed=seed,
-            batch_size=64,
-            num_workers=budget["pre"]["num_workers"],
+            batch_size=budget["ft_batch"],
+            num_workers=pre["num_workers"],
             output_dir=str(run_dir / "ft"),
             overwrite=True,
         ).validate()
         row["finetune_top1"] = finetune.main(ft)["top1"]
+    row["eval_s"] = round(time.perf_counter() - t1, 1)
     print(json.dumps(row), flush=True)
     return row
 
@@ -182,13 +204,81 @@ def aggregate(rows: list[dict], keys: list[str]) -> dict[str, dict[str, str]]:
     table = {}
     for name in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == name]
-        table[name] = {}
+        table[name] = {"seeds": str(len(mine))}
         for k in keys:
             vals = [r[k] for r in mine if r.get(k) is not None]
             if vals:
                 sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
                 table[name][k] = f"{statistics.mean(vals):.2f} ± {sd:.2f}"
     return table
+
+
+def job_list(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """Seed-major, so that a run cut short still has every variant once; sweeps last."""
+    jobs = [(v, s) for s in range(args.seeds) for v in args.variants]
+    if args.sweeps:
+        jobs += [(name, 0) for name in SWEEPS]
+    return jobs
+
+
+def row_path(out: Path, name: str, seed: int) -> Path:
+    return out / "rows" / f"{name}_s{seed}.json"
+
+
+def run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int]], out: Path) -> list[str]:
+    """Run jobs (in this process, or ``--parallel`` subprocesses sharing the device), each
+    writing its row to <out>/rows/ when done. Returns the jobs that did not finish."""
+    deadline = time.monotonic() + args.time_limit if args.time_limit else float("inf")
+    pending, running, failed = list(jobs), {}, []
+    while pending or running:
+        while pending and len(running) < args.parallel and time.monotonic() < deadline:
+            name, seed = pending.pop(0)
+            if args.parallel == 1:
+                row = run_one(name, JOBS[name], seed, args, out)
+                row_path(out, name, seed).write_text(json.dumps(row))
+                continue
+            cmd = [sys.executable, __file__, "--budget", args.budget, "--job", f"{name}:{seed}"]
+            cmd += ["--out", str(out)]
+            if args.data_path:
+                cmd += ["--data_path", args.data_path]
+            if args.workers is not None:
+                cmd += ["--workers", str(args.workers)]
+            log = open(out / "logs" / f"{name}_s{seed}.log", "w")
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            running[(name, seed)] = (proc, log)
+            print(f"started {name} seed {seed} (pid {proc.pid})", flush=True)
+        if not running and (not pending or time.monotonic() >= deadline):
+            break
+        time.sleep(0.5)
+        for job, (proc, log) in list(running.items()):
+            late = time.monotonic() >= deadline
+            if proc.poll() is None and not late:
+                continue
+            if proc.poll() is None:  # out of time: the unfinished run is worth nothing
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            log.close()
+            del running[job]
+            if proc.returncode != 0 or not row_path(out, *job).exists():
+                failed.append(f"{job[0]}_s{job[1]}")
+                tail = (out / "logs" / f"{job[0]}_s{job[1]}.log").read_text()[-1500:]
+                why = "killed at --time_limit" if late else f"exit {proc.returncode}"
+                print(f"job {job[0]} seed {job[1]}: {why}\n{tail}", flush=True)
+            else:
+                print(row_path(out, *job).read_text(), flush=True)
+    return failed + [f"{n}_s{s}" for n, s in pending]
+
+
+def load_reused(path: str | None, budget: str) -> dict[tuple[str, int], dict]:
+    """Rows of an earlier results.json (another session's, say) at the same budget."""
+    if not path:
+        return {}
+    data = json.loads(Path(path).read_text())
+    if data.get("budget") != budget:
+        sys.exit(f"error: --reuse {path}: budget {data.get('budget')!r}, not {budget!r}")
+    return {(r["variant"], r["seed"]): r for r in data["rows"] + data.get("sweeps", [])}
 
 
 def main() -> None:
@@ -199,41 +289,53 @@ def main() -> None:
     p.add_argument("--sweeps", action="store_true", help="lambda and mask-ratio sweeps (apl_drop)")
     p.add_argument("--data_path", default=None)
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--parallel", type=int, default=1, help="runs at once, as subprocesses on one device"
+    )
+    p.add_argument("--workers", type=int, default=None, help="data workers per run")
+    p.add_argument(
+        "--time_limit",
+        type=float,
+        default=None,
+        help="seconds: start no run after this, kill runs still going (results keep what\n"
+        "finished; the rest is listed as not run)",
+    )
+    p.add_argument(
+        "--reuse",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="take the rows of an earlier results.json (same budget); run only the rest",
+    )
+    p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # NAME:SEED, one subprocess
     args = p.parse_args()
-    budget = BUDGETS[args.budget]
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    if args.parallel < 1:
+        p.error("--parallel must be >= 1")
     out = Path(args.out or ROOT / "output" / f"quality_{args.budget}")
-    out.mkdir(parents=True, exist_ok=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = []
-    for name in args.variants.split(","):
-        for seed in range(args.seeds):
-            rows.append(run_one(name, VARIANTS[name], seed, budget, out, args.data_path, device))
-    sweeps = []
-    if args.sweeps:
-        for lam in (0.1, 0.25, 0.5, 0.75, 1.0):
-            sweeps.append(
-                run_one(
-                    f"lambda_{lam}",
-                    {**VARIANTS["apl_drop"], "pos_weight": lam},
-                    0,
-                    budget,
-                    out,
-                    args.data_path,
-                    device,
-                )
-            )
-        for mr in (0.5, 0.6, 0.7, 0.8, 0.9):
-            sweeps.append(
-                run_one(
-                    f"mask_{mr}",
-                    {**VARIANTS["apl_drop"], "mask_ratio": mr},
-                    0,
-                    budget,
-                    out,
-                    args.data_path,
-                    device,
-                )
-            )
+    (out / "rows").mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    if args.job:
+        name, seed = args.job.rsplit(":", 1)
+        row = run_one(name, JOBS[name], int(seed), args, out)
+        row_path(out, name, int(seed)).write_text(json.dumps(row))
+        return
+
+    reused = load_reused(args.reuse, args.budget)
+    jobs = job_list(args)
+    todo = [j for j in jobs if j not in reused]
+    if reused:
+        print(f"reusing {len(jobs) - len(todo)} rows from {args.reuse}; {len(todo)} to run")
+    t0 = time.perf_counter()
+    not_run = run_jobs(args, todo, out)
+    done = dict(reused)
+    for name, seed in todo:
+        if row_path(out, name, seed).exists():
+            done[(name, seed)] = json.loads(row_path(out, name, seed).read_text())
+    rows = [done[j] for j in jobs if j in done and j[0] in VARIANTS]
+    sweeps = [done[j] for j in jobs if j in done and j[0] in SWEEPS]
     keys = [
         "probe_cls",
         "probe_avg",
@@ -245,20 +347,33 @@ def main() -> None:
         "pretrain_s",
     ]
     table = aggregate(rows, keys)
-    (out / "results.json").write_text(
-        json.dumps(dict(budget=args.budget, device=device, rows=rows, sweeps=sweeps), indent=1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor()
+    meta = dict(
+        budget=args.budget,
+        device=device,
+        device_name=device_name or platform.machine(),
+        torch=torch.__version__,
+        wall_s=round(time.perf_counter() - t0, 1),
+        parallel=args.parallel,
+        not_run=not_run,
     )
-    lines = ["| variant | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    (out / "results.json").write_text(json.dumps(dict(**meta, rows=rows, sweeps=sweeps), indent=1))
+    cols = ["seeds", *keys]
+    lines = ["| variant | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += [
-        f"| {n} | " + " | ".join(v.get(k, "–") for k in keys) + " |" for n, v in table.items()
+        f"| {n} | " + " | ".join(v.get(k, "–") for k in cols) + " |" for n, v in table.items()
     ]
+    if not_run:
+        lines.append(f"\nnot run (time limit or failure): {', '.join(not_run)}")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if sweeps:
-        plot_sweeps(sweeps, out)
+        base = done.get(("apl_drop", 0))
+        plot_sweeps(sweeps + ([base] if base else []), out)
 
 
-def plot_sweeps(sweeps: list[dict], out: Path) -> None:
+def plot_sweeps(points: list[dict], out: Path) -> None:
     try:
         import matplotlib
 
@@ -267,22 +382,30 @@ def plot_sweeps(sweeps: list[dict], out: Path) -> None:
     except ImportError:
         print("matplotlib not installed: sweep plots skipped (pip install -e .[bench])")
         return
-    lam = [r for r in sweeps if r["variant"].startswith("lambda_")]
+
+    def series(key: str) -> list[tuple[float, dict]]:
+        mine = [
+            (r.get(key, DEFAULTS[key]), r) for r in points if key in r or r["variant"] == "apl_drop"
+        ]
+        return sorted(mine, key=lambda t: t[0])
+
+    lam = series("pos_weight")
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
-    x = [r["pos_weight"] for r in lam]
-    ax[0].plot(x, [r["probe_cls"] for r in lam], "o-", label="probe CLS")
-    ax[0].plot(x, [r["knn_cls"] for r in lam], "s-", label="kNN CLS")
+    x = [v for v, _ in lam]
+    for key, style in (("probe_cls", "o-"), ("probe_avg", "o--"), ("knn_cls", "s-")):
+        ax[0].plot(x, [r[key] for _, r in lam], style, label=key.replace("_", " "))
     ax[0].set_xlabel("λ (pos_weight)"), ax[0].set_ylabel("top-1 %"), ax[0].legend()
-    ax[1].plot(x, [r["pos_loss"] for r in lam], "o-")
+    ax[1].plot(x, [r["pos_loss"] for _, r in lam], "o-")
     ax[1].set_xlabel("λ (pos_weight)"), ax[1].set_ylabel("final position loss")
     fig.tight_layout()
     fig.savefig(out / "lambda_sweep.png", dpi=120)
-    mask = [r for r in sweeps if r["variant"].startswith("mask_")]
+    mask = series("mask_ratio")
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    ax.plot([r["mask_ratio"] for r in mask], [r["pos_loss"] for r in mask], "o-")
+    ax.plot([v for v, _ in mask], [r["pos_loss"] for _, r in mask], "o-")
     ax.set_xlabel("mask ratio"), ax.set_ylabel("final position loss")
     fig.tight_layout()
     fig.savefig(out / "mask_sweep.png", dpi=120)
+    print(f"plots: {out / 'lambda_sweep.png'}, {out / 'mask_sweep.png'}")
 
 
 if __name__ == "__main__":

@@ -138,6 +138,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="also write results here")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, profile N more steps of each config (torch.profiler) and print\n"
+        "its top kernels by device time; the table says where a step's time goes",
+    )
     args = p.parse_args(argv)
 
     preset = PRESETS[args.preset]
@@ -348,6 +356,22 @@ class Runner:
         else:
             self.warmup_s += elapsed
 
+    def profile(self, steps: int, top: int = 18) -> str:
+        """Device-time table of ``steps`` steps (after timing, so compilation is done)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            acts.append(ProfilerActivity.CUDA)
+        sync(self.device)
+        with profile(activities=acts) as prof:
+            for _ in range(steps):
+                self.step()
+            sync(self.device)
+        key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60)
+        return f"profile of {self.name}, {steps} steps, sorted by {key}:\n{table}"
+
     def result(self, batch_size: int) -> dict:
         ms = statistics.median(self.window_ms)
         r = dict(
@@ -398,6 +422,8 @@ def run_sequential(args: argparse.Namespace, shape: dict, imgs: torch.Tensor) ->
             runner.run(size, timed=True)
         results.append(runner.result(args.batch_size))
         report_line(results[-1])
+        if args.profile:
+            print(runner.profile(args.profile), flush=True)
         del runner
         free_memory(imgs.device)
     return results
@@ -417,6 +443,8 @@ def run_interleaved(args: argparse.Namespace, shape: dict, imgs: torch.Tensor) -
     results = [r.result(args.batch_size) for r in runners]
     for r in results:
         report_line(r)
+    for runner in runners if args.profile else []:
+        print(runner.profile(args.profile), flush=True)
     del runners
     free_memory(imgs.device)
     return results

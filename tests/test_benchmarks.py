@@ -27,10 +27,11 @@ def test_quality_smoke_budget(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
+    # seed-major: every variant once before any second seed
     assert [(row["variant"], row["seed"]) for row in res["rows"]] == [
         ("mae", 0),
-        ("mae", 1),
         ("apl_drop", 0),
+        ("mae", 1),
         ("apl_drop", 1),
     ]
     for row in res["rows"]:
@@ -45,3 +46,61 @@ def test_throughput_prints_its_ratio_last():
     lines = r.stdout.strip().splitlines()
     assert lines[-1] == "ratio_vs_hf=nan"  # hf not run
     assert any(line.strip().startswith("apl") and "img/s" in line for line in lines)
+
+
+def test_quality_reuses_earlier_rows_and_runs_the_rest_in_parallel(tmp_path):
+    first = tmp_path / "first"
+    r = run(
+        "benchmarks/quality.py",
+        "--budget",
+        "smoke",
+        "--seeds",
+        "1",
+        "--variants",
+        "mae",
+        "--out",
+        str(first),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    second = tmp_path / "second"
+    args = ["--budget", "smoke", "--seeds", "1", "--variants", "mae,apl_no_pe", "--out"]
+    r = run(
+        "benchmarks/quality.py",
+        *args,
+        str(second),
+        "--parallel",
+        "2",
+        "--reuse",
+        str(first / "results.json"),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "reusing 1 rows" in r.stdout
+    assert not (second / "rows" / "mae_s0.json").exists()  # taken over, not rerun
+    assert (second / "rows" / "apl_no_pe_s0.json").exists()  # run as a subprocess
+    res = json.loads((second / "results.json").read_text())
+    assert [(row["variant"], row["seed"]) for row in res["rows"]] == [("mae", 0), ("apl_no_pe", 0)]
+    assert res["rows"][0] == json.loads((first / "results.json").read_text())["rows"][0]
+    assert res["not_run"] == []
+    assert res["rows"][0]["pos_loss"] is None and res["rows"][1]["pos_loss"] > 0
+
+    # a time limit that has passed before the first run starts: nothing runs, all is listed
+    late = tmp_path / "late"
+    r = run("benchmarks/quality.py", *args, str(late), "--parallel", "2", "--time_limit", "1e-9")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((late / "results.json").read_text())
+    assert res["rows"] == [] and res["not_run"] == ["mae_s0", "apl_no_pe_s0"]
+
+
+def test_quality_rejects_a_reuse_file_of_another_budget(tmp_path):
+    other = tmp_path / "results.json"
+    other.write_text(json.dumps(dict(budget="gpu", rows=[], sweeps=[])))
+    r = run(
+        "benchmarks/quality.py",
+        "--budget",
+        "smoke",
+        "--reuse",
+        str(other),
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert r.returncode != 0 and "budget 'gpu', not 'smoke'" in r.stderr
