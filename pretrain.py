@@ -21,6 +21,7 @@ from torchvision.utils import save_image
 from maepl.checkpoint import export_encoder, export_full
 from maepl.config import ARCH_KEYS, ConfigError, PretrainConfig, parse_config
 from maepl.data import build_transform, load_train_data, readable_images
+from maepl.gpu_aug import GpuAugment, raw_dataset
 from maepl.loaders import SeededTransformDataset
 from maepl.loop import Run
 from maepl.models.mae import build_mae, encoder_model_args
@@ -33,10 +34,16 @@ def main(cfg: PretrainConfig) -> dict:
     raw, mean, std = load_train_data(cfg)  # errors name data_path before any process group
     transform = build_transform(True, cfg.input_size, cfg.in_chans, mean, std, (cfg.crop_min, 1.0))
     transform_eval = build_transform(False, cfg.input_size, cfg.in_chans, mean, std)
-    dataset = SeededTransformDataset(raw, transform, cfg.seed, strict=cfg.strict_data)
+    if cfg.data_pipeline == "gpu":  # workers read raw images; the loop decodes and crops them
+        dataset = raw_dataset(raw, strict=cfg.strict_data)
+    else:
+        dataset = SeededTransformDataset(raw, transform, cfg.seed, strict=cfg.strict_data)
 
     run = Run(cfg, "pretrain")
     loader, sampler = run.train_loader(dataset)
+    augment = None
+    if cfg.data_pipeline == "gpu":
+        augment = GpuAugment.from_config(cfg, mean, std, run.device, run.rank)
 
     # ------------------------------------------------------------------ model
     set_seed(cfg.seed)  # identical initial weights on every rank
@@ -65,7 +72,7 @@ def main(cfg: PretrainConfig) -> dict:
 
     # ------------------------------------------------------------------ train
     model.train()
-    for imgs, _ in run.batches(loader, sampler, on_epoch_end=visualise):
+    for imgs, _ in run.batches(loader, sampler, on_epoch_end=visualise, augment=augment):
         # DropPos-style smoothing: sigma decays linearly to 0 over the schedule
         sigma = None
         if cfg.pos_smoothing > 0:  # a tensor, so that torch.compile does not recompile

@@ -97,6 +97,9 @@ class PretrainConfig(TrainConfig):
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
     crop_min: float = 0.2  # RandomResizedCrop scale lower bound
+    # cpu: workers decode and augment with PIL | gpu: workers read raw bytes / uint8 arrays,
+    # the loop decodes, crops, flips and normalises on the accelerator (maepl/gpu_aug.py)
+    data_pipeline: str = "cpu"
     vis_every: int = 20  # epochs between reconstruction image grids (and at the end)
     # --- positional labels
     pos_label: str = "abs"  # none | abs (APL) | rel (RPL)
@@ -433,6 +436,7 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
     _check(cfg.pos_smoothing >= 0, "pos_smoothing", "must be >= 0")
     _check(cfg.vis_every >= 1, "vis_every", "must be >= 1")
     _check(0 < cfg.crop_min <= 1, "crop_min", "must be in (0, 1]")
+    _choice("data_pipeline", cfg.data_pipeline, ("cpu", "gpu"))
     _check(cfg.model is not None, "model", "required")
     cfg = resolve_model(cfg, need_cls=True)
     _validate_resolved(cfg)

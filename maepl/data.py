@@ -179,12 +179,16 @@ def pil_rgb_loader(path: str) -> Image.Image:
     DataLoader workers started with "spawn".
     """
     with open(path, "rb") as f:
-        img = Image.open(f)
-        # Palette images with transparency warn when converted straight to RGB; go via RGBA.
-        if img.mode in ("P", "PA") and "transparency" in img.info:
-            img = img.convert("RGBA")
-        # convert() also forces the lazy decode while the file is still open.
-        return img.convert("RGB")
+        return pil_rgb(Image.open(f))
+
+
+def pil_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as RGB, decoded (call it while the file is still open)."""
+    # Palette images with transparency warn when converted straight to RGB; go via RGBA.
+    if img.mode in ("P", "PA") and "transparency" in img.info:
+        img = img.convert("RGBA")
+    # convert() also forces the lazy decode.
+    return img.convert("RGB")
 
 
 def _build_imagefolder(data_path: str | None, train: bool) -> datasets.ImageFolder:

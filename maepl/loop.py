@@ -84,7 +84,10 @@ class Run:
 
     # ------------------------------------------------------------------ data, schedule
     def train_loader(self, dataset) -> tuple[DataLoader, ShardedSampler]:
-        """This rank's shuffled shard, resumable mid-epoch; unreadable images are skipped."""
+        """This rank's shuffled shard, resumable mid-epoch; unreadable images are skipped.
+
+        A dataset with its own ``collate_fn`` (encoded files, ``maepl.gpu_aug``) batches with it.
+        """
         cfg = self.cfg
         sampler = ShardedSampler(len(dataset), self.world, self.rank, cfg.seed, with_epoch=True)
         loader = DataLoader(
@@ -94,7 +97,7 @@ class Run:
             num_workers=cfg.num_workers,
             pin_memory=cfg.pin_mem and self.device.type == "cuda",
             drop_last=True,
-            collate_fn=collate_skip_bad,
+            collate_fn=getattr(dataset, "collate_fn", None) or collate_skip_bad,
             worker_init_fn=ignore_stop_signals,
             persistent_workers=cfg.num_workers > 0,  # epochs travel with the indices
         )
@@ -210,10 +213,20 @@ class Run:
         self.last_saved = self.step
 
     # ------------------------------------------------------------------ the loop
-    def batches(self, loader, sampler, on_epoch_end: Callable[[], None] | None = None) -> Iterator:
-        """Micro-batches until the schedule, ``max_steps`` or a signal ends the run."""
+    def batches(
+        self,
+        loader,
+        sampler,
+        on_epoch_end: Callable[[], None] | None = None,
+        augment: Callable | None = None,
+    ) -> Iterator:
+        """Micro-batches until the schedule, ``max_steps`` or a signal ends the run.
+
+        ``augment(imgs, epoch, index)`` -> (images on the device, unreadable files) turns raw
+        batches into training inputs on the device (``--data_pipeline gpu``).
+        """
         try:
-            yield from self._batches(loader, sampler, on_epoch_end)
+            yield from self._batches(loader, sampler, on_epoch_end, augment)
         finally:
             # persistent workers live on the loader: stop them now, also when the loop raised
             # (left to interpreter exit, their shutdown can stall)
@@ -221,7 +234,7 @@ class Run:
             self.bar.close()
             self.stop.restore()
 
-    def _batches(self, loader, sampler, on_epoch_end) -> Iterator:
+    def _batches(self, loader, sampler, on_epoch_end, augment) -> Iterator:
         cfg = self.cfg
         while self.step < self.stop_step and self.epoch < cfg.epochs and not self.stopped:
             sampler.set_epoch(self.epoch, start=self.batch_in_epoch * cfg.batch_size)
@@ -229,6 +242,9 @@ class Run:
             for imgs, labels, bad in loader:
                 if self.batch_in_epoch >= self.micro_per_epoch or self.step >= self.stop_step:
                     break
+                if augment is not None:  # seeded by the micro-batch's place in the run
+                    imgs, undecodable = augment(imgs, self.epoch, self.batch_in_epoch)
+                    bad = bad + undecodable
                 if bad:  # unreadable files, replaced in the batch by a readable one
                     self.bad_images += len(bad)
                     print(f"[rank {self.rank}] skipped unreadable images: {bad}", file=sys.stderr)

@@ -133,6 +133,44 @@ def test_exact_resume(reference_run, monkeypatch, tmp_path, stop_micro, where):
     assert steps == sorted(set(steps)) and steps[-1] == 45
 
 
+@pytest.mark.parametrize(
+    "data, stop_micro",
+    [("sample", 7), ("jpeg folder with bad files", 7)],  # both mid-accumulation
+)
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
+def test_exact_resume_with_the_gpu_pipeline(monkeypatch, tmp_path, data, stop_micro):
+    """--data_pipeline gpu: crops and flips are drawn per (seed, rank, epoch, micro-batch)."""
+    if data == "sample":  # one epoch of 312 micro-batches: stop mid-epoch
+        kw = dict(batch_size=32, accum_iter=2, epochs=1, max_steps=6)
+    else:  # 12 files (2 unreadable), 4 micro-batches = 2 steps per epoch: stop in epoch 1
+        make_messy_folder(tmp_path / "data")
+        kw = dict(
+            dataset="imagefolder",
+            data_path=tmp_path / "data",
+            input_size=16,
+            batch_size=3,
+            accum_iter=2,
+            epochs=4,
+            max_steps=7,
+        )
+    kw.update(data_pipeline="gpu", log_every=2)
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    pretrain.main(resume_cfg(ref, **kw))
+    StopAtMicroStep.k = stop_micro
+    monkeypatch.setattr(maepl.loop, "StopFlag", StopAtMicroStep)
+    assert pretrain.main(resume_cfg(cut, **kw))["stopped_by_signal"]
+    monkeypatch.undo()
+    summary = pretrain.main(resume_cfg(cut, resume="auto", num_workers=2, **kw))
+    final = f"step_{kw['max_steps']:08d}"
+    for f in ("model.safetensors", "optimizer.safetensors"):
+        tensors_equal(ref / "checkpoints" / final / f, cut / "checkpoints" / final / f)
+    for f in ("encoder/model.safetensors", "mae.safetensors"):
+        tensors_equal(ref / "export" / f, cut / "export" / f)
+    if data != "sample":  # unreadable files counted across the resume as without it
+        ref_summary = json.loads((ref / "summary.json").read_text())
+        assert summary["bad_images"] == ref_summary["bad_images"] > 0
+
+
 # ---------------------------------------------------------------------------- 2. atomic saves
 KILL_DURING_SAVE = """
 import os, signal, sys

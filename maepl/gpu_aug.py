@@ -1,0 +1,357 @@
+"""``--data_pipeline gpu``: decode, random-resized-crop, flip and normalise on the device.
+
+DataLoader workers only hand over raw images: the file bytes of an ImageFolder (JPEG decoding
+is the CPU path's bottleneck) or the uint8 arrays of Fashion-MNIST. The training loop then calls
+:class:`GpuAugment` on each batch, on the device Accelerate gives the run (the CPU without one):
+
+- crop boxes follow torchvision's ``RandomResizedCrop.get_params`` exactly (scale
+  ``(crop_min, 1)``, ratio ``(3/4, 4/3)``, 10 attempts, then the centre-crop fallback),
+  vectorised over the batch; flips have p = 0.5. Both are drawn from a CPU generator seeded by
+  (seed, rank, epoch, batch index), so a resumed run draws the same crops;
+- same-size uint8 batches (Fashion-MNIST) are resampled in one ``grid_sample`` (bicubic) whose
+  sampling points are those of resizing each crop box to the output size (images larger than
+  the output go through the per-image antialiased path below instead);
+- encoded files are decoded with ``torchvision.io.decode_jpeg`` (batched on CUDA), then each
+  image is cropped and resized with antialiased bicubic ``interpolate``. Files the batched
+  decode rejects are decoded one by one (``decode_image``, then PIL); files that still fail are
+  replaced in their batch by the batch's first readable image and reported, as in the CPU path.
+
+Resampled values are clamped to [0, 255] and rounded, like the uint8 images the CPU path's PIL
+transform produces, before ``/255`` and the dataset's mean/std.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+from .data import ArrayImageDataset, pil_rgb
+from .loaders import _MASK64, BadImageError, _splitmix64
+
+ATTEMPTS = 10  # torchvision RandomResizedCrop.get_params
+RATIO = (3 / 4, 4 / 3)
+# columns of the uniform draws per image: ATTEMPTS each of area, log-ratio, top, left; one flip
+DRAWS = 4 * ATTEMPTS + 1
+_JPEG_MAGIC = [0xFF, 0xD8]
+
+
+# ---------------------------------------------------------------------------- random parameters
+def batch_seed(seed: int, rank: int, epoch: int, batch: int) -> int:
+    """A 63-bit seed for one micro-batch of one process (SplitMix64 chain, as for samples)."""
+    h = 0
+    for part in (seed, rank, epoch, batch):
+        h = _splitmix64(h ^ (part & _MASK64))
+    return h >> 1
+
+
+def draw_uniforms(n: int, generator: torch.Generator) -> torch.Tensor:
+    """``[n, DRAWS]`` float64 uniforms in [0, 1) from a CPU generator."""
+    return torch.rand(n, DRAWS, dtype=torch.float64, generator=generator)
+
+
+def crop_boxes(
+    sizes: torch.Tensor,
+    u: torch.Tensor,
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = RATIO,
+) -> torch.Tensor:
+    """RandomResizedCrop boxes ``[n, 4]`` (top, left, height, width) for images ``[n, 2]`` (h, w).
+
+    torchvision's ``get_params`` for each row, given its uniform draws ``u[:, :4 * ATTEMPTS]``:
+    attempt k takes area ``scale0 + (scale1 - scale0) * u`` of the image and aspect ratio
+    ``exp(log_r0 + (log_r1 - log_r0) * u)``, is accepted if the rounded box fits, and is placed
+    at ``floor(u * (H - h + 1)), floor(u * (W - w + 1))``; the first accepted attempt wins,
+    otherwise the centre crop at the nearest allowed ratio. float64 throughout, as Python's
+    arithmetic in ``get_params``; round() is half-to-even in both.
+    """
+    H, W = sizes[:, :1].double(), sizes[:, 1:2].double()
+    u_area, u_ratio, u_top, u_left = u[:, : 4 * ATTEMPTS].double().view(-1, 4, ATTEMPTS).unbind(1)
+    log_r = torch.log(torch.tensor(ratio)).double()  # float32 logs, as get_params computes them
+    target = H * W * (scale[0] + (scale[1] - scale[0]) * u_area)
+    aspect = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * u_ratio)
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    top = torch.floor(u_top * (H - h + 1))
+    left = torch.floor(u_left * (W - w + 1))
+    first = ok.int().argmax(1, keepdim=True)  # index of the first accepted attempt
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t.gather(1, first)[:, 0]
+
+    # fallback: the centre crop at the nearest ratio in range
+    in_ratio = W[:, 0] / H[:, 0]
+    narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
+    fw = torch.where(wide, torch.round(H[:, 0] * max(ratio)), W[:, 0])
+    fh = torch.where(narrow, torch.round(W[:, 0] / min(ratio)), H[:, 0])
+    ftop, fleft = torch.div(H[:, 0] - fh, 2, rounding_mode="floor"), (W[:, 0] - fw) // 2
+    found = ok.any(1)
+    box = torch.stack(
+        [
+            torch.where(found, pick(top), ftop),
+            torch.where(found, pick(left), fleft),
+            torch.where(found, pick(h), fh),
+            torch.where(found, pick(w), fw),
+        ],
+        1,
+    )
+    return box.long()
+
+
+def flips(u: torch.Tensor) -> torch.Tensor:
+    """Horizontal flips with p = 0.5 from the last column of the draws."""
+    return u[:, -1] < 0.5
+
+
+# ---------------------------------------------------------------------------- geometry
+def resized_crop_batch(
+    x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int
+) -> torch.Tensor:
+    """Float ``[n, C, H, W]`` -> ``[n, C, size, size]``: each box resized (bicubic), then flipped.
+
+    One ``grid_sample``. Output pixel ``o`` samples the input at ``left + (o + 0.5) * w / size
+    - 0.5`` (pixel centres), exactly as resizing the cropped box; a flip mirrors the sampling
+    points. Differences from crop-then-resize: the 4x4 bicubic taps of points near the box edge
+    read the real neighbouring pixels (resizing a crop repeats the box's edge instead; at the
+    image border both repeat it), and nothing is antialiased, so use it for upsampling crops
+    (e.g. Fashion-MNIST's 28 px images to 28 px).
+    """
+    n, _, H, W = x.shape
+    top, left, h, w = boxes.double().unbind(1)
+    theta = torch.zeros(n, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0] = torch.where(flip, -w / W, w / W)
+    theta[:, 0, 2] = (2 * left + w) / W - 1
+    theta[:, 1, 1] = h / H
+    theta[:, 1, 2] = (2 * top + h) / H - 1
+    theta = theta.to(device=x.device, dtype=x.dtype, non_blocking=True)
+    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
+
+
+def resized_crop_one(
+    img: torch.Tensor, box: Sequence[int], size: int, luma: bool = False
+) -> torch.Tensor:
+    """uint8 ``[C, H, W]`` -> float ``[C, size, size]``: crop, (RGB -> luma,) then antialiased
+    bicubic resize (torch's antialiased kernel is PIL's, a = -0.5, widened to downsample)."""
+    top, left, h, w = (int(v) for v in box)
+    crop = img[:, top : top + h, left : left + w]  # before any conversion: crops are smaller
+    crop = rgb_to_luma(crop) if luma else crop
+    return F.interpolate(
+        crop[None].float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False
+    )[0]
+
+
+def rgb_to_luma(x: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB ``[..., 3, H, W]`` -> ``[..., 1, H, W]`` as PIL's ``convert("L")`` computes it
+    (ITU-R 601-2 luma in the same fixed point)."""
+    r, g, b = x.int().unbind(-3)
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8).unsqueeze(-3)
+
+
+# ---------------------------------------------------------------------------- raw datasets
+class ArrayImages(Dataset):
+    """uint8 ``[1, H, W]`` tensors of an in-memory :class:`~maepl.data.ArrayImageDataset`."""
+
+    def __init__(self, raw: ArrayImageDataset):
+        self.images, self.labels = torch.from_numpy(raw.images), raw.labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index = index[1] if isinstance(index, tuple) else index  # (epoch, index) from the sampler
+        return self.images[index][None], int(self.labels[index])
+
+
+class EncodedBatch:
+    """A batch of encoded files: ``data`` (uint8 tensors, None where unreadable) and ``paths``.
+
+    A plain object, so that the DataLoader's ``pin_memory`` leaves the small tensors alone.
+    """
+
+    def __init__(self, data: list[torch.Tensor | None], paths: list[str]):
+        self.data, self.paths = data, paths
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+class EncodedImages(Dataset):
+    """The bytes of each file of an ImageFolder as a uint8 tensor, with its label and path.
+
+    A file that cannot be read is ``(None, -1, description)`` as in
+    :class:`~maepl.loaders.SeededTransformDataset` (``strict`` raises instead); files that read
+    but do not decode are found by :class:`GpuAugment`.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], strict: bool = False):
+        self.samples, self.strict = list(samples), strict
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor | None, int, str]:
+        index = index[1] if isinstance(index, tuple) else index
+        path, label = self.samples[index]
+        try:
+            data = torch.from_numpy(np.frombuffer(Path(path).read_bytes(), np.uint8).copy())
+        except OSError as err:
+            if self.strict:
+                raise BadImageError(f"unreadable image {path}: {err!r} (strict_data)") from err
+            return None, -1, f"{path}: {err!r}"
+        return data, int(label), str(path)
+
+    @staticmethod
+    def collate_fn(batch: list[tuple]) -> tuple[EncodedBatch, torch.Tensor, list[str]]:
+        """(EncodedBatch, labels, descriptions of the files that could not be read)."""
+        bad = [desc for data, _, desc in batch if data is None]
+        if len(bad) == len(batch):
+            raise BadImageError("every image of a batch is unreadable:\n  " + "\n  ".join(bad))
+        labels = torch.tensor([label for _, label, _ in batch])
+        return EncodedBatch([d for d, _, _ in batch], [p for _, _, p in batch]), labels, bad
+
+
+def raw_dataset(raw: Dataset, strict: bool = False) -> Dataset:
+    """What the DataLoader workers hand over under ``--data_pipeline gpu``."""
+    if isinstance(raw, ArrayImageDataset):
+        return ArrayImages(raw)
+    if hasattr(raw, "samples"):  # torchvision ImageFolder
+        return EncodedImages(raw.samples, strict)
+    raise TypeError(f"data_pipeline gpu: no raw reader for {type(raw).__name__}")
+
+
+# ---------------------------------------------------------------------------- decoding
+def _decode_one(data: torch.Tensor) -> torch.Tensor:
+    """One file on the CPU: torchvision's decoders (JPEG, PNG, GIF, WebP), else PIL (BMP,
+    TIFF, ...). uint8 RGB ``[3, H, W]``; raises if neither can read it."""
+    if data.numel() == 0:
+        raise ValueError("empty file")
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)
+    except RuntimeError as err:
+        try:
+            img = pil_rgb(Image.open(io.BytesIO(data.numpy().tobytes())))
+        except Exception:  # PIL raises OSError, SyntaxError, ValueError, ...
+            raise err from None
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+def decode_batch(
+    data: list[torch.Tensor | None], device: torch.device
+) -> tuple[list[torch.Tensor | None], dict[int, str]]:
+    """Decode to uint8 RGB ``[3, H, W]`` on ``device``; returns the images (None where a file
+    does not decode) and the errors by position. JPEGs go through one ``decode_jpeg`` call
+    (batched on CUDA); if it raises, each is retried alone, then on the CPU."""
+    out: list[torch.Tensor | None] = [None] * len(data)
+    errors: dict[int, str] = {}
+    jpegs = [k for k, d in enumerate(data) if d is not None and d[:2].tolist() == _JPEG_MAGIC]
+    if jpegs:
+        try:
+            imgs = decode_jpeg([data[k] for k in jpegs], mode=ImageReadMode.RGB, device=device)
+            for k, img in zip(jpegs, imgs, strict=True):
+                out[k] = img
+        except RuntimeError:
+            if device.type != "cpu":  # the CPU retry below decodes the same way
+                for k in jpegs:
+                    try:
+                        out[k] = decode_jpeg(data[k], mode=ImageReadMode.RGB, device=device)
+                    except RuntimeError:
+                        pass
+    for k, d in enumerate(data):
+        if out[k] is None and d is not None:
+            try:
+                out[k] = _decode_one(d).to(device, non_blocking=True)
+            except Exception as err:
+                errors[k] = repr(err)
+    return out, errors
+
+
+# ---------------------------------------------------------------------------- the augmentation
+class GpuAugment:
+    """Raw batch -> normalised float ``[n, in_chans, size, size]`` on ``device``.
+
+    ``augment(batch, epoch, index)`` returns the images and the descriptions of the files that
+    did not decode (each replaced by the batch's first readable image, as ``collate_skip_bad``
+    does). The crops and flips depend only on (seed, rank, epoch, index) and the image sizes.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        in_chans: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        crop_min: float,
+        seed: int,
+        rank: int,
+        device: torch.device | str,
+        strict: bool = False,
+    ):
+        if in_chans not in (1, 3) or len(mean) != in_chans or len(std) != in_chans:
+            raise ValueError(f"in_chans={in_chans} needs 1 or 3 channels and as many mean/std")
+        self.size, self.in_chans, self.scale = input_size, in_chans, (crop_min, 1.0)
+        self.seed, self.rank, self.strict = seed, rank, strict
+        self.device = torch.device(device)
+        # (x / 255 - mean) / std on [0, 255] values
+        self.shift = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
+        self.div = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
+
+    @classmethod
+    def from_config(cls, cfg, mean, std, device: torch.device, rank: int) -> GpuAugment:
+        if device.type == "cpu" and rank == 0:
+            print("note: data_pipeline gpu without an accelerator decodes and crops on the CPU")
+        size, chans = cfg.input_size, cfg.in_chans
+        return cls(size, chans, mean, std, cfg.crop_min, cfg.seed, rank, device, cfg.strict_data)
+
+    def params(self, sizes: torch.Tensor, epoch: int, index: int):
+        """Crop boxes and flips of micro-batch ``index`` of ``epoch`` for images of ``sizes``."""
+        gen = torch.Generator().manual_seed(batch_seed(self.seed, self.rank, epoch, index))
+        u = draw_uniforms(len(sizes), gen)
+        return crop_boxes(sizes, u, self.scale), flips(u)
+
+    def __call__(self, batch, epoch: int, index: int) -> tuple[torch.Tensor, list[str]]:
+        if isinstance(batch, EncodedBatch):
+            x, bad = self._encoded(batch, epoch, index)
+        else:
+            x, bad = self._same_size(batch, epoch, index), []
+        x = x.clamp_(0, 255).round_()  # the range and steps of the CPU path's uint8 images
+        if x.shape[1] != self.in_chans:  # gray -> RGB replicates, as PIL's convert("RGB")
+            x = x.expand(-1, self.in_chans, -1, -1)
+        return (x - self.shift) / self.div, bad
+
+    def _same_size(self, imgs: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
+        n, c, h, w = imgs.shape
+        boxes, flip = self.params(torch.tensor([[h, w]]).expand(n, 2), epoch, index)
+        x = imgs.to(self.device, non_blocking=True)
+        if c == 3 and self.in_chans == 1:
+            x = rgb_to_luma(x)
+        flip = flip.to(self.device, non_blocking=True)
+        if max(h, w) <= self.size:  # every crop is upsampled: no antialiasing needed
+            return resized_crop_batch(x.float(), boxes, flip, self.size)
+        x = torch.stack([resized_crop_one(x[k], boxes[k], self.size) for k in range(n)])
+        return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+    def _encoded(self, batch: EncodedBatch, epoch: int, index: int):
+        imgs, errors = decode_batch(batch.data, self.device)
+        bad = [f"{batch.paths[k]}: {err}" for k, err in errors.items()]
+        if bad and self.strict:
+            raise BadImageError(f"unreadable image {bad[0]} (strict_data)")
+        good = [k for k, img in enumerate(imgs) if img is not None]
+        if not good:
+            raise BadImageError("every image of a batch is unreadable:\n  " + "\n  ".join(bad))
+        sizes = torch.tensor([[1, 1] if img is None else list(img.shape[1:]) for img in imgs])
+        boxes, flip = self.params(sizes, epoch, index)
+        # an unreadable image is replaced by the first readable one: its crop and its flip
+        src = [k if img is not None else good[0] for k, img in enumerate(imgs)]
+        luma, boxes = self.in_chans == 1, boxes.tolist()
+        x = torch.stack([resized_crop_one(imgs[k], boxes[k], self.size, luma) for k in src])
+        flip = flip[src].to(self.device, non_blocking=True).view(-1, 1, 1, 1)
+        return torch.where(flip, x.flip(-1), x), bad

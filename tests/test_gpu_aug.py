@@ -1,0 +1,368 @@
+"""``--data_pipeline gpu`` (maepl/gpu_aug.py): crop parameters, resampling, decoding, bad images,
+pretraining end to end. Runs on the CPU; the CUDA checks at the end skip without a GPU."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.transforms as tv_transforms
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+from torchvision.io import ImageReadMode, decode_image
+
+import pretrain
+from maepl.config import ConfigError, PretrainConfig, parse_config
+from maepl.data import build_dataset, build_transform
+from maepl.gpu_aug import (
+    ATTEMPTS,
+    RATIO,
+    EncodedImages,
+    GpuAugment,
+    crop_boxes,
+    decode_batch,
+    draw_uniforms,
+    flips,
+    raw_dataset,
+    resized_crop_batch,
+)
+from maepl.loaders import BadImageError, SeededTransformDataset
+
+from .test_reliability import TINY, make_messy_folder
+
+# torchvision 0.29 deprecates its image decoders in favour of TorchCodec (docs/pretrain.md)
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+
+BICUBIC = TF.InterpolationMode.BICUBIC
+
+
+# ---------------------------------------------------------------------------- crop parameters
+class FeedDraws:
+    """Stands in for ``torch`` inside torchvision's ``get_params`` and feeds it given uniforms
+    (one column of ``u`` per attempt: area, log-ratio, top, left), mapped to values exactly as
+    ``crop_boxes`` maps them."""
+
+    def __init__(self, u: torch.Tensor):
+        self.u, self.calls, self.randints = u, 0, 0
+        self.log, self.tensor, self.exp = torch.log, torch.tensor, torch.exp
+
+    def empty(self, *size):
+        return self
+
+    def uniform_(self, low, high):
+        row, attempt = self.calls % 2, self.calls // 2
+        self.calls += 1
+        u = float(self.u[row, attempt])
+        return torch.tensor([float(low) + (float(high) - float(low)) * u], dtype=torch.float64)
+
+    def randint(self, low, high, size):
+        u = float(self.u[2 + self.randints, self.calls // 2 - 1])
+        self.randints += 1
+        return torch.tensor([low + math.floor(u * (high - low))])
+
+
+@pytest.mark.parametrize("scale", [(0.2, 1.0), (0.08, 1.0), (0.9, 1.0)])
+def test_the_same_draws_give_torchvisions_boxes(monkeypatch, scale):
+    g = torch.Generator().manual_seed(0)
+    n = 1500
+    sizes = torch.randint(1, 400, (n, 2), generator=g)
+    sizes[:200, 1] = sizes[:200, 0] * 5  # very wide and very narrow: the fallback
+    sizes[200:400, 0] = sizes[200:400, 1] * 5
+    sizes[400:500] = torch.tensor([375, 500])
+    u = draw_uniforms(n, g)
+    boxes = crop_boxes(sizes, u, scale)
+    fallbacks = 0
+    for k in range(n):
+        feed = FeedDraws(u[k, : 4 * ATTEMPTS].view(4, ATTEMPTS))
+        monkeypatch.setattr(tv_transforms, "torch", feed)
+        h, w = sizes[k].tolist()
+        ref = tv_transforms.RandomResizedCrop.get_params(torch.empty(1, h, w), scale, RATIO)
+        monkeypatch.undo()
+        fallbacks += feed.randints == 0
+        assert tuple(boxes[k].tolist()) == ref, (k, h, w)
+    assert fallbacks > 100  # both branches were exercised
+
+
+def test_crop_and_flip_statistics_follow_torchvision():
+    n, (h, w), crop_min = 20000, (375, 500), 0.2
+    u = draw_uniforms(n, torch.Generator().manual_seed(1))
+    top, left, bh, bw = crop_boxes(torch.tensor([[h, w]]).expand(n, 2), u, (crop_min, 1.0)).T
+    area = (bh * bw).double() / (h * w)
+    aspect = bw.double() / bh
+    assert (
+        (top >= 0).all() and (left >= 0).all() and (top + bh <= h).all() and (left + bw <= w).all()
+    )
+    assert area.min() >= crop_min - 0.005 and area.max() <= 1  # rounding of the box sides
+    assert aspect.min() >= 0.74 and aspect.max() <= 1.34
+    assert abs(flips(u).double().mean() - 0.5) < 0.015
+    # torchvision's own sampler (global RNG): the same distribution of areas and aspects
+    torch.manual_seed(1)
+    img = torch.empty(1, h, w)
+    ref = torch.tensor(
+        [
+            tv_transforms.RandomResizedCrop.get_params(img, [crop_min, 1.0], list(RATIO))
+            for _ in range(4000)
+        ],
+        dtype=torch.float64,
+    )
+    ref_area, ref_aspect = ref[:, 2] * ref[:, 3] / (h * w), ref[:, 3] / ref[:, 2]
+    for ours, theirs in ((area, ref_area), (aspect, ref_aspect)):
+        qs = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)
+        assert (torch.quantile(ours, qs) - torch.quantile(theirs, qs)).abs().max() < 0.03
+    centre_x = (left + bw / 2).double() / w
+    assert abs(centre_x.mean() - 0.5) < 0.01  # placement is uniform: centred on average
+
+
+# ---------------------------------------------------------------------------- resampling
+def random_image(h: int, w: int, c: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.rand(1, c, h, w, generator=torch.Generator().manual_seed(seed)) * 255
+
+
+@pytest.mark.parametrize("out", [28, 40, 20])
+def test_full_image_box_without_flip_is_a_plain_resize(out):
+    x = random_image(28, 28)
+    y = resized_crop_batch(x, torch.tensor([[0, 0, 28, 28]]), torch.tensor([False]), out)
+    ref = F.interpolate(x, size=(out, out), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(y, ref, atol=2e-3, rtol=0)
+    if out == 28:  # same size: the image itself
+        torch.testing.assert_close(y, x, atol=2e-3, rtol=0)
+
+
+def taps_inside(start: int, length: int, out: int) -> torch.Tensor:
+    """Output pixels whose 4 bicubic taps all lie inside [start, start + length)."""
+    p = start + (torch.arange(out) + 0.5) * length / out - 0.5
+    lo = torch.floor(p) - 1
+    return (lo >= start) & (lo + 3 <= start + length - 1)
+
+
+@pytest.mark.parametrize("box", [(3, 5, 14, 18), (10, 2, 17, 25), (0, 0, 12, 28), (6, 6, 22, 22)])
+def test_grid_sample_crop_matches_torchvision_resized_crop(box):
+    """Tolerance: 2e-3 (of 255) on every output pixel whose 4x4 bicubic taps lie inside the
+    box. Near the box edge grid_sample reads the real neighbouring pixels where cropping first
+    repeats the box's edge, so those pixels are only compared for the full-image box (above)."""
+    x, out = random_image(28, 28, c=3), 28
+    ref = TF.resized_crop(x, *box, size=[out, out], interpolation=BICUBIC, antialias=False)
+    y = resized_crop_batch(
+        x.expand(2, -1, -1, -1), torch.tensor([box] * 2), torch.tensor([0, 1]) > 0, out
+    )
+    inside = taps_inside(box[0], box[2], out)[:, None] & taps_inside(box[1], box[3], out)[None]
+    assert inside.sum() > out * out / 3
+    torch.testing.assert_close(y[0][:, inside], ref[0][:, inside], atol=2e-3, rtol=0)
+    torch.testing.assert_close(y[1], y[0].flip(-1), atol=0, rtol=0)  # a flip mirrors the output
+
+
+def smooth_image(h: int, w: int, seed: int) -> np.ndarray:
+    """Natural-looking content: gradients, a disc and mild noise (uint8 RGB)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    img = np.stack([xx * 200 + 30, yy * 180 + 40, (xx + yy) * 90 + 20], -1)
+    cy, cx, r = rng.uniform(0.2, 0.8) * h / max(h, w), rng.uniform(0.2, 0.8), 0.25
+    img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(0, 255, 3)
+    img += rng.normal(0, 4, img.shape)
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def jpeg_folder(root: Path, n: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for k in range(n):
+        folder = root / "train" / f"class{k % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        h, w = (int(v) for v in rng.integers(24, 72, 2))
+        Image.fromarray(smooth_image(h, w, seed + k)).save(folder / f"{k}.JPEG", quality=90)
+    return root
+
+
+def gpu_batches(root: Path, aug: GpuAugment, num_workers: int = 0, batch_size: int = 4):
+    raw = build_dataset("imagefolder", str(root), train=True)
+    ds = raw_dataset(raw)
+    loader = DataLoader(
+        ds, batch_size=batch_size, num_workers=num_workers, collate_fn=ds.collate_fn
+    )
+    for index, (batch, _, bad) in enumerate(loader):
+        x, undecodable = aug(batch, 0, index)
+        yield raw, batch, x, bad + undecodable
+
+
+@pytest.mark.parametrize("in_chans", [3, 1])
+def test_jpeg_path_equals_cpu_decode_and_antialiased_resized_crop(tmp_path, in_chans):
+    """Tolerance: 1 step of 255 (the reference rounds its uint8 output, as we do). One channel:
+    PIL's convert("L") of the decoded image first, as the CPU path does."""
+    root = jpeg_folder(tmp_path, 8)
+    mean, std = (0.4, 0.5, 0.6)[:in_chans], (0.2, 0.25, 0.3)[:in_chans]
+    aug = GpuAugment(32, in_chans, mean, std, 0.2, seed=3, rank=0, device="cpu")
+    for _, batch, x, bad in gpu_batches(root, aug, batch_size=8):
+        assert not bad and x.shape == (8, in_chans, 32, 32)
+        imgs = [decode_image(d, mode=ImageReadMode.RGB) for d in batch.data]
+        boxes, flip = aug.params(torch.tensor([list(i.shape[1:]) for i in imgs]), 0, 0)
+        for k, img in enumerate(imgs):
+            if in_chans == 1:
+                img = TF.pil_to_tensor(TF.to_pil_image(img).convert("L"))
+            ref = TF.resized_crop(img, *boxes[k].tolist(), size=[32, 32], interpolation=BICUBIC)
+            ref = TF.hflip(ref) if flip[k] else ref
+            ref = TF.normalize(ref.float() / 255, mean, std)
+            torch.testing.assert_close(x[k], ref, atol=1 / 255 / min(std) + 1e-5, rtol=0)
+
+
+def pil_resized_crop(img: Image.Image, box, size: int, flip: bool) -> torch.Tensor:
+    top, left, h, w = box
+    out = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
+    out = out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out
+    return TF.pil_to_tensor(out).float()
+
+
+def test_same_boxes_as_the_pil_cpu_path_give_close_pixels(tmp_path):
+    """The kernels differ: PIL's bicubic (a = -0.5, rounded between passes) vs torch's
+    antialiased one for files (also a = -0.5) and grid_sample's (a = -0.75) for arrays.
+    Measured here as the mean absolute difference in 0-255 steps over the same boxes."""
+    # JPEG files: decode + antialiased interpolate
+    root = jpeg_folder(tmp_path, 8, seed=5)
+    aug = GpuAugment(32, 3, (0.0,) * 3, (1 / 255,) * 3, 0.2, seed=0, rank=0, device="cpu")
+    diffs = []
+    for raw, _, x, _ in gpu_batches(root, aug, batch_size=8):
+        pils = [raw[k][0] for k in range(8)]
+        boxes, flip = aug.params(torch.tensor([[p.height, p.width] for p in pils]), 0, 0)
+        for k, p in enumerate(pils):
+            diffs.append((x[k] - pil_resized_crop(p, boxes[k].tolist(), 32, flip[k])).abs())
+    jpeg_mad = torch.stack(diffs).mean().item()
+    assert jpeg_mad < 0.5, jpeg_mad
+    # Fashion-MNIST arrays: grid_sample (a = -0.75, upsampling)
+    raw = build_dataset("sample", None, train=True)
+    imgs = torch.stack([raw_dataset(raw)[k][0] for k in range(64)])
+    aug = GpuAugment(28, 1, (0.0,), (1 / 255,), 0.2, seed=0, rank=0, device="cpu")
+    x, _ = aug(imgs, 0, 0)
+    boxes, flip = aug.params(torch.tensor([[28, 28]]).expand(64, 2), 0, 0)
+    ref = torch.stack(
+        [pil_resized_crop(raw[k][0], boxes[k].tolist(), 28, flip[k]) for k in range(64)]
+    )
+    fmnist_mad = (x - ref).abs().mean().item()
+    assert fmnist_mad < 4, fmnist_mad
+    print(f"mean |gpu - PIL| in 0-255 steps: jpeg {jpeg_mad:.3f}, fashion-mnist {fmnist_mad:.3f}")
+
+
+def test_batch_statistics_match_the_cpu_path():
+    """Different random crops, the same distribution: per-channel mean and std of 1,024
+    augmented Fashion-MNIST images through both pipelines."""
+    raw = build_dataset("sample", None, train=True)
+    mean, std = (0.2860,) * 3, (0.3530,) * 3
+    cpu = SeededTransformDataset(raw, build_transform(True, 28, 3, mean, std), seed=0)
+    a = torch.stack([cpu[k][0] for k in range(1024)])
+    aug = GpuAugment(28, 3, mean, std, 0.2, seed=0, rank=0, device="cpu")
+    b, _ = aug(torch.stack([raw_dataset(raw)[k][0] for k in range(1024)]), 0, 0)
+    assert b.shape == a.shape
+    assert abs(a.mean() - b.mean()) < 0.03 and abs(a.std() - b.std()) < 0.03
+    # left-right balance: flips at p = 0.5 in both
+    half = 14
+    for x in (a, b):
+        assert abs(x[..., :half].mean() - x[..., half:].mean()) < 0.03
+
+
+# ---------------------------------------------------------------------------- bad images
+def test_bad_images_are_skipped_counted_and_named_like_the_cpu_path(tmp_path):
+    files = make_messy_folder(tmp_path / "data")
+    aug = GpuAugment(16, 3, (0.5,) * 3, (0.5,) * 3, 0.2, seed=0, rank=0, device="cpu")
+    runs = []
+    for workers in (0, 2):
+        out = list(gpu_batches(tmp_path / "data", aug, num_workers=workers))
+        runs.append((torch.cat([x for *_, x, _ in out]), [b for *_, bad in out for b in bad]))
+    (x0, bad0), (x2, bad2) = runs
+    assert torch.equal(x0, x2) and bad0 == bad2  # any worker count
+    named = sorted(b.split(":")[0] for b in bad0)
+    assert named == sorted([str(files["truncated"]), str(files["empty"])])
+    assert x0.shape == (12, 3, 16, 16) and torch.isfinite(x0).all()
+    # readable odd files decode to their true content (PIL's, which the CPU path uses)
+    for name in ("cmyk", "png_named_jpeg", "gray", "tiny", "good0"):
+        data = EncodedImages([(str(files[name]), 0)])[0][0]
+        (img,), errors = decode_batch([data], torch.device("cpu"))
+        true = np.asarray(Image.open(files[name]).convert("RGB"))
+        assert not errors and np.array_equal(img.permute(1, 2, 0).numpy(), true), name
+    # an unreadable image is replaced by its batch's first readable one, crop and flip included
+    raw = build_dataset("imagefolder", str(tmp_path / "data"), train=True)
+    batch = EncodedImages.collate_fn([raw_dataset(raw)[k] for k in range(len(raw))])[0]
+    paths = [Path(p).name for p in batch.paths]
+    x, bad = aug(batch, 0, 0)
+    assert len(bad) == 2
+    assert paths[0] == "cmyk.JPEG"  # it decodes: the batch's first readable image
+    assert torch.equal(x[paths.index("empty.JPEG")], x[0])
+    assert torch.equal(x[paths.index("truncated.JPEG")], x[0])
+    strict = GpuAugment(16, 3, (0.5,) * 3, (0.5,) * 3, 0.2, 0, 0, "cpu", strict=True)
+    with pytest.raises(BadImageError, match="truncated.JPEG|empty.JPEG"):
+        strict(batch, 0, 0)
+
+
+# ---------------------------------------------------------------------------- pretrain.py
+def tiny_args(out: Path, *extra: str) -> list[str]:
+    return [*TINY, "--num_workers", "0", "--output_dir", str(out), "--data_pipeline", "gpu", *extra]
+
+
+def test_data_pipeline_is_checked():
+    with pytest.raises(ConfigError, match="data_pipeline: must be one of cpu, gpu; got 'tpu'"):
+        parse_config(PretrainConfig, ["--dataset", "sample", "--data_pipeline", "tpu"])
+
+
+def test_pretrain_with_the_gpu_pipeline_on_the_sample(tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = pretrain.main(
+        parse_config(PretrainConfig, tiny_args(out, "--batch_size", "32", "--max_steps", "4"))
+    )
+    assert summary["step"] == 4 and np.isfinite(summary["loss"])
+    assert "data_pipeline gpu without an accelerator" in capsys.readouterr().out
+    assert load_file(out / "export" / "encoder" / "model.safetensors")
+    assert (out / "export" / "mae.safetensors").is_file() and list((out / "vis").glob("*.png"))
+
+
+def test_pretrain_with_the_gpu_pipeline_on_jpegs(tmp_path):
+    root = jpeg_folder(tmp_path / "data", 12)
+    make_messy_folder(tmp_path / "data")  # adds 12 more files to train/things, 2 unreadable
+    args = tiny_args(
+        tmp_path / "run",
+        "--dataset", "imagefolder", "--data_path", str(root), "--input_size", "16",
+        "--in_chans", "3", "--batch_size", "8", "--epochs", "2", "--log_every", "1",
+    )  # fmt: skip
+    summary = pretrain.main(parse_config(PretrainConfig, args))
+    assert summary["step"] == 6 and summary["bad_images"] == 4  # 2 files x 2 epochs
+    rows = [json.loads(r) for r in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    files = [f for r in rows if r.get("event") == "bad_images" for f in r["files"]]
+    assert len(files) == 4 and any("empty.JPEG" in f for f in files)
+    assert (tmp_path / "run" / "export" / "encoder" / "model.safetensors").is_file()
+    with pytest.raises(BadImageError, match="truncated.JPEG|empty.JPEG"):
+        pretrain.main(parse_config(PretrainConfig, args + ["--strict_data", "--overwrite"]))
+
+
+# ---------------------------------------------------------------------------- CUDA only
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+def test_cuda_decode_equals_cpu_decode(tmp_path):
+    """nvjpeg's IDCT and colour conversion differ from libjpeg-turbo's by a few steps."""
+    root = jpeg_folder(tmp_path, 16)
+    raw = build_dataset("imagefolder", str(root), train=True)
+    data = [raw_dataset(raw)[k][0] for k in range(len(raw))]
+    gpu, errors_gpu = decode_batch(data, torch.device("cuda"))
+    cpu, errors_cpu = decode_batch(data, torch.device("cpu"))
+    assert not errors_gpu and not errors_cpu
+    for a, b in zip(gpu, cpu, strict=True):
+        assert a.device.type == "cuda" and a.shape == b.shape
+        diff = (a.cpu().int() - b.int()).abs()
+        assert diff.float().mean() < 1.0 and diff.max() <= 8
+
+
+@cuda
+def test_cuda_augment_equals_cpu_augment(tmp_path):
+    files = make_messy_folder(tmp_path / "data")
+    jpeg_folder(tmp_path / "data", 8)
+    outs = {}
+    for device in ("cpu", "cuda"):
+        aug = GpuAugment(16, 3, (0.5,) * 3, (0.5,) * 3, 0.2, seed=0, rank=0, device=device)
+        outs[device] = [(x.cpu(), bad) for *_, x, bad in gpu_batches(tmp_path / "data", aug)]
+    for (a, bad_a), (b, bad_b) in zip(outs["cpu"], outs["cuda"], strict=True):
+        assert [s.split(":")[0] for s in bad_a] == [s.split(":")[0] for s in bad_b]
+        assert (a - b).abs().mean() < 0.02  # normalised units; decoders differ slightly
+    assert files
