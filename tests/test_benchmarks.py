@@ -104,3 +104,33 @@ def test_quality_rejects_a_reuse_file_of_another_budget(tmp_path):
         str(tmp_path / "o"),
     )
     assert r.returncode != 0 and "budget 'gpu', not 'smoke'" in r.stderr
+
+
+def test_data_pipeline_smoke_prints_the_gpu_rate_last(tmp_path):
+    out = tmp_path / "pipeline.json"
+    r = run(
+        "benchmarks/data_pipeline.py",
+        "--images",
+        "24",
+        "--batch_size",
+        "4",
+        "--input_size",
+        "32",
+        "--batches",
+        "4",
+        "--window",
+        "2",
+        "--warmup",
+        "1",
+        "--num_workers",
+        "1",
+        "--json",
+        str(out),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("gpu_pipeline_img_per_s=") and float(last.split("=")[1]) > 0
+    res = json.loads(out.read_text())
+    assert set(res["results"]) == {"cpu", "gpu", "gpu:read", "gpu:device"}
+    assert all(row["img_per_s"] > 0 for row in res["results"].values())
+    assert "| gpu |" in r.stdout and "24 images (synthetic JPEGs" in r.stdout

@@ -1,0 +1,282 @@
+#!/usr/bin/env python
+"""Input-pipeline throughput of pretrain.py: ``--data_pipeline cpu`` vs ``--data_pipeline gpu``.
+
+Both pipelines produce what the training step consumes: a normalised float batch
+``[batch, 3, size, size]`` on the device, with RandomResizedCrop (scale ``--crop_min``-1,
+bicubic) + horizontal flip, from an ImageFolder of JPEGs.
+
+    cpu          DataLoader workers decode with PIL and run the CPU transform (maepl.data
+                 build_transform, seeded per sample); pinned batches copied to the device
+    gpu          workers only read the file bytes; the main process decodes them with
+                 torchvision.io.decode_jpeg on the device (batched on CUDA) and crops, flips and
+                 normalises there (maepl.gpu_aug.GpuAugment), as pretrain.py does
+    gpu:read     the gpu pipeline's DataLoader alone (workers reading bytes): its upper bound
+    gpu:device   the gpu pipeline's device work alone, on batches of bytes read beforehand
+
+Each is timed over windows of ``--window`` batches after ``--warmup`` batches (the device is
+synchronised at each window's end); the median window's img/s is reported. Epochs repeat
+with persistent workers until ``--batches`` batches are timed.
+
+Without ``--data_path`` the script writes a synthetic ImageFolder to a temporary folder (deleted
+at the end): ``--images`` JPEGs at quality 90, half 500x375 or 375x500 (ImageNet's most
+common sizes) and half of random width and height between 300 and 600 px, 10 classes. The
+content is smooth and natural-looking: a two-colour gradient, a few filled ellipses and
+rectangles in random colours, blurred slightly, plus Gaussian noise of sigma 3. (Random-noise
+JPEGs are several times larger and decode unrealistically slowly.) Files just written are in
+the page cache; a real dataset on disk may be read more slowly.
+
+Last line: ``gpu_pipeline_img_per_s=<median img/s of the gpu pipeline>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import PIL
+import torch
+import torchvision
+from PIL import Image, ImageDraw, ImageFilter
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
+
+from maepl.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_transform  # noqa: E402
+from maepl.gpu_aug import EncodedImages, GpuAugment  # noqa: E402
+from maepl.loaders import SeededTransformDataset, collate_skip_bad  # noqa: E402
+
+PIPELINES = ("cpu", "gpu", "gpu:read", "gpu:device")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data_path", help="an ImageFolder (train/ used when present)")
+    p.add_argument("--images", type=int, default=4000, help="synthetic images to write")
+    p.add_argument("--input_size", type=int, default=224)
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--num_workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--crop_min", type=float, default=0.2)
+    p.add_argument("--batches", type=int, default=30, help="timed batches per pipeline")
+    p.add_argument("--warmup", type=int, default=5, help="untimed batches first")
+    p.add_argument("--window", type=int, default=5, help="batches per timing window")
+    p.add_argument("--only", default=",".join(PIPELINES), help="comma-separated subset")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    unknown = set(args.only.split(",")) - set(PIPELINES)
+    if unknown:
+        p.error(f"--only: unknown {sorted(unknown)}; choose from {', '.join(PIPELINES)}")
+    if args.batches < args.window or args.window < 1:
+        p.error("--batches must be >= --window >= 1")
+    return args
+
+
+# ---------------------------------------------------------------------------- synthetic data
+def synthetic_image(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    if seed % 2:
+        w, h = (500, 375) if rng.random() < 0.5 else (375, 500)
+    else:
+        w, h = (int(v) for v in rng.integers(300, 601, 2))
+    # a gradient between two colours along a random direction
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    angle = rng.uniform(0, 2 * np.pi)
+    t = np.cos(angle) * xx + np.sin(angle) * yy
+    t = ((t - t.min()) / (t.max() - t.min()))[..., None]
+    a, b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    img = Image.fromarray((a + (b - a) * t).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 8))):
+        x0, y0 = rng.uniform(0, w), rng.uniform(0, h)
+        x1, y1 = x0 + rng.uniform(20, w / 2), y0 + rng.uniform(20, h / 2)
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape((x0, y0, x1, y1), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    img = np.asarray(img.filter(ImageFilter.GaussianBlur(1.5)), dtype=np.float32)
+    # texture: random fields smoothly upsampled from 1/32, 1/8 and 1/2 of the size (1/f-like)
+    for scale, amp in ((32, 16), (8, 12), (2, 8)):
+        small = rng.normal(0, 1, (max(1, h // scale), max(1, w // scale))).astype(np.float32)
+        field = np.asarray(Image.fromarray(small, "F").resize((w, h), Image.BICUBIC))
+        img = img + amp * field[..., None]
+    img = img + rng.normal(0, 3, (h, w, 3))
+    return Image.fromarray(img.clip(0, 255).astype(np.uint8))
+
+
+def _write_one(job: tuple[int, str]) -> int:
+    seed, path = job
+    synthetic_image(seed).save(path, quality=90)
+    return os.path.getsize(path)
+
+
+def write_synthetic(root: Path, n: int, processes: int) -> int:
+    jobs = []
+    for k in range(n):
+        folder = root / "train" / f"class{k % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        jobs.append((k, str(folder / f"{k:06d}.JPEG")))
+    with Pool(max(1, processes)) as pool:
+        return sum(pool.map(_write_one, jobs, chunksize=16))
+
+
+# ---------------------------------------------------------------------------- timing
+def forever(loader: DataLoader):
+    while True:
+        yield from loader
+
+
+def time_batches(batches, step, args, device: torch.device) -> dict:
+    """Run ``step`` on ``warmup + batches`` items of ``batches``; img/s per window."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    it = iter(batches)
+    t_start = time.perf_counter()
+    for _ in range(args.warmup):
+        step(next(it))
+    sync()
+    warm_s = time.perf_counter() - t_start
+    rates = []
+    for _ in range(args.batches // args.window):
+        t0 = time.perf_counter()
+        for _ in range(args.window):
+            out = step(next(it))
+        sync()
+        rates.append(args.window * args.batch_size / (time.perf_counter() - t0))
+    if out is not None:
+        assert out.shape == (args.batch_size, 3, args.input_size, args.input_size), out.shape
+        assert torch.isfinite(out).all()
+    return dict(img_per_s=statistics.median(rates), windows=rates, warmup_s=warm_s)
+
+
+def loader_for(dataset, args, collate, device: torch.device) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.num_workers,
+        pin_memory=device.type == "cuda",
+        collate_fn=collate,
+        persistent_workers=args.num_workers > 0,
+        prefetch_factor=4 if args.num_workers > 0 else None,
+    )
+
+
+def run_pipeline(name: str, raw, args, device: torch.device) -> dict:
+    mean, std, size = IMAGENET_MEAN, IMAGENET_STD, args.input_size
+    aug = GpuAugment(size, 3, mean, std, args.crop_min, seed=0, rank=0, device=device)
+    encoded, loader = EncodedImages(raw.samples), None
+    if name == "cpu":
+        tf = build_transform(True, size, 3, mean, std, (args.crop_min, 1.0))
+        loader = loader_for(SeededTransformDataset(raw, tf, 0), args, collate_skip_bad, device)
+        batches = forever(loader)
+        step = lambda b: b[0].to(device, non_blocking=True)
+    elif name == "gpu":  # what pretrain.py runs: the micro-batch index seeds the crops
+        loader = loader_for(encoded, args, encoded.collate_fn, device)
+        batches = enumerate(forever(loader))
+        step = lambda b: aug(b[1][0], 0, b[0])[0]
+    elif name == "gpu:read":
+        loader = loader_for(encoded, args, encoded.collate_fn, device)
+        batches, step = forever(loader), lambda b: None
+    else:  # gpu:device: up to 8 batches of bytes read beforehand, cycled
+        bs = args.batch_size
+        pre = []
+        for k in range(min(len(encoded) // bs, 8)):
+            pre.append(encoded.collate_fn([encoded[i] for i in range(k * bs, (k + 1) * bs)])[0])
+        batches = ((k, pre[k % len(pre)]) for k in range(10**9))
+        step = lambda b: aug(b[1], 0, b[0])[0]
+    try:
+        return time_batches(batches, step, args, device)
+    finally:
+        if loader is not None:
+            loader._iterator = None  # stop the persistent workers now
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    t_total = time.perf_counter()
+    tmp = None
+    if args.data_path:
+        root, gen_s, note = Path(args.data_path), 0.0, f"ImageFolder {args.data_path}"
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="maepl_pipeline_"))
+        root = tmp
+        t0 = time.perf_counter()
+        size = write_synthetic(root, args.images, args.num_workers)
+        gen_s = time.perf_counter() - t0
+        note = f"synthetic JPEGs, {size / args.images / 1024:.0f} KiB mean, written in {gen_s:.1f}s"
+    try:
+        raw = build_dataset("imagefolder", str(root), train=True)
+        if len(raw) < args.batch_size:
+            sys.exit(f"error: {len(raw)} images hold no batch of {args.batch_size}")
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+        print(f"device: {device} ({name or platform.machine()}), {os.cpu_count()} CPU cores")
+        print(
+            f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
+            f"Pillow {PIL.__version__}, python {platform.python_version()}"
+        )
+        sizes = [Image.open(p).size for p, _ in raw.samples[:200]]
+        mean_w = sum(w for w, _ in sizes) / len(sizes)
+        mean_h = sum(h for _, h in sizes) / len(sizes)
+        print(
+            f"{len(raw)} images ({note}); mean size of the first {len(sizes)}: "
+            f"{mean_w:.0f}x{mean_h:.0f}"
+        )
+        print(
+            f"batch {args.batch_size}, output {args.input_size}px, crop_min {args.crop_min}, "
+            f"{args.num_workers} workers; {args.warmup} warm-up + {args.batches} timed batches, "
+            f"windows of {args.window}"
+        )
+        results = {}
+        for pipe in args.only.split(","):
+            results[pipe] = run_pipeline(pipe, raw, args, device)
+            r = results[pipe]
+            print(
+                f"  {pipe:<11} {r['img_per_s']:9.0f} img/s   windows "
+                f"{' '.join(f'{v:.0f}' for v in r['windows'])}   warm-up {r['warmup_s']:.1f}s",
+                flush=True,
+            )
+        print()
+        print("| pipeline | img/s (median) | min | max |\n|---|---|---|---|")
+        for pipe, r in results.items():
+            w = r["windows"]
+            print(f"| {pipe} | {r['img_per_s']:.0f} | {min(w):.0f} | {max(w):.0f} |")
+        total_s = time.perf_counter() - t_total
+        print(f"\nbenchmark time {total_s:.1f}s (data generation {gen_s:.1f}s)")
+        if args.json:
+            Path(args.json).write_text(
+                json.dumps(
+                    dict(
+                        device=str(device),
+                        device_name=name,
+                        cpu_count=os.cpu_count(),
+                        torch=torch.__version__,
+                        torchvision=torchvision.__version__,
+                        images=len(raw),
+                        data=note,
+                        args=vars(args),
+                        results=results,
+                        total_s=total_s,
+                    ),
+                    indent=1,
+                )
+            )
+            print(f"wrote {args.json}")
+        gpu = results.get("gpu", {}).get("img_per_s", float("nan"))
+        print(f"gpu_pipeline_img_per_s={gpu:.0f}")
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
