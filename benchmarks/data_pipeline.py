@@ -21,9 +21,12 @@ Without ``--data_path`` the script writes a synthetic ImageFolder to a temporary
 at the end): ``--images`` JPEGs at quality 90, half 500x375 or 375x500 (ImageNet's most
 common sizes) and half of random width and height between 300 and 600 px, 10 classes. The
 content is smooth and natural-looking: a two-colour gradient, a few filled ellipses and
-rectangles in random colours, blurred slightly, plus Gaussian noise of sigma 3. (Random-noise
-JPEGs are several times larger and decode unrealistically slowly.) Files just written are in
-the page cache; a real dataset on disk may be read more slowly.
+rectangles in random colours, blurred slightly, a 1/f-like texture (random fields upsampled
+from 1/32, 1/8 and 1/2 of the size) and Gaussian noise of sigma 3. (Random-noise JPEGs are
+several times larger and decode unrealistically slowly.) They average about 50 KiB at about
+445x445 px; ImageNet's training JPEGs average about 110 KB (138 GB over 1.28 M files) at a
+similar size, so they hold more entropy to decode: pass --data_path for the figure that
+counts. Files just written are in the page cache; a dataset on disk may be read more slowly.
 
 Last line: ``gpu_pipeline_img_per_s=<median img/s of the gpu pipeline>``.
 """
