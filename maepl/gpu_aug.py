@@ -127,7 +127,7 @@ def resized_crop_batch(
     n, _, H, W = x.shape
     top, left, h, w = boxes.double().unbind(1)
     theta = torch.zeros(n, 2, 3, dtype=torch.float64)
-    theta[:, 0, 0] = torch.where(flip, -w / W, w / W)
+    theta[:, 0, 0] = torch.where(flip.to(w.device), -w / W, w / W)  # built on the host
     theta[:, 0, 2] = (2 * left + w) / W - 1
     theta[:, 1, 1] = h / H
     theta[:, 1, 2] = (2 * top + h) / H - 1
@@ -333,11 +333,11 @@ class GpuAugment:
         x = imgs.to(self.device, non_blocking=True)
         if c == 3 and self.in_chans == 1:
             x = rgb_to_luma(x)
-        flip = flip.to(self.device, non_blocking=True)
         if max(h, w) <= self.size:  # every crop is upsampled: no antialiasing needed
-            return resized_crop_batch(x.float(), boxes, flip, self.size)
+            return resized_crop_batch(x.float(), boxes, flip, self.size)  # boxes, flip: host
         x = torch.stack([resized_crop_one(x[k], boxes[k], self.size) for k in range(n)])
-        return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        flip = flip.to(self.device, non_blocking=True).view(-1, 1, 1, 1)
+        return torch.where(flip, x.flip(-1), x)
 
     def _encoded(self, batch: EncodedBatch, epoch: int, index: int):
         imgs, errors = decode_batch(batch.data, self.device)

@@ -312,7 +312,8 @@ def test_pretrain_with_the_gpu_pipeline_on_the_sample(tmp_path, capsys):
         parse_config(PretrainConfig, tiny_args(out, "--batch_size", "32", "--max_steps", "4"))
     )
     assert summary["step"] == 4 and np.isfinite(summary["loss"])
-    assert "data_pipeline gpu without an accelerator" in capsys.readouterr().out
+    if not torch.cuda.is_available():  # the note is for CPU-only machines
+        assert "data_pipeline gpu without an accelerator" in capsys.readouterr().out
     assert load_file(out / "export" / "encoder" / "model.safetensors")
     assert (out / "export" / "mae.safetensors").is_file() and list((out / "vis").glob("*.png"))
 
