@@ -12,6 +12,7 @@ SIGTERM/SIGINT stop, non-finite step skipping and the log. A script's loop reads
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -30,6 +31,7 @@ from .config import ConfigError, dump_config
 from .guard import StopFlag, ignore_stop_signals
 from .loaders import ShardedSampler, collate_skip_bad
 from .optim import lr_at, set_lr
+from .prefetch import Prefetcher
 from .tracking import Tracker
 
 
@@ -137,6 +139,11 @@ class Run:
         if self.cfg.compile:
             model.compile()  # in place: state_dict keys stay free of "_orig_mod."
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # A fused AdamW skips a non-finite step on the device (its found_inf input), so the loop
+        # needs no host sync per step; other optimizers (foreach on CPU) are skipped from Python.
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        fused = all(g.get("fused") for g in inner.param_groups)
+        self._device_skip = fused and self.precision != "fp16"  # fp16: GradScaler's own skip
         self.generator = torch.Generator(device=self.device).manual_seed(
             seed * 1000 + self.rank + 1
         )
@@ -187,8 +194,10 @@ class Run:
         self._sums: dict[str, torch.Tensor] = {}
         self._finite = torch.zeros((), device=self.device)
         self._n_micro, self._t_log = 0, time.perf_counter()
+        self._verdicts: list[tuple[int, torch.Tensor]] = []  # (step, 1.0 if skipped) unread
 
     def save(self, with_grads: bool = False) -> None:
+        self._settle()  # the counters below must be current
         state = dict(
             step=self.step,
             epoch=self.epoch,
@@ -223,7 +232,10 @@ class Run:
         """Micro-batches until the schedule, ``max_steps`` or a signal ends the run.
 
         ``augment(imgs, epoch, index)`` -> (images on the device, unreadable files) turns raw
-        batches into training inputs on the device (``--data_pipeline gpu``).
+        batches into training inputs on the device (``--data_pipeline gpu``). It runs ahead of
+        the loop in a thread (:class:`~maepl.prefetch.Prefetcher`), which gives micro-batch k
+        of the epoch the index k: the script must take each batch it is given (one
+        ``end_micro`` each), as pretrain.py does.
         """
         try:
             yield from self._batches(loader, sampler, on_epoch_end, augment)
@@ -239,19 +251,24 @@ class Run:
         while self.step < self.stop_step and self.epoch < cfg.epochs and not self.stopped:
             sampler.set_epoch(self.epoch, start=self.batch_in_epoch * cfg.batch_size)
             self.accelerator.step = self.batch_in_epoch  # Accelerate's micro-step counter
-            for imgs, labels, bad in loader:
-                if self.batch_in_epoch >= self.micro_per_epoch or self.step >= self.stop_step:
-                    break
-                if augment is not None:  # seeded by the micro-batch's place in the run
-                    imgs, undecodable = augment(imgs, self.epoch, self.batch_in_epoch)
-                    bad = bad + undecodable
-                if bad:  # unreadable files, replaced in the batch by a readable one
-                    self.bad_images += len(bad)
-                    print(f"[rank {self.rank}] skipped unreadable images: {bad}", file=sys.stderr)
-                    self.tracker.event(self.step, "bad_images", files=bad)
-                yield imgs.to(self.device, non_blocking=True), labels.to(self.device)
-                if self.stopped:
-                    break
+            epoch_batches = contextlib.nullcontext(loader)
+            if augment is not None:  # augmented ahead in a thread, seeded by the batch's place
+                left = self.micro_per_epoch - self.batch_in_epoch
+                epoch_batches = Prefetcher(
+                    loader, augment, self.epoch, self.batch_in_epoch, left, self.device
+                )
+            with epoch_batches as batches:
+                for imgs, labels, bad in batches:
+                    if self.batch_in_epoch >= self.micro_per_epoch or self.step >= self.stop_step:
+                        break
+                    if bad:  # unreadable files, replaced in the batch by a readable one
+                        self.bad_images += len(bad)
+                        msg = f"[rank {self.rank}] skipped unreadable images: {bad}"
+                        print(msg, file=sys.stderr)
+                        self.tracker.event(self.step, "bad_images", files=bad)
+                    yield imgs.to(self.device, non_blocking=True), labels.to(self.device)
+                    if self.stopped:
+                        break
             if not self.stopped and self.batch_in_epoch >= self.micro_per_epoch:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 if on_epoch_end is not None:
@@ -271,11 +288,11 @@ class Run:
         """Backward; on the last micro-batch: lr, clipping, the non-finite check, the step.
 
         The norm of the all-reduced gradients is the same on every rank, so all ranks skip a
-        non-finite step together; reading it is one host sync per optimizer step (MAE syncs on
-        the loss every step too).
+        non-finite step together. With a fused AdamW the skip happens on the device and the
+        verdict is read later, with the log (``_settle``): no host sync per step. Otherwise it
+        is read here, one host sync per optimizer step.
         """
         self.accelerator.backward(loss)
-        self._step_finite = True
         if self.sync:
             cfg = self.cfg
             set_lr(
@@ -284,10 +301,35 @@ class Run:
             )
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             norm = self.accelerator.clip_grad_norm_(params, cfg.clip_grad or float("inf"))
-            self._step_finite = bool(torch.isfinite(norm))
-        if self._step_finite or self.precision == "fp16":  # fp16: GradScaler skips by itself
+            nonfinite = (~torch.isfinite(norm)).float()
+            if self._device_skip:  # fused AdamW leaves params, state and its step count alone
+                self.optimizer.optimizer.found_inf = nonfinite
+                self.optimizer.step()
+            elif not nonfinite.item() or self.precision == "fp16":  # fp16: GradScaler skips
+                self.optimizer.step()
+            self._verdicts.append((self.step + 1, nonfinite))
+        else:
             self.optimizer.step()  # Accelerate skips it until the last micro-batch
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _settle(self) -> None:
+        """Read the pending non-finite verdicts (one host sync): count, log, stop if too many."""
+        if not self._verdicts:
+            return
+        steps = [s for s, _ in self._verdicts]
+        flags = torch.stack([f for _, f in self._verdicts]).tolist()
+        self._verdicts = []
+        for step, bad in zip(steps, flags, strict=True):
+            self.nonfinite_run = self.nonfinite_run + 1 if bad else 0
+            self.nonfinite_total += int(bad)
+            if bad:
+                self.tracker.event(step, "nonfinite_grad_norm", skipped=self.precision != "fp16")
+            if self.nonfinite_run >= self.cfg.max_nonfinite:
+                raise FloatingPointError(
+                    f"step {step}: {self.nonfinite_run} consecutive steps with a non-finite "
+                    f"gradient norm (max_nonfinite={self.cfg.max_nonfinite}); the last "
+                    f"checkpoint (step {self.last_saved}) holds finite weights"
+                )
 
     def end_micro(self, metrics: dict[str, torch.Tensor]) -> None:
         """Book-keeping after one micro-batch; ``metrics`` are scalar tensors to average."""
@@ -302,19 +344,9 @@ class Run:
         if self.sync:
             self.step += 1
             self.bar.update(1)
-            finite = self._step_finite
-            self.nonfinite_run = 0 if finite else self.nonfinite_run + 1
-            self.nonfinite_total += 0 if finite else 1
-            if not finite:
-                self.tracker.event(
-                    self.step, "nonfinite_grad_norm", skipped=self.precision != "fp16"
-                )
-                if self.nonfinite_run >= cfg.max_nonfinite:
-                    raise FloatingPointError(
-                        f"step {self.step}: {self.nonfinite_run} consecutive steps with a "
-                        f"non-finite gradient norm (max_nonfinite={cfg.max_nonfinite}); the last "
-                        f"checkpoint (step {self.last_saved}) holds finite weights"
-                    )
+            # verdicts are read on the device-skip path only every max_nonfinite steps at most
+            if not self._device_skip or len(self._verdicts) >= cfg.max_nonfinite:
+                self._settle()
             if self.step % cfg.log_every == 0 or self.step == self.stop_step:
                 self._write_log()
             if cfg.save_every_steps and self.step % cfg.save_every_steps == 0:
@@ -325,6 +357,7 @@ class Run:
 
     def _write_log(self) -> None:
         # one host sync per log line: averages over finite micro-batches of all ranks
+        self._settle()
         keys = list(self._sums)
         packed = torch.stack([self._sums[k] for k in keys] + [self._finite])
         tot = self.accelerator.reduce(packed, "sum").tolist()

@@ -305,7 +305,18 @@ def poison(monkeypatch, bad_batches):
     monkeypatch.setattr(maepl.loop, "collate_skip_bad", collate)
 
 
-def test_nonfinite_steps_are_skipped_and_counted(tiny_cfg, monkeypatch):
+def fused_adamw(monkeypatch):
+    """The CUDA optimizer (fused AdamW, skipping on the device without a host sync) on CPU."""
+    build = pretrain.build_adamw
+    monkeypatch.setattr(
+        pretrain, "build_adamw", lambda *a, **k: build(*a, **{**k, "device_type": "cuda"})
+    )
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_nonfinite_steps_are_skipped_and_counted(tiny_cfg, monkeypatch, fused):
+    if fused:
+        fused_adamw(monkeypatch)
     poison(monkeypatch, {3, 4})
     cfg = tiny_cfg(max_steps=8, log_every=1)
     summary = pretrain.main(cfg)
@@ -321,7 +332,10 @@ def test_nonfinite_steps_are_skipped_and_counted(tiny_cfg, monkeypatch):
     assert {v.item() for k, v in opt.items() if k.endswith(".step")} == {6.0}  # 8 - 2 skipped
 
 
-def test_consecutive_nonfinite_steps_stop_the_run_naming_the_step(tiny_cfg, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_consecutive_nonfinite_steps_stop_the_run_naming_the_step(tiny_cfg, monkeypatch, fused):
+    if fused:
+        fused_adamw(monkeypatch)
     poison(monkeypatch, "all")
     with pytest.raises(FloatingPointError, match="step 3: 3 consecutive"):
         pretrain.main(tiny_cfg(max_steps=8, max_nonfinite=3))
