@@ -17,7 +17,7 @@ Runs are seed-major (every variant once before any second seed; sweeps last) and
 its row to <out>/rows/ when done, so that a run cut short by --time_limit keeps what finished;
 --reuse merges the rows of an earlier results.json, so that a study too long for one GPU session
 is completed over several. --parallel N runs N pretrainings at once as subprocesses on the same
-device (a 28-px ViT-Tiny leaves most of an H100 idle).
+device (without NVIDIA MPS their kernels time-slice the GPU: see docs/results.md).
 """
 
 from __future__ import annotations
@@ -247,8 +247,11 @@ def run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int]], out: Path) -
             if args.workers is not None:
                 cmd += ["--workers", str(args.workers)]
             log = open(out / "logs" / f"{name}_s{seed}.log", "w")
+            # share the cores: N runs with all cores' worth of threads each oversubscribe them
+            threads = str(max(1, (os.cpu_count() or 1) // args.parallel))
+            env = {**os.environ, "OMP_NUM_THREADS": threads}
             proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
             running[(name, seed)] = (proc, log)
             print(f"started {name} seed {seed} (pid {proc.pid})", flush=True)
@@ -293,7 +296,12 @@ def main() -> None:
     p.add_argument("--data_path", default=None)
     p.add_argument("--out", default=None)
     p.add_argument(
-        "--parallel", type=int, default=1, help="runs at once, as subprocesses on one device"
+        "--parallel",
+        type=int,
+        default=1,
+        help="runs at once, as subprocesses on one device. Measured on one H100 without MPS\n"
+        "(gpu budget, 4 at once): 3.5-4 steps/s each, far slower than one run alone\n"
+        "is expected to be; see docs/results.md",
     )
     p.add_argument("--workers", type=int, default=None, help="data workers per run")
     p.add_argument(
