@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from maepl.models.pos_labels import (
@@ -83,3 +84,26 @@ def test_apl_head_reads_first_channels_only():
     z2 = z.clone()
     z2[..., 8:] = 99.0
     assert torch.equal(lab.head(z), lab.head(z2))
+
+
+@pytest.mark.parametrize("kind,classes", [("abs", 49), ("rel", 169)])
+def test_classifier_rows_are_padded_and_the_padding_is_inert(kind, classes):
+    torch.manual_seed(0)
+    lab = PositionLabeler(kind, 32, 7, 7)
+    head = lab.head
+    assert head.classifier.out_features % 16 == 0 and head.classifier.out_features >= classes
+    z = torch.randn(2, 5, 32, requires_grad=True)
+    pos = torch.tensor([[0, 8, 16, 24, 48], [1, 2, 3, 4, 5]])
+    logits = head(z)
+    assert logits.shape[-1] == classes
+    loss, _ = lab(z, pos)
+    loss.backward()
+    grad = head.classifier.weight.grad
+    assert grad[classes:].abs().sum() == 0 and grad[:classes].abs().sum() > 0
+    # the same loss as a classifier holding only the real rows
+    ref = torch.nn.Linear(head.classifier.in_features, classes)
+    with torch.no_grad():
+        ref.weight.copy_(head.classifier.weight[:classes])
+        ref.bias.copy_(head.classifier.bias[:classes])
+    head.classifier, lab_loss = ref, loss.detach()
+    assert torch.allclose(lab(z, pos)[0], lab_loss, atol=1e-6)

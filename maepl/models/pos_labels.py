@@ -78,6 +78,13 @@ def position_loss(
     return loss, acc.detach()
 
 
+def padded(num_classes: int, multiple: int = 16) -> int:
+    """Classifier rows rounded up to a multiple of 16: bf16 matrix products whose output width
+    is not a multiple of 8 (APL's 196, RPL's 729 classes on a 14x14 grid) miss cuBLAS's fast
+    kernels. The extra rows' logits are sliced off before the loss (they get no gradient)."""
+    return -(-num_classes // multiple) * multiple
+
+
 class AbsPosHead(nn.Module):
     """APL: first ``in_dim`` channels -> Linear -> GELU -> Linear(in_dim/2) -> classifier(h*w)."""
 
@@ -87,11 +94,12 @@ class AbsPosHead(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, in_dim // 2)
         )
-        self.classifier = nn.Linear(in_dim // 2, num_classes)
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(in_dim // 2, padded(num_classes))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """z: [N, m, C] encoder outputs -> logits [N, m, h*w]."""
-        return self.classifier(self.mlp(z[..., : self.in_dim]))
+        return self.classifier(self.mlp(z[..., : self.in_dim]))[..., : self.num_classes]
 
 
 class RelPosHead(nn.Module):
@@ -108,7 +116,8 @@ class RelPosHead(nn.Module):
         self.fc1 = nn.Linear(2 * in_dim, in_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(in_dim, in_dim)
-        self.classifier = nn.Linear(in_dim, num_classes)
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(in_dim, padded(num_classes))
 
     def pair_hidden(self, z: torch.Tensor, pairs: torch.Tensor | None = None) -> torch.Tensor:
         """First layer for all pairs -> [N, m, m, k], or for ``pairs`` [N, K, 2] -> [N, K, k]."""
@@ -123,14 +132,16 @@ class RelPosHead(nn.Module):
 
     def forward(self, z: torch.Tensor, pairs: torch.Tensor | None = None) -> torch.Tensor:
         """z: [N, m, C] -> logits [N, m, m, (2h-1)(2w-1)], or [N, K, classes] for ``pairs``."""
-        return self.classifier(self.fc2(self.act(self.pair_hidden(z, pairs))))
+        h = self.fc2(self.act(self.pair_hidden(z, pairs)))
+        return self.classifier(h)[..., : self.num_classes]
 
     def forward_naive(self, z: torch.Tensor) -> torch.Tensor:
         """Reference: builds every concatenated pair explicitly (for tests and benchmarks)."""
         k, m = self.in_dim, z.shape[1]
         a = z[..., :k][:, :, None, :].expand(-1, -1, m, -1)
         b = z[..., -k:][:, None, :, :].expand(-1, m, -1, -1)
-        return self.classifier(self.fc2(self.act(self.fc1(torch.cat([a, b], dim=-1)))))
+        h = self.fc2(self.act(self.fc1(torch.cat([a, b], dim=-1))))
+        return self.classifier(h)[..., : self.num_classes]
 
 
 class PositionLabeler(nn.Module):
