@@ -1,47 +1,77 @@
 #!/usr/bin/env bash
-# One prepared GPU session (one H100, ~15 minutes of device time): what needs the GPU, in order
-# of value, each step bounded by its own timeout so that one failure leaves the rest standing.
-#   1. versions;
-#   2. the input pipeline: benchmarks/data_pipeline.py (CPU PIL path vs GPU decode + crop);
-#   3. the quality benchmark's gpu budget (reference setup), as many runs as QUALITY_S allows,
-#      QUALITY_PAR at once, merged with the rows of earlier sessions (--reuse);
-#   4. where a step's time goes: throughput.py eager with --profile (plain MAE and RPL).
-# Results land in $OUT (small files only). Usage, from the repo root:
-#   FMNIST=.data/fmnist OUT=/tmp/out bash benchmarks/h100_session.sh
+# One prepared GPU session (one H100, ~15 minutes of device time in all, start-up included).
+# Sections, chosen with SECTIONS (comma-separated, in this order), each under its own timeout
+# so that one failure leaves the rest standing; results land in $OUT (small files only):
+#   calib       one gpu-budget pretraining alone, eager then compiled, 300 steps each: steps/s
+#   quality     benchmarks/quality.py --budget gpu for QUALITY_S seconds, QUALITY_PAR runs at
+#               once (MPS=1 starts NVIDIA MPS first so that they share the GPU instead of
+#               time-slicing it), merged with earlier sessions' rows (REUSE)
+#   throughput  throughput.py ViT-B/16 compiled: plain, apl, rpl, hf; then plain profiled
+#   pipeline    data_pipeline.py: cpu vs gpu (prefetched) vs gpu:inline, with a simulated step
+# Usage, from the repo root (the Fashion-MNIST idx files carried in .data/fmnist):
+#   SECTIONS=calib,quality FMNIST=.data/fmnist OUT=/tmp/out bash benchmarks/h100_session.sh
 set -u
 OUT=${OUT:-/tmp/maepl_out}
 FMNIST=${FMNIST:-/usr/share/datasets/fashion-mnist}
-QUALITY_S=${QUALITY_S:-380}
-QUALITY_PAR=${QUALITY_PAR:-4}
+SECTIONS=${SECTIONS:-calib,quality}
+QUALITY_S=${QUALITY_S:-400}
+QUALITY_PAR=${QUALITY_PAR:-1}
+MPS=${MPS:-0}
 VARIANTS=${VARIANTS:-mae,apl_drop,apl_no_pe,apl_pe_kept,apl_drop_smooth,rpl_drop}
 REUSE=${REUSE:-benchmarks/results/quality_gpu.json}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 log() { echo "=== $(date +%T) $*"; }
-quiet() { grep -v -E "[0-9]+%\|" || true; }
+has() { [[ ",$SECTIONS," == *",$1,"* ]]; }
 
 log versions
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python -c "import torch, timm, accelerate; print('torch', torch.__version__, 'timm', timm.__version__, 'accelerate', accelerate.__version__)"
-nproc
+python -c "import torch, torchvision, timm, accelerate; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'accelerate', accelerate.__version__)"
+echo "cores $(nproc); MPS control: $(command -v nvidia-cuda-mps-control || echo absent)"
 
-log "input pipeline: CPU (PIL) vs GPU decode + crop, synthetic ImageFolder of JPEGs"
-timeout 100 python benchmarks/data_pipeline.py --json "$OUT/data_pipeline.json" 2>&1 | tail -14
+if has calib; then
+  for mode in eager compile; do
+    log "calib: one gpu-budget run alone, $mode, 300 steps"
+    flag=(); [ "$mode" = compile ] && flag=(--compile)
+    timeout 150 python pretrain.py --config configs/fmnist_vit_tiny.yaml --data_path "$FMNIST" \
+        --data_pipeline gpu --num_workers 2 --max_steps 300 --log_every 100 --vis_every 1000 \
+        --pos_label abs --pos_drop_ratio 0.75 "${flag[@]}" --output_dir "/tmp/calib_$mode" \
+        --overwrite true > "$OUT/calib_$mode.txt" 2>&1
+    python -c "import json,sys; [print(' step', r['step'], 'img/s %.0f' % r['img_per_s'], 'steps/s %.1f' % (r['img_per_s'] / 512)) for r in map(json.loads, open(sys.argv[1])) if 'img_per_s' in r]" "/tmp/calib_$mode/log.jsonl"
+  done
+fi
 
-log "quality benchmark, gpu budget: ${QUALITY_PAR} runs at once for ${QUALITY_S} s"
-reuse=()
-[ -f "$REUSE" ] && reuse=(--reuse "$REUSE")
-timeout $((QUALITY_S + 30)) python benchmarks/quality.py --budget gpu --seeds 2 --sweeps \
-    --variants "$VARIANTS" \
-    --parallel "$QUALITY_PAR" --workers 2 --time_limit "$QUALITY_S" "${reuse[@]}" \
-    --data_path "$FMNIST" --out /tmp/quality_gpu 2>&1 | grep -E '^\{|^\||^not run|^started|^job|^reusing' | tail -40
-mkdir -p "$OUT/quality"
-cp /tmp/quality_gpu/results.json /tmp/quality_gpu/results.md "$OUT/quality/" 2>/dev/null
-cp /tmp/quality_gpu/*.png "$OUT/quality/" 2>/dev/null
-for f in /tmp/quality_gpu/logs/*.log; do tail -c 3000 "$f" > "$OUT/quality/$(basename "$f")"; done
+if has quality; then
+  if [ "$MPS" = 1 ]; then
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
+    mkdir -p /tmp/mps_pipe /tmp/mps_log
+    nvidia-cuda-mps-control -d && echo "MPS started" && trap 'echo quit | nvidia-cuda-mps-control' EXIT
+  fi
+  log "quality, gpu budget: $QUALITY_PAR at once for $QUALITY_S s (MPS=$MPS)"
+  reuse=(); [ -f "$REUSE" ] && reuse=(--reuse "$REUSE")
+  timeout $((QUALITY_S + 40)) python benchmarks/quality.py --budget gpu --seeds 2 --sweeps \
+      --variants "$VARIANTS" --parallel "$QUALITY_PAR" --workers 2 --time_limit "$QUALITY_S" \
+      "${reuse[@]}" --data_path "$FMNIST" --out /tmp/quality_gpu 2>&1 \
+      | grep -E '^\{|^\||^not run|^job|^reusing' | cut -c1-600 | tail -40
+  mkdir -p "$OUT/quality"
+  cp /tmp/quality_gpu/results.json /tmp/quality_gpu/results.md "$OUT/quality/" 2>/dev/null
+  cp /tmp/quality_gpu/*.png "$OUT/quality/" 2>/dev/null
+  for f in /tmp/quality_gpu/logs/*.log; do
+    [ -f "$f" ] && tail -c 1500 "$f" | tr '\r' '\n' | tail -8 > "$OUT/quality/$(basename "$f")"
+  done
+fi
 
-log "where the time goes: ViT-B/16 step, eager, plain vs RPL, profiled"
-timeout 75 python benchmarks/throughput.py --preset vit_base --only plain,apl,rpl --steps 10 \
-    --warmup 3 --profile 3 --json "$OUT/throughput_eager.json" > "$OUT/profile_eager.txt" 2>&1
-grep -E "^(plain|apl|rpl) " "$OUT/profile_eager.txt"
+if has throughput; then
+  log "throughput: ViT-B/16, compiled (plain, apl, rpl, hf), then plain profiled"
+  timeout 330 python benchmarks/throughput.py --preset vit_base --compile --steps 15 --warmup 5 \
+      --only plain,apl,rpl,hf --profile 3 --json "$OUT/throughput_compile.json" \
+      > "$OUT/throughput_compile.txt" 2>&1
+  grep -E "^(plain|apl|rpl|hf) |ratio_vs_hf" "$OUT/throughput_compile.txt"
+fi
+
+if has pipeline; then
+  log "input pipeline: cpu vs gpu (prefetched) vs gpu:inline, simulated 43 ms step"
+  timeout 120 python benchmarks/data_pipeline.py --step_ms 43 --json "$OUT/data_pipeline.json" \
+      2>&1 | tail -14
+fi
 log end
