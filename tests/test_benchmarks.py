@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import ROOT
 
 
@@ -124,6 +126,8 @@ def test_data_pipeline_smoke_prints_the_gpu_rate_last(tmp_path):
         "1",
         "--num_workers",
         "1",
+        "--step_ms",
+        "2",
         "--json",
         str(out),
     )
@@ -131,6 +135,10 @@ def test_data_pipeline_smoke_prints_the_gpu_rate_last(tmp_path):
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith("gpu_pipeline_img_per_s=") and float(last.split("=")[1]) > 0
     res = json.loads(out.read_text())
-    assert set(res["results"]) == {"cpu", "gpu", "gpu:read", "gpu:device"}
-    assert all(row["img_per_s"] > 0 for row in res["results"].values())
+    assert set(res["results"]) == {"cpu", "gpu", "gpu:inline", "gpu:read", "gpu:device"}
+    for row in res["results"].values():  # the figure is over all timed batches
+        assert row["images"] == 16 and len(row["windows"]) == 2
+        assert row["img_per_s"] == pytest.approx(row["images"] / row["seconds"])
+    assert round(res["results"]["gpu"]["img_per_s"]) == float(last.split("=")[1])
+    assert "simulated step: sleep 2 ms" in r.stdout
     assert "| gpu |" in r.stdout and "24 images (synthetic JPEGs" in r.stdout
