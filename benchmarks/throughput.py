@@ -124,6 +124,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
     p.add_argument(
+        "--compile_mode",
+        default="default",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        help="torch.compile mode with --compile (reduce-overhead = CUDA graphs)",
+    )
+    p.add_argument(
         "--schedule",
         choices=("auto", "sequential", "interleaved"),
         default="auto",
@@ -187,7 +193,7 @@ def count_trainable(model: nn.Module) -> int:
 
 
 def build_maepl(
-    shape: dict, pos_label: str, pos_drop: float, imgs: torch.Tensor, use_compile: bool
+    shape: dict, pos_label: str, pos_drop: float, imgs: torch.Tensor, compile_mode: str | None
 ) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
     enc = build_encoder(
         shape["encoder"],
@@ -212,7 +218,7 @@ def build_maepl(
         pos_pairs=0,
         pos_drop_ratio=pos_drop,
     ).to(imgs.device)
-    fwd = torch.compile(mae) if use_compile else mae
+    fwd = torch.compile(mae, mode=compile_mode) if compile_mode else mae
     n, device = imgs.shape[0], imgs.device
 
     def loss_fn() -> torch.Tensor:
@@ -223,7 +229,7 @@ def build_maepl(
 
 
 def build_hf(
-    shape: dict, imgs: torch.Tensor, use_compile: bool
+    shape: dict, imgs: torch.Tensor, compile_mode: str | None
 ) -> tuple[nn.Module, Callable[[], torch.Tensor], str]:
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
@@ -250,7 +256,7 @@ def build_hf(
         model = ViTMAEForPreTraining(ViTMAEConfig(**kwargs))
     attn = getattr(model.config, "_attn_implementation", None) or "eager"
     model = model.to(imgs.device)
-    fwd = torch.compile(model) if use_compile else model
+    fwd = torch.compile(model, mode=compile_mode) if compile_mode else model
 
     def loss_fn() -> torch.Tensor:
         return fwd(pixel_values=imgs).loss  # HF draws its masking noise itself
@@ -283,12 +289,13 @@ class Runner:
         self.name, self.device = name, imgs.device
         torch.manual_seed(args.seed)
         self.extra: dict = {}
+        mode = args.compile_mode if args.compile else None  # None: eager
         if CONFIGS[name] is None:
-            self.model, self.loss_fn, attn = build_hf(shape, imgs, args.compile)
+            self.model, self.loss_fn, attn = build_hf(shape, imgs, mode)
             self.extra["attn_implementation"] = attn
         else:
             pos_label, pos_drop = CONFIGS[name]
-            self.model, self.loss_fn = build_maepl(shape, pos_label, pos_drop, imgs, args.compile)
+            self.model, self.loss_fn = build_maepl(shape, pos_label, pos_drop, imgs, mode)
             head = self.model.pos_head is not None
             self.extra["labelled_tokens"] = self.model.num_labelled if head else 0
         self.model.train()
@@ -497,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         f"mask ratio {MASK_RATIO}"
     )
     print(
-        f"batch {args.batch_size}, precision {args.precision}, compile {args.compile}, "
+        f"batch {args.batch_size}, precision {args.precision}, compile {args.compile} "
+        f"({args.compile_mode}), "
         f"warmup {args.warmup}, timed steps {args.steps} in {min(args.windows, args.steps)} "
         f"windows (median, {args.schedule}), AdamW betas {BETAS} wd {WEIGHT_DECAY} "
         f"fused={device.type == 'cuda'}, seed {args.seed}"
@@ -548,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             precision=args.precision,
             compile=args.compile,
+            compile_mode=args.compile_mode,
             warmup=args.warmup,
             steps=args.steps,
             windows=min(args.windows, args.steps),

@@ -63,6 +63,9 @@ class TrainConfig:
     clip_grad: float | None = None
     mixed_precision: str = "auto"  # auto (bf16 on GPUs that support it, else no) | bf16 | fp16 | no
     compile: bool = False
+    # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune |
+    # max-autotune-no-cudagraphs
+    compile_mode: str = "default"
     seed: int = 0
     max_nonfinite: int = 20  # stop after this many consecutive steps with a non-finite grad norm
     # --- data
@@ -379,6 +382,13 @@ def _validate_common(cfg: TrainConfig) -> None:
     _choice("pos_embed", cfg.pos_embed, ("sincos", "learned", "none"))
     _choice("dataset", cfg.dataset, ("imagefolder", "fashion-mnist", "sample"))
     _choice("mixed_precision", cfg.mixed_precision, ("auto", "bf16", "fp16", "no"))
+    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    _choice("compile_mode", cfg.compile_mode, modes)
+    _check(
+        cfg.compile or cfg.compile_mode == "default",
+        "compile_mode",
+        f"{cfg.compile_mode!r} takes effect only with --compile",
+    )
     for key in ("batch_size", "accum_iter", "epochs", "log_every", "save_every", "max_nonfinite"):
         _check(getattr(cfg, key) >= 1, key, f"must be >= 1, got {getattr(cfg, key)}")
     for key in (

@@ -137,7 +137,7 @@ class Run:
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, seed: int):
         """Wrap for the launch (DDP, autocast); a per-rank generator for the script's noise."""
         if self.cfg.compile:
-            model.compile()  # in place: state_dict keys stay free of "_orig_mod."
+            model.compile(mode=self.cfg.compile_mode)  # in place: no "_orig_mod." in keys
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         # A fused AdamW skips a non-finite step on the device (its found_inf input), so the loop
         # needs no host sync per step; other optimizers (foreach on CPU) are skipped from Python.

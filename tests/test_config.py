@@ -66,6 +66,8 @@ def test_unknown_yaml_key_suggests_the_right_one(tmp_path):
         (["--model", "resnet50"], "model"),
         (["--mixed_precision", "fp8"], "mixed_precision"),
         (["--pos_embed", "rope"], "pos_embed"),
+        (["--compile", "--compile_mode", "fast"], "compile_mode"),
+        (["--compile_mode", "reduce-overhead"], "compile_mode"),  # without --compile
     ],
 )
 def test_bad_values_are_rejected_with_the_key(flags, key):
