@@ -2,7 +2,8 @@
 # One prepared GPU session (one H100, ~15 minutes of device time in all, start-up included).
 # Sections, chosen with SECTIONS (comma-separated, in this order), each under its own timeout
 # so that one failure leaves the rest standing; results land in $OUT (small files only):
-#   calib       one gpu-budget pretraining alone, eager then compiled, 300 steps each: steps/s
+#   calib       one gpu-budget pretraining alone: eager, compiled, compiled with CUDA graphs
+#               (CALIB_MODES), 300 steps each: steps/s
 #   quality     benchmarks/quality.py --budget gpu for QUALITY_S seconds, QUALITY_PAR runs at
 #               once (MPS=1 starts NVIDIA MPS first so that they share the GPU instead of
 #               time-slicing it), merged with earlier sessions' rows (REUSE)
@@ -30,9 +31,11 @@ python -c "import torch, torchvision, timm, accelerate; print('torch', torch.__v
 echo "cores $(nproc); MPS control: $(command -v nvidia-cuda-mps-control || echo absent)"
 
 if has calib; then
-  for mode in eager compile; do
+  for mode in ${CALIB_MODES:-eager compile cudagraphs}; do
     log "calib: one gpu-budget run alone, $mode, 300 steps"
-    flag=(); [ "$mode" = compile ] && flag=(--compile)
+    flag=()
+    [ "$mode" = compile ] && flag=(--compile)
+    [ "$mode" = cudagraphs ] && flag=(--compile --compile_mode reduce-overhead)
     timeout 150 python pretrain.py --config configs/fmnist_vit_tiny.yaml --data_path "$FMNIST" \
         --data_pipeline gpu --num_workers 2 --max_steps 300 --log_every 100 --vis_every 1000 \
         --pos_label abs --pos_drop_ratio 0.75 "${flag[@]}" --output_dir "/tmp/calib_$mode" \
