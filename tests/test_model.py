@@ -141,3 +141,24 @@ def test_position_loss_reads_only_labelled_tokens(kind):
 def test_a_drop_ratio_that_hides_nothing_is_refused():
     with pytest.raises(ValueError, match="pos_drop_ratio"):
         make_mae(mask_ratio=0.75, pos_label="abs", pos_drop_ratio=0.2)  # int(4 * 0.2) == 0
+
+
+def test_visible_patches_are_embedded_as_the_conv_would():
+    # the product with the flattened kernel on kept patches = timm's conv on all, then gather
+    torch.manual_seed(0)
+    mae = make_mae()
+    imgs = torch.randn(3, 3, 16, 16, requires_grad=True)
+    ids_keep = torch.argsort(torch.rand(3, 16), 1)[:, : mae.len_keep]
+    fast = mae.embed_visible(imgs, ids_keep)
+    full = mae.encoder.patch_embed(imgs)
+    ref = torch.gather(full, 1, ids_keep[..., None].expand(-1, -1, full.shape[-1]))
+    assert torch.allclose(fast, ref, atol=1e-5)
+    w = mae.encoder.patch_embed.proj.weight
+    (g_fast,) = torch.autograd.grad(fast.square().sum(), w)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), w)
+    assert torch.allclose(g_fast, g_ref, atol=1e-4)
+    # a patch embedding with a norm is not a plain convolution: the general route is taken
+    mae.encoder.patch_embed.norm = nn.LayerNorm(32)
+    normed = mae.encoder.patch_embed(imgs)
+    expect = torch.gather(normed, 1, ids_keep[..., None].expand(-1, -1, 32))
+    assert torch.allclose(mae.embed_visible(imgs, ids_keep), expect, atol=1e-6)
