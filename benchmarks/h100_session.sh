@@ -52,9 +52,10 @@ if has quality; then
   fi
   log "quality, gpu budget: $QUALITY_PAR at once for $QUALITY_S s (MPS=$MPS)"
   reuse=(); [ -f "$REUSE" ] && reuse=(--reuse "$REUSE")
+  mode=(); [ -n "${QUALITY_MODE:-}" ] && mode=(--compile_mode "$QUALITY_MODE")
   timeout $((QUALITY_S + 40)) python benchmarks/quality.py --budget gpu --seeds 2 --sweeps \
       --variants "$VARIANTS" --parallel "$QUALITY_PAR" --workers 2 --time_limit "$QUALITY_S" \
-      "${reuse[@]}" --data_path "$FMNIST" --out /tmp/quality_gpu 2>&1 \
+      "${reuse[@]}" "${mode[@]}" --data_path "$FMNIST" --out /tmp/quality_gpu 2>&1 \
       | grep -E '^\{|^\||^not run|^job|^reusing' | cut -c1-600 | tail -40
   mkdir -p "$OUT/quality"
   cp /tmp/quality_gpu/results.json /tmp/quality_gpu/results.md "$OUT/quality/" 2>/dev/null

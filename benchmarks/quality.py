@@ -149,6 +149,8 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace, out
     pre = dict(budget["pre"])
     if args.workers is not None:
         pre["num_workers"] = args.workers
+    if args.compile_mode is not None:  # a budget without compile gets it with this mode
+        pre.update(compile=True, compile_mode=args.compile_mode)
     run_dir = out / f"{name}_s{seed}"
     cfg = PretrainConfig(
         **{
@@ -246,6 +248,8 @@ def run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int]], out: Path) -
                 cmd += ["--data_path", args.data_path]
             if args.workers is not None:
                 cmd += ["--workers", str(args.workers)]
+            if args.compile_mode is not None:
+                cmd += ["--compile_mode", args.compile_mode]
             log = open(out / "logs" / f"{name}_s{seed}.log", "w")
             # share the cores: N runs with all cores' worth of threads each oversubscribe them
             threads = str(max(1, (os.cpu_count() or 1) // args.parallel))
@@ -304,6 +308,12 @@ def main() -> None:
         "is expected to be; see docs/results.md",
     )
     p.add_argument("--workers", type=int, default=None, help="data workers per run")
+    p.add_argument(
+        "--compile_mode",
+        default=None,
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        help="compile the pretrainings in this torch.compile mode (reduce-overhead = CUDA graphs)",
+    )
     p.add_argument(
         "--time_limit",
         type=float,
