@@ -6,7 +6,8 @@
 #               (CALIB_MODES), 300 steps each: steps/s
 #   quality     benchmarks/quality.py --budget gpu for QUALITY_S seconds, QUALITY_PAR runs at
 #               once (MPS=1 starts NVIDIA MPS first so that they share the GPU instead of
-#               time-slicing it), merged with earlier sessions' rows (REUSE)
+#               time-slicing it), merged with earlier sessions' rows (REUSE);
+#               QUALITY_MODE=reduce-overhead compiles them with CUDA graphs
 #   throughput  throughput.py ViT-B/16 compiled: plain, apl, rpl, hf; then plain profiled
 #   pipeline    data_pipeline.py: cpu vs gpu (prefetched) vs gpu:inline, with a simulated step
 # Usage, from the repo root (the Fashion-MNIST idx files carried in .data/fmnist):
