@@ -61,6 +61,7 @@ if has quality; then
   mkdir -p "$OUT/quality"
   cp /tmp/quality_gpu/results.json /tmp/quality_gpu/results.md "$OUT/quality/" 2>/dev/null
   cp /tmp/quality_gpu/*.png "$OUT/quality/" 2>/dev/null
+  cp -r /tmp/quality_gpu/rows "$OUT/quality/" 2>/dev/null  # finished runs, also if the rest died
   for f in /tmp/quality_gpu/logs/*.log; do
     [ -f "$f" ] && tail -c 1500 "$f" | tr '\r' '\n' | tail -8 > "$OUT/quality/$(basename "$f")"
   done

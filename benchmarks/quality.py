@@ -231,14 +231,15 @@ def row_path(out: Path, name: str, seed: int) -> Path:
 
 
 def run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int]], out: Path) -> list[str]:
-    """Run jobs (in this process, or ``--parallel`` subprocesses sharing the device), each
-    writing its row to <out>/rows/ when done. Returns the jobs that did not finish."""
+    """Run jobs (in this process, or as subprocesses: ``--parallel`` of them sharing the device,
+    and always under ``--time_limit`` so that a run can be killed at the deadline), each writing
+    its row to <out>/rows/ when done. Returns the jobs that did not finish."""
     deadline = time.monotonic() + args.time_limit if args.time_limit else float("inf")
     pending, running, failed = list(jobs), {}, []
     while pending or running:
         while pending and len(running) < args.parallel and time.monotonic() < deadline:
             name, seed = pending.pop(0)
-            if args.parallel == 1:
+            if args.parallel == 1 and not args.time_limit:  # a limit needs killable runs
                 row = run_one(name, JOBS[name], seed, args, out)
                 row_path(out, name, seed).write_text(json.dumps(row))
                 continue
