@@ -181,7 +181,7 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace, out
             run_dir / "export" / "encoder", cfg.dataset, data_path, budget["probe_epochs"], device
         )
     )
-    if budget["ft_epochs"]:
+    if budget["ft_epochs"] and name in VARIANTS:  # the sweeps read probe and position loss only
         ft = FinetuneConfig(
             finetune=str(run_dir / "export" / "encoder"),
             dataset=cfg.dataset,
