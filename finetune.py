@@ -28,7 +28,7 @@ from maepl.config import SHAPE_KEYS, ConfigError, FinetuneConfig, parse_config
 from maepl.data import build_finetune_transform, build_transform, load_data
 from maepl.loaders import SeededTransformDataset, eval_loader
 from maepl.loop import Run
-from maepl.models.mae import build_encoder, encoder_model_args
+from maepl.models.mae import encoder_from_config, encoder_model_args
 from maepl.models.pos_labels import PositionLabeler
 from maepl.optim import build_adamw, param_groups_weight_decay
 from maepl.weights import fill_sincos, load_encoder_weights
@@ -58,18 +58,8 @@ class Classifier(nn.Module):
 
 
 def build_classifier(cfg: FinetuneConfig, nb_classes: int) -> tuple[Classifier, dict]:
-    vit = build_encoder(
-        cfg.encoder,
-        cfg.input_size,
-        cfg.patch_size,
-        cfg.in_chans,
-        cfg.embed_dim,
-        cfg.depth,
-        cfg.num_heads,
-        cfg.pos_embed,
-        num_classes=nb_classes,
-        global_pool=cfg.global_pool,
-        drop_path_rate=cfg.drop_path,
+    vit = encoder_from_config(
+        cfg, num_classes=nb_classes, global_pool=cfg.global_pool, drop_path_rate=cfg.drop_path
     )
     report = {"notes": ["trained from scratch"]}
     if cfg.finetune:

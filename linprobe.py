@@ -26,7 +26,7 @@ from maepl.data import build_transform, load_data
 from maepl.evaluate import knn_accuracy
 from maepl.loaders import SeededTransformDataset, eval_loader
 from maepl.loop import Run
-from maepl.models.mae import build_encoder
+from maepl.models.mae import encoder_from_config
 from maepl.weights import load_encoder_weights
 
 LP_ARCH_KEYS = SHAPE_KEYS + ("global_pool", "nb_classes", "finetune")
@@ -89,17 +89,7 @@ def main(cfg: LinprobeConfig) -> dict:
 
     # ------------------------------------------------------------------ model
     set_seed(cfg.seed)
-    encoder = build_encoder(
-        cfg.encoder,
-        cfg.input_size,
-        cfg.patch_size,
-        cfg.in_chans,
-        cfg.embed_dim,
-        cfg.depth,
-        cfg.num_heads,
-        "learned",
-        global_pool="token",
-    )
+    encoder = encoder_from_config(cfg, "learned", global_pool="token")
     if cfg.finetune:
         report = load_encoder_weights(encoder, cfg.finetune, "learned")
         run.accelerator.print(f"encoder from {cfg.finetune}: " + "; ".join(report["notes"]))

@@ -34,16 +34,15 @@ def main(cfg: PretrainConfig) -> dict:
     raw, mean, std = load_train_data(cfg)  # errors name data_path before any process group
     transform = build_transform(True, cfg.input_size, cfg.in_chans, mean, std, (cfg.crop_min, 1.0))
     transform_eval = build_transform(False, cfg.input_size, cfg.in_chans, mean, std)
-    if cfg.data_pipeline == "gpu":  # workers read raw images; the loop decodes and crops them
+    gpu_data = cfg.data_pipeline == "gpu"
+    if gpu_data:  # workers read raw images; the loop decodes and crops them on the device
         dataset = raw_dataset(raw, strict=cfg.strict_data)
     else:
         dataset = SeededTransformDataset(raw, transform, cfg.seed, strict=cfg.strict_data)
 
     run = Run(cfg, "pretrain")
     loader, sampler = run.train_loader(dataset)
-    augment = None
-    if cfg.data_pipeline == "gpu":
-        augment = GpuAugment.from_config(cfg, mean, std, run.device, run.rank)
+    augment = GpuAugment.from_config(cfg, mean, std, run.device, run.rank) if gpu_data else None
 
     # ------------------------------------------------------------------ model
     set_seed(cfg.seed)  # identical initial weights on every rank

@@ -328,7 +328,7 @@ def resolve_model(cfg: TrainConfig, need_cls: bool = True) -> TrainConfig:
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
-    from .models.mae import PRESETS, build_encoder
+    from .models.mae import PRESETS, encoder_from_config
 
     preset = dict(PRESETS.get(cfg.model, {}))
     if not preset:
@@ -347,17 +347,7 @@ def resolve_model(cfg: TrainConfig, need_cls: bool = True) -> TrainConfig:
             f"input_size: {cfg.input_size} is not divisible by patch_size {cfg.patch_size}"
         )
     try:  # on the meta device: shapes only, no memory, no init cost
-        enc = build_encoder(
-            cfg.encoder,
-            cfg.input_size,
-            cfg.patch_size,
-            cfg.in_chans,
-            cfg.embed_dim,
-            cfg.depth,
-            cfg.num_heads,
-            cfg.pos_embed,
-            device="meta",
-        )
+        enc = encoder_from_config(cfg, device="meta")
     except (AssertionError, ValueError, TypeError, RuntimeError) as e:
         raise ConfigError(f"model: cannot build {cfg.encoder!r} with these shapes: {e}") from None
     if not isinstance(enc, VisionTransformer) or (

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from .data import ArrayImageDataset, pil_rgb
-from .loaders import _MASK64, BadImageError, _splitmix64
+from .loaders import BadImageError, chain_seed
 
 ATTEMPTS = 10  # torchvision RandomResizedCrop.get_params
 RATIO = (3 / 4, 4 / 3)
@@ -44,14 +44,6 @@ _JPEG_MAGIC = [0xFF, 0xD8]
 
 
 # ---------------------------------------------------------------------------- random parameters
-def batch_seed(seed: int, rank: int, epoch: int, batch: int) -> int:
-    """A 63-bit seed for one micro-batch of one process (SplitMix64 chain, as for samples)."""
-    h = 0
-    for part in (seed, rank, epoch, batch):
-        h = _splitmix64(h ^ (part & _MASK64))
-    return h >> 1
-
-
 def draw_uniforms(n: int, generator: torch.Generator) -> torch.Tensor:
     """``[n, DRAWS]`` float64 uniforms in [0, 1) from a CPU generator."""
     return torch.rand(n, DRAWS, dtype=torch.float64, generator=generator)
@@ -313,7 +305,7 @@ class GpuAugment:
 
     def params(self, sizes: torch.Tensor, epoch: int, index: int):
         """Crop boxes and flips of micro-batch ``index`` of ``epoch`` for images of ``sizes``."""
-        gen = torch.Generator().manual_seed(batch_seed(self.seed, self.rank, epoch, index))
+        gen = torch.Generator().manual_seed(chain_seed(self.seed, self.rank, epoch, index))
         u = draw_uniforms(len(sizes), gen)
         return crop_boxes(sizes, u, self.scale), flips(u)
 

@@ -26,11 +26,12 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def _sample_seed(seed: int, epoch: int, index: int) -> int:
-    """Deterministic 63-bit seed for one sample; chaining avoids (seed, epoch) collisions."""
-    h = _splitmix64(seed & _MASK64)
-    h = _splitmix64(h ^ (epoch & _MASK64))
-    h = _splitmix64(h ^ (index & _MASK64))
+def chain_seed(*parts: int) -> int:
+    """Deterministic 63-bit seed for a tuple of integers (seed, epoch, index, ...): one SplitMix64
+    step per part, chained, so that different tuples do not collide as sums or XORs would."""
+    h = 0
+    for part in parts:
+        h = _splitmix64(h ^ (part & _MASK64))
     return h >> 1  # 63 bits: a non-negative int64, accepted by every RNG seeding API
 
 
@@ -81,7 +82,7 @@ class SeededTransformDataset(Dataset):
             if self.strict:
                 raise BadImageError(f"unreadable image {path}: {err!r} (strict_data)") from err
             return None, -1, f"{path}: {err!r}"
-        key = _sample_seed(self.seed, epoch, int(index))
+        key = chain_seed(self.seed, epoch, int(index))
         if torch.utils.data.get_worker_info() is not None:
             # in a DataLoader worker nothing else draws from these RNGs: seed and go (saving
             # and restoring NumPy's state alone would cost ~50 us per image)

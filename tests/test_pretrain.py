@@ -232,3 +232,10 @@ def test_positional_label_settings_train(tiny_cfg, settings):
         assert all(r["pos_loss"] == 0 for r in rows)
     else:
         assert rows[-1]["pos_loss"] > 0 and 0 <= rows[-1]["pos_acc"] <= 1
+
+
+def test_compile_mode_reaches_torch_compile(tiny_cfg, monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append(kw["mode"]))
+    pretrain.main(tiny_cfg(max_steps=1, compile=True, compile_mode="reduce-overhead"))
+    assert modes == ["reduce-overhead"]

@@ -98,6 +98,22 @@ def build_encoder(
     return model
 
 
+def encoder_from_config(cfg, pos_embed: str | None = None, **extra) -> VisionTransformer:
+    """``build_encoder`` with a config's encoder name and shape fields; ``pos_embed`` defaults
+    to the config's."""
+    return build_encoder(
+        cfg.encoder,
+        cfg.input_size,
+        cfg.patch_size,
+        cfg.in_chans,
+        cfg.embed_dim,
+        cfg.depth,
+        cfg.num_heads,
+        pos_embed or cfg.pos_embed,
+        **extra,
+    )
+
+
 def encoder_model_args(enc: VisionTransformer, pos_embed: str) -> dict:
     """The create_model kwargs that rebuild ``enc`` exactly (stored in exports)."""
     args = dict(
@@ -374,16 +390,7 @@ class MaskedAutoencoder(nn.Module):
 
 def build_mae(cfg) -> MaskedAutoencoder:
     """Build the model from a resolved ``PretrainConfig`` (see maepl.config)."""
-    enc = build_encoder(
-        cfg.encoder,
-        cfg.input_size,
-        cfg.patch_size,
-        cfg.in_chans,
-        cfg.embed_dim,
-        cfg.depth,
-        cfg.num_heads,
-        cfg.pos_embed,
-    )
+    enc = encoder_from_config(cfg)
     return MaskedAutoencoder(
         enc,
         cfg.pos_embed,
