@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -37,3 +38,9 @@ def tiny_cfg(tmp_path):
         return PretrainConfig(**base).validate()
 
     return make
+
+
+def torchrun(script: str, port: int) -> list[str]:
+    """The start of a 2-process ``torch.distributed.run`` command line for ``script``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(port), script]  # fmt: skip

@@ -1,7 +1,6 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import pretrain
 from maepl.config import PretrainConfig, config_from_dict
 from maepl.models.mae import build_mae
 
-from .conftest import ROOT
+from .conftest import ROOT, torchrun
 
 
 def read_log(out: Path) -> list[dict]:
@@ -90,14 +89,7 @@ def test_two_process_cpu_run_keeps_ranks_identical(tmp_path):
     out = tmp_path / "dist"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29531",
-        "pretrain.py",
+        *torchrun("pretrain.py", 29531),
         "--model",
         "mae_vit_micro_patch4_28",
         "--dataset",

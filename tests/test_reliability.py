@@ -24,7 +24,7 @@ from maepl.data import build_dataset, build_transform
 from maepl.guard import StopFlag
 from maepl.loaders import BadImageError, SeededTransformDataset, collate_skip_bad
 
-from .conftest import ROOT
+from .conftest import ROOT, torchrun
 
 TINY = [
     "--model",
@@ -224,14 +224,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
 def test_sigterm_on_one_rank_stops_both_cleanly_and_resumes(tmp_path):
     out = tmp_path / "dist"
     base = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29537",
-        "pretrain.py",
+        *torchrun("pretrain.py", 29537),
         *TINY,
         "--batch_size",
         "8",

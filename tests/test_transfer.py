@@ -4,7 +4,6 @@ import argparse
 import os
 import pickle
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from maepl.config import ConfigError, FinetuneConfig, LinprobeConfig, PretrainCo
 from maepl.models.pos_embed import sincos_2d
 from maepl.weights import load_encoder_weights, read_state_dict
 
-from .conftest import ROOT
+from .conftest import ROOT, torchrun
 
 SHAPE = [
     "--input_size",
@@ -303,14 +302,7 @@ def test_finetune_without_model_or_weights_names_the_key(colours):
 def test_distributed_evaluation_counts_each_image_once(colours, tmp_path, pretrained):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29541",
-        "finetune.py",
+        *torchrun("finetune.py", 29541),
         "--finetune",
         str(pretrained / "export" / "encoder"),
         "--data_path",
