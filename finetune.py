@@ -75,7 +75,7 @@ def build_classifier(cfg: FinetuneConfig, nb_classes: int) -> tuple[Classifier, 
     if cfg.pos_label != "none":
         gh, gw = vit.patch_embed.grid_size
         head = PositionLabeler(
-            cfg.pos_label, vit.embed_dim, gh, gw, cfg.pos_channels, cfg.pos_pairs
+            cfg.pos_label, vit.embed_dim, gh, gw, cfg.pos_channels, cfg.pos_pairs, cfg.pos_ce_chunk
         )
     return Classifier(vit, head), report
 

@@ -2,20 +2,22 @@
 # One prepared GPU session (one H100, ~15 minutes of device time in all, start-up included).
 # Sections, chosen with SECTIONS (comma-separated, in this order), each under its own timeout
 # so that one failure leaves the rest standing; results land in $OUT (small files only):
+#   gputests    the tests that skip themselves without CUDA (~1 min)
 #   calib       one gpu-budget pretraining alone: eager, compiled, compiled with CUDA graphs
 #               (CALIB_MODES), 300 steps each: steps/s
 #   quality     benchmarks/quality.py --budget gpu for QUALITY_S seconds, QUALITY_PAR runs at
 #               once (MPS=1 starts NVIDIA MPS first so that they share the GPU instead of
 #               time-slicing it), merged with earlier sessions' rows (REUSE);
 #               QUALITY_MODE=reduce-overhead compiles them with CUDA graphs
-#   throughput  throughput.py ViT-B/16 compiled: plain, apl, rpl, hf; then plain profiled
+#   throughput  pos_loss.py (the position loss alone, plain vs fused), then throughput.py
+#               ViT-B/16 compiled: plain, apl, rpl, rpl_fused, hf; then plain profiled
 #   pipeline    data_pipeline.py: cpu vs gpu (prefetched) vs gpu:inline, with a simulated step
 # Usage, from the repo root (the Fashion-MNIST idx files carried in .data/fmnist):
 #   SECTIONS=calib,quality FMNIST=.data/fmnist OUT=/tmp/out bash benchmarks/h100_session.sh
 set -u
 OUT=${OUT:-/tmp/maepl_out}
 FMNIST=${FMNIST:-/usr/share/datasets/fashion-mnist}
-SECTIONS=${SECTIONS:-calib,quality}
+SECTIONS=${SECTIONS:-gputests,calib,quality}
 QUALITY_S=${QUALITY_S:-400}
 QUALITY_PAR=${QUALITY_PAR:-1}
 MPS=${MPS:-0}
@@ -30,6 +32,11 @@ log versions
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, torchvision, timm, accelerate; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'accelerate', accelerate.__version__)"
 echo "cores $(nproc); MPS control: $(command -v nvidia-cuda-mps-control || echo absent)"
+
+if has gputests; then
+  log "the CUDA-only tests (skipped on CPU machines)"
+  timeout 120 python -m pytest -q -rs tests/test_gpu_aug.py tests/test_pos_labels.py -k cuda 2>&1 | tail -8
+fi
 
 if has calib; then
   for mode in ${CALIB_MODES:-eager compile cudagraphs}; do
@@ -68,11 +75,13 @@ if has quality; then
 fi
 
 if has throughput; then
-  log "throughput: ViT-B/16, compiled (plain, apl, rpl, hf), then plain profiled"
-  timeout 330 python benchmarks/throughput.py --preset vit_base --compile --steps 15 --warmup 5 \
-      --only plain,apl,rpl,hf --profile 3 --json "$OUT/throughput_compile.json" \
+  log "position loss alone (ViT-B/16 shapes): plain vs fused chunked cross-entropy, eager"
+  timeout 90 python benchmarks/pos_loss.py --json "$OUT/pos_loss.json" 2>&1 | tail -6
+  log "throughput: ViT-B/16, compiled (plain, apl, rpl, rpl_fused, hf), then plain profiled"
+  timeout 400 python benchmarks/throughput.py --preset vit_base --compile --steps 15 --warmup 5 \
+      --only plain,apl,rpl,rpl_fused,hf --profile 3 --json "$OUT/throughput_compile.json" \
       > "$OUT/throughput_compile.txt" 2>&1
-  grep -E "^(plain|apl|rpl|hf) |ratio_vs_hf" "$OUT/throughput_compile.txt"
+  grep -E "^(plain|apl|rpl|rpl_fused|hf) |ratio_vs_hf" "$OUT/throughput_compile.txt"
 fi
 
 if has pipeline; then

@@ -14,6 +14,8 @@ Configurations (``--only`` takes a comma-separated subset of these names):
     apl_all  maepl MAE + APL, pos_drop_ratio 0 (every visible token labelled)
     rpl      maepl MAE + RPL, pos_drop_ratio 0.75
     rpl_all  maepl MAE + RPL, pos_drop_ratio 0 (all ordered pairs of visible tokens)
+    apl_fused, rpl_fused, rpl_all_fused  the same with the fused chunked classifier +
+             cross-entropy (--pos_ce_chunk; the plain ones use --pos_ce_chunk 0)
     hf       transformers ViTMAEForPreTraining, same sizes, sdpa attention
 
 The last line printed is ``ratio_vs_hf=<plain img/s / hf img/s>`` (``nan`` when either of the
@@ -78,13 +80,17 @@ PRESETS: dict[str, dict] = {
     ),
 }
 
-# name -> (pos_label, pos_drop_ratio); None marks the Hugging Face model
-CONFIGS: dict[str, tuple[str, float] | None] = {
-    "plain": ("none", 0.0),
-    "apl": ("abs", 0.75),
-    "apl_all": ("abs", 0.0),
-    "rpl": ("rel", 0.75),
-    "rpl_all": ("rel", 0.0),
+FUSED_CHUNK = 32768  # rows per chunk of the fused position classifier + cross-entropy
+# name -> (pos_label, pos_drop_ratio, pos_ce_chunk); None marks the Hugging Face model
+CONFIGS: dict[str, tuple[str, float, int] | None] = {
+    "plain": ("none", 0.0, 0),
+    "apl": ("abs", 0.75, 0),
+    "apl_all": ("abs", 0.0, 0),
+    "rpl": ("rel", 0.75, 0),
+    "rpl_all": ("rel", 0.0, 0),
+    "apl_fused": ("abs", 0.75, FUSED_CHUNK),
+    "rpl_fused": ("rel", 0.75, FUSED_CHUNK),
+    "rpl_all_fused": ("rel", 0.0, FUSED_CHUNK),
     "hf": None,
 }
 DESCRIPTIONS = {
@@ -93,6 +99,9 @@ DESCRIPTIONS = {
     "apl_all": "maepl MAE + APL (drop 0)",
     "rpl": "maepl MAE + RPL (drop 0.75)",
     "rpl_all": "maepl MAE + RPL (drop 0)",
+    "apl_fused": "APL (drop 0.75), fused CE",
+    "rpl_fused": "RPL (drop 0.75), fused CE",
+    "rpl_all_fused": "RPL (drop 0), fused CE",
     "hf": "HF ViTMAEForPreTraining",
 }
 
@@ -193,7 +202,12 @@ def count_trainable(model: nn.Module) -> int:
 
 
 def build_maepl(
-    shape: dict, pos_label: str, pos_drop: float, imgs: torch.Tensor, compile_mode: str | None
+    shape: dict,
+    pos_label: str,
+    pos_drop: float,
+    ce_chunk: int,
+    imgs: torch.Tensor,
+    compile_mode: str | None,
 ) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
     enc = build_encoder(
         shape["encoder"],
@@ -217,6 +231,7 @@ def build_maepl(
         pos_channels=0.5,
         pos_pairs=0,
         pos_drop_ratio=pos_drop,
+        pos_ce_chunk=ce_chunk,
     ).to(imgs.device)
     fwd = torch.compile(mae, mode=compile_mode) if compile_mode else mae
     n, device = imgs.shape[0], imgs.device
@@ -294,8 +309,8 @@ class Runner:
             self.model, self.loss_fn, attn = build_hf(shape, imgs, mode)
             self.extra["attn_implementation"] = attn
         else:
-            pos_label, pos_drop = CONFIGS[name]
-            self.model, self.loss_fn = build_maepl(shape, pos_label, pos_drop, imgs, mode)
+            pos_label, pos_drop, ce_chunk = CONFIGS[name]
+            self.model, self.loss_fn = build_maepl(shape, pos_label, pos_drop, ce_chunk, imgs, mode)
             head = self.model.pos_head is not None
             self.extra["labelled_tokens"] = self.model.num_labelled if head else 0
         self.model.train()

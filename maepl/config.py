@@ -110,6 +110,9 @@ class PretrainConfig(TrainConfig):
     pos_channels: float = 0.5  # fraction of channels each side of the head reads
     pos_pairs: int = 0  # rel: ordered pairs sampled per image, 0 = all
     pos_drop_ratio: float = 0.75  # fraction of visible tokens whose encoder PE is hidden
+    # rows per chunk of the fused classifier + cross-entropy (the logits are never stored
+    # whole); 0 = plain classifier, then cross-entropy. Same loss and gradients either way.
+    pos_ce_chunk: int = 0
     pos_smoothing: float = 0.0  # initial sigma of Gaussian targets, decays linearly to 0
 
 
@@ -147,6 +150,7 @@ class FinetuneConfig(TrainConfig):
     pos_weight: float = 0.5
     pos_channels: float = 0.5
     pos_pairs: int = 0
+    pos_ce_chunk: int = 0
 
 
 @dataclass
@@ -419,6 +423,7 @@ def _validate_pos_label(cfg, labelled: int) -> None:
     _check(0 < cfg.pos_channels <= 1, "pos_channels", "must be in (0, 1]")
     _check(cfg.pos_weight >= 0, "pos_weight", "must be >= 0")
     _check(cfg.pos_pairs >= 0, "pos_pairs", "must be >= 0")
+    _check(cfg.pos_ce_chunk >= 0, "pos_ce_chunk", "must be >= 0 (0 = plain cross-entropy)")
     _check(cfg.pos_pairs == 0 or cfg.pos_label == "rel", "pos_pairs", "only for pos_label rel")
     if cfg.pos_label == "rel" and cfg.pos_pairs:
         _check(

@@ -142,3 +142,24 @@ def test_data_pipeline_smoke_prints_the_gpu_rate_last(tmp_path):
     assert round(res["results"]["gpu"]["img_per_s"]) == float(last.split("=")[1])
     assert "simulated step: sleep 2 ms" in r.stdout
     assert "| gpu |" in r.stdout and "24 images (synthetic JPEGs" in r.stdout
+
+
+def test_pos_loss_compares_plain_and_fused_with_equal_losses(tmp_path):
+    out = tmp_path / "pos_loss.json"
+    r = run(
+        "benchmarks/pos_loss.py",
+        *("--batch_size", "4", "--labelled", "6", "--embed_dim", "32", "--grid", "5"),
+        *("--chunk", "40", "--steps", "2", "--json", str(out)),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1].startswith("fused_vs_plain_ms=")
+    rows = json.loads(out.read_text())
+    assert [(x["kind"], x["chunk"]) for x in rows] == [
+        ("abs", 0),
+        ("abs", 40),
+        ("rel", 0),
+        ("rel", 40),
+    ]
+    for plain, fused in (rows[:2], rows[2:]):
+        assert fused["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+        assert plain["ms"] > 0 and fused["ms"] > 0

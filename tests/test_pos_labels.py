@@ -107,3 +107,70 @@ def test_classifier_rows_are_padded_and_the_padding_is_inert(kind, classes):
         ref.bias.copy_(head.classifier.bias[:classes])
     head.classifier, lab_loss = ref, loss.detach()
     assert torch.allclose(lab(z, pos)[0], lab_loss, atol=1e-6)
+
+
+def _loss_and_grads(lab: PositionLabeler, z, pos, sigma, noise):
+    lab.zero_grad()
+    z = z.clone().requires_grad_(True)
+    loss, acc = lab(z, pos, sigma=sigma, pair_noise=noise)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in lab.named_parameters()}
+    return loss.detach(), acc, z.grad, grads
+
+
+@pytest.mark.parametrize(
+    "kind, pairs, sigma", [("abs", 0, None), ("abs", 0, 1.5), ("rel", 0, None), ("rel", 10, 0.7)]
+)
+def test_fused_linear_cross_entropy_matches_plain_loss_and_gradients(kind, pairs, sigma):
+    torch.manual_seed(0)
+    plain = PositionLabeler(kind, 16, 3, 4, pairs=pairs).double()
+    fused = PositionLabeler(kind, 16, 3, 4, pairs=pairs, ce_chunk=7).double()  # uneven chunks
+    fused.load_state_dict(plain.state_dict())
+    z = torch.randn(3, 5, 16, dtype=torch.float64)
+    pos = torch.stack([torch.randperm(12)[:5] for _ in range(3)])
+    noise = torch.rand(3, 25) if pairs else None
+    l0, a0, gz0, g0 = _loss_and_grads(plain, z, pos, sigma, noise)
+    l1, a1, gz1, g1 = _loss_and_grads(fused, z, pos, sigma, noise)
+    torch.testing.assert_close(l1, l0)
+    assert a1 == a0
+    torch.testing.assert_close(gz1, gz0)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], msg=name)
+    rows = fused.head.classifier.weight.shape[0]
+    assert rows > fused.head.num_classes  # the padded rows exist and get no gradient
+    assert g1["head.classifier.weight"][fused.head.num_classes :].abs().sum() == 0
+
+
+def test_fused_linear_cross_entropy_under_bf16_autocast_is_close_to_plain():
+    torch.manual_seed(0)
+    plain = PositionLabeler("rel", 32, 4, 4)
+    fused = PositionLabeler("rel", 32, 4, 4, ce_chunk=50)
+    fused.load_state_dict(plain.state_dict())
+    z = torch.randn(4, 6, 32)
+    pos = torch.stack([torch.randperm(16)[:6] for _ in range(4)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        l0, _, gz0, g0 = _loss_and_grads(plain, z, pos, None, None)
+        l1, _, gz1, g1 = _loss_and_grads(fused, z, pos, None, None)
+    assert l1.dtype == torch.float32 and gz1.dtype == torch.float32
+    torch.testing.assert_close(l1, l0, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(gz1, gz0, atol=2e-3, rtol=5e-2)
+    for name in g0:
+        assert g1[name].dtype == torch.float32
+        torch.testing.assert_close(g1[name], g0[name], atol=2e-3, rtol=5e-2, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_linear_cross_entropy_on_cuda_bf16_is_close_to_plain():
+    torch.manual_seed(0)
+    plain = PositionLabeler("rel", 64, 14, 14).cuda()
+    fused = PositionLabeler("rel", 64, 14, 14, ce_chunk=1000).cuda()
+    fused.load_state_dict(plain.state_dict())
+    z = torch.randn(8, 12, 64, device="cuda")
+    pos = torch.stack([torch.randperm(196)[:12] for _ in range(8)]).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        l0, _, gz0, g0 = _loss_and_grads(plain, z, pos, None, None)
+        l1, _, gz1, g1 = _loss_and_grads(fused, z, pos, None, None)
+    torch.testing.assert_close(l1, l0, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(gz1, gz0, atol=2e-3, rtol=5e-2)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=2e-3, rtol=5e-2, msg=name)

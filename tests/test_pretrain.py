@@ -226,6 +226,23 @@ def test_positional_label_settings_train(tiny_cfg, settings):
         assert rows[-1]["pos_loss"] > 0 and 0 <= rows[-1]["pos_acc"] <= 1
 
 
+def test_fused_position_loss_trains_like_the_plain_one(tiny_cfg, tmp_path):
+    # --pos_ce_chunk changes how the RPL loss is computed, not what: same losses, step by step
+    logs = []
+    for chunk in (0, 50):  # 32 images x 9 labelled tokens^2 = 2,592 pair rows: many chunks
+        out = tmp_path / f"chunk{chunk}"
+        cfg = tiny_cfg(
+            max_steps=6, log_every=2, pos_label="rel", pos_ce_chunk=chunk, output_dir=str(out)
+        )
+        assert build_mae(cfg).pos_head.ce_chunk == chunk  # the key reaches the head
+        pretrain.main(cfg)
+        logs.append(read_log(out))
+    for plain, fused in zip(*logs, strict=True):
+        assert plain["step"] == fused["step"]
+        assert plain["pos_loss"] == pytest.approx(fused["pos_loss"], rel=1e-4)
+        assert plain["loss"] == pytest.approx(fused["loss"], rel=1e-4)
+
+
 def test_compile_mode_reaches_torch_compile(tiny_cfg, monkeypatch):
     modes = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append(kw["mode"]))

@@ -156,6 +156,7 @@ class MaskedAutoencoder(nn.Module):
         pos_channels: float = 0.5,
         pos_pairs: int = 0,
         pos_drop_ratio: float = 0.0,
+        pos_ce_chunk: int = 0,
     ):
         super().__init__()
         if encoder.cls_token is None or encoder.num_reg_tokens:
@@ -209,7 +210,7 @@ class MaskedAutoencoder(nn.Module):
         self.pos_head = None
         if pos_label != "none":
             self.pos_head = PositionLabeler(
-                pos_label, dim, self.grid_h, self.grid_w, pos_channels, pos_pairs
+                pos_label, dim, self.grid_h, self.grid_w, pos_channels, pos_pairs, pos_ce_chunk
             )
         self._init_weights()
 
@@ -403,4 +404,5 @@ def build_mae(cfg) -> MaskedAutoencoder:
         pos_channels=cfg.pos_channels,
         pos_pairs=cfg.pos_pairs,
         pos_drop_ratio=cfg.pos_drop_ratio,
+        pos_ce_chunk=cfg.pos_ce_chunk,
     )

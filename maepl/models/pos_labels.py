@@ -78,6 +78,75 @@ def position_loss(
     return loss, acc.detach()
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Classifier product + (soft) cross-entropy, ``chunk`` rows at a time, with the gradient
+    computed during the forward: the [P, C] logits never exist whole, neither for the loss nor
+    for the backward, which only scales the stored gradients by the incoming one.
+
+    h: [P, k] features; weight: [R, k], bias: [R] with R >= C rows (padding rows beyond
+    ``num_classes`` take no part: their logits are set to -inf, so their gradient is zero).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, labels, coords, sigma, num_classes, chunk):
+        rows, n = weight.shape[0], h.shape[0]
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+        grad_b = torch.zeros(rows, dtype=torch.float32, device=h.device)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        correct = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, n, chunk):
+            hc, yc = h[s : s + chunk], labels[s : s + chunk]
+            # under autocast F.linear runs in bf16 as nn.Linear would; the loss in float32
+            logits = F.linear(hc, weight, bias)
+            logits[:, num_classes:] = float("-inf")  # padding rows: softmax 0, no gradient
+            logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+            del logits
+            correct = correct + (logp.argmax(-1) == yc).sum()
+            if sigma is None:
+                loss = loss - logp.gather(1, yc[:, None]).sum()
+            else:
+                target = smooth_targets(yc, coords, sigma)
+                loss = loss - (target * logp[:, :num_classes]).sum()
+            # d(CE)/d(logits) = softmax - target, written over the log-probabilities
+            g = logp.exp_()
+            if sigma is None:
+                g.scatter_add_(1, yc[:, None], torch.full_like(g[:, :1], -1.0))
+            else:
+                g[:, :num_classes] -= target
+            g.mul_(1.0 / n)
+            gd = g.to(h.dtype)  # as autograd would: the logits' gradient in the input's dtype
+            grad_h[s : s + chunk] = (gd @ weight.to(gd.dtype)).to(h.dtype)
+            grad_w += (gd.t() @ hc.to(gd.dtype)).float()
+            grad_b += g.sum(0)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), grad_b.to(bias.dtype))
+        ctx.mark_non_differentiable(correct)
+        return loss / n, correct / n
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_acc):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, grad_b * grad_loss, *(None,) * 5
+
+
+def linear_cross_entropy(
+    h: torch.Tensor,
+    classifier: nn.Linear,
+    num_classes: int,
+    labels: torch.Tensor,
+    coords: torch.Tensor,
+    sigma: float | torch.Tensor | None = None,
+    chunk: int = 32768,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``position_loss(classifier(h)[:, :num_classes], labels, coords, sigma)`` without keeping
+    the logits: same loss, accuracy and gradients (up to rounding), less memory and traffic."""
+    if sigma is not None and not torch.is_tensor(sigma):
+        sigma = torch.tensor(float(sigma), device=h.device)
+    return _LinearCrossEntropy.apply(
+        h, classifier.weight, classifier.bias, labels, coords, sigma, num_classes, chunk
+    )
+
+
 def padded(num_classes: int, multiple: int = 16) -> int:
     """Classifier rows rounded up to a multiple of 16: bf16 matrix products whose output width
     is not a multiple of 8 (APL's 196, RPL's 729 classes on a 14x14 grid) miss cuBLAS's fast
@@ -97,9 +166,13 @@ class AbsPosHead(nn.Module):
         self.num_classes = num_classes
         self.classifier = nn.Linear(in_dim // 2, padded(num_classes))
 
+    def features(self, z: torch.Tensor) -> torch.Tensor:
+        """z: [N, m, C] encoder outputs -> the classifier's input [N, m, in_dim/2]."""
+        return self.mlp(z[..., : self.in_dim])
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """z: [N, m, C] encoder outputs -> logits [N, m, h*w]."""
-        return self.classifier(self.mlp(z[..., : self.in_dim]))[..., : self.num_classes]
+        return self.classifier(self.features(z))[..., : self.num_classes]
 
 
 class RelPosHead(nn.Module):
@@ -130,10 +203,13 @@ class RelPosHead(nn.Module):
         gather = lambda t, i: torch.gather(t, 1, i[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
         return gather(a, pairs[..., 0]) + gather(b, pairs[..., 1])
 
+    def features(self, z: torch.Tensor, pairs: torch.Tensor | None = None) -> torch.Tensor:
+        """The classifier's input: [N, m, m, in_dim], or [N, K, in_dim] for ``pairs``."""
+        return self.fc2(self.act(self.pair_hidden(z, pairs)))
+
     def forward(self, z: torch.Tensor, pairs: torch.Tensor | None = None) -> torch.Tensor:
         """z: [N, m, C] -> logits [N, m, m, (2h-1)(2w-1)], or [N, K, classes] for ``pairs``."""
-        h = self.fc2(self.act(self.pair_hidden(z, pairs)))
-        return self.classifier(h)[..., : self.num_classes]
+        return self.classifier(self.features(z, pairs))[..., : self.num_classes]
 
     def forward_naive(self, z: torch.Tensor) -> torch.Tensor:
         """Reference: builds every concatenated pair explicitly (for tests and benchmarks)."""
@@ -148,7 +224,9 @@ class PositionLabeler(nn.Module):
     """Owns the head, the labels and the loss for one positional-label setting.
 
     ``kind``: "abs" or "rel"; ``channels``: fraction of the embedding width each side reads;
-    ``pairs``: sampled ordered pairs per image for "rel" (0 = all m^2 pairs).
+    ``pairs``: sampled ordered pairs per image for "rel" (0 = all m^2 pairs); ``ce_chunk``:
+    rows per chunk of the fused classifier + cross-entropy (``linear_cross_entropy``), 0 = the
+    plain classifier then cross-entropy.
     """
 
     def __init__(
@@ -159,11 +237,13 @@ class PositionLabeler(nn.Module):
         grid_w: int,
         channels: float = 0.5,
         pairs: int = 0,
+        ce_chunk: int = 0,
     ):
         super().__init__()
         if kind not in ("abs", "rel"):
             raise ValueError(f"pos_label must be 'abs' or 'rel', got {kind!r}")
         self.kind, self.grid_h, self.grid_w, self.num_pairs = kind, grid_h, grid_w, pairs
+        self.ce_chunk = ce_chunk
         in_dim = max(2, round(channels * embed_dim))
         if kind == "abs":
             self.head: nn.Module = AbsPosHead(in_dim, grid_h * grid_w)
@@ -185,16 +265,21 @@ class PositionLabeler(nn.Module):
         (required when ``pairs`` > 0).
         """
         if self.kind == "abs":
-            logits, labels = self.head(z), abs_labels(pos)
+            feats, labels = self.head.features(z), abs_labels(pos)
         else:
             labels = rel_labels(pos, self.grid_h, self.grid_w).flatten(1)  # [N, m*m]
+            pairs = None
             if self.num_pairs:
                 m = z.shape[1]
                 # random pairs without replacement, a fixed count per image (static shapes)
                 flat = torch.argsort(pair_noise, dim=1)[:, : self.num_pairs]
                 pairs = torch.stack([flat // m, flat % m], dim=-1)
-                logits = self.head(z, pairs)
                 labels = torch.gather(labels, 1, flat)
-            else:
-                logits = self.head(z)
-        return position_loss(logits.flatten(0, -2), labels.flatten(), self.coords, sigma)
+            feats = self.head.features(z, pairs)
+        feats, labels = feats.flatten(0, -2), labels.flatten()
+        classifier, classes = self.head.classifier, self.head.num_classes
+        if self.ce_chunk:
+            return linear_cross_entropy(
+                feats, classifier, classes, labels, self.coords, sigma, self.ce_chunk
+            )
+        return position_loss(classifier(feats)[:, :classes], labels, self.coords, sigma)
