@@ -151,6 +151,8 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace, out
         pre["num_workers"] = args.workers
     if args.compile_mode is not None:  # a budget without compile gets it with this mode
         pre.update(compile=True, compile_mode=args.compile_mode)
+    if args.mixed_precision is not None:
+        pre["mixed_precision"] = args.mixed_precision
     run_dir = out / f"{name}_s{seed}"
     cfg = PretrainConfig(
         **{
@@ -160,17 +162,25 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace, out
             "data_path": data_path,
             "output_dir": str(run_dir),
             "vis_every": 1000,
-            "overwrite": True,
             "log_every": 10,
+            # --resume: continue this run's own checkpoint, saved every epoch
+            "overwrite": not args.resume,
+            "resume": "auto" if args.resume else "",
         }
     ).validate()
     t0 = time.perf_counter()
     summary = pretrain.main(cfg)
     t1 = time.perf_counter()
+    # pretraining seconds over all the sessions of a resumed run
+    spent = run_dir / "pretrain_seconds.txt"
+    earlier = float(spent.read_text()) if args.resume and spent.exists() else 0.0
+    spent.write_text(str(earlier + t1 - t0))
+    if summary["stopped_by_signal"]:
+        sys.exit(f"{name} seed {seed}: stopped at step {summary['step']}; rerun with --resume")
     row = dict(
         variant=name,
         seed=seed,
-        pretrain_s=round(time.perf_counter() - t0, 1),
+        pretrain_s=round(earlier + t1 - t0, 1),
         pos_loss=summary.get("pos_loss") if cfg.pos_label != "none" else None,
         pos_acc=summary.get("pos_acc") if cfg.pos_label != "none" else None,
         mae_loss=summary.get("mae_loss"),
@@ -196,6 +206,7 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace, out
             seed=seed,
             batch_size=budget["ft_batch"],
             num_workers=pre["num_workers"],
+            mixed_precision=pre.get("mixed_precision", "auto"),
             output_dir=str(run_dir / "ft"),
             overwrite=True,
         ).validate()
@@ -251,6 +262,10 @@ def run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int]], out: Path) -
                 cmd += ["--workers", str(args.workers)]
             if args.compile_mode is not None:
                 cmd += ["--compile_mode", args.compile_mode]
+            if args.mixed_precision is not None:
+                cmd += ["--mixed_precision", args.mixed_precision]
+            if args.resume:
+                cmd += ["--resume"]
             log = open(out / "logs" / f"{name}_s{seed}.log", "w")
             # share the cores: N runs with all cores' worth of threads each oversubscribe them
             threads = str(max(1, (os.cpu_count() or 1) // args.parallel))
@@ -316,6 +331,12 @@ def main() -> None:
         help="compile the pretrainings in this torch.compile mode (reduce-overhead = CUDA graphs)",
     )
     p.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=("auto", "no", "bf16", "fp16"),
+        help="pretraining and fine-tuning precision (default auto: bf16 on GPUs, none on CPU)",
+    )
+    p.add_argument(
         "--time_limit",
         type=float,
         default=None,
@@ -327,6 +348,13 @@ def main() -> None:
         default=None,
         metavar="RESULTS_JSON",
         help="take the rows of an earlier results.json (same budget); run only the rest",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue each run's own checkpoint under --out (saved every epoch) instead of\n"
+        "starting over: a run longer than a session (the gpu budget on a CPU, say) is\n"
+        "stopped with SIGTERM (it saves) and finished later",
     )
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # NAME:SEED, one subprocess
     args = p.parse_args()

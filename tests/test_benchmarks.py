@@ -163,3 +163,16 @@ def test_pos_loss_compares_plain_and_fused_with_equal_losses(tmp_path):
     for plain, fused in (rows[:2], rows[2:]):
         assert fused["loss"] == pytest.approx(plain["loss"], rel=1e-5)
         assert plain["ms"] > 0 and fused["ms"] > 0
+
+
+def test_quality_resume_continues_a_run_from_its_own_checkpoint(tmp_path):
+    args = ["benchmarks/quality.py", "--budget", "smoke", "--job", "mae:0", "--resume"]
+    r = run(*args, "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = json.loads((tmp_path / "rows" / "mae_s0.json").read_text())
+    r = run(*args, "--out", str(tmp_path))  # a second session: nothing left to train
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "at step 3" in r.stdout
+    second = json.loads((tmp_path / "rows" / "mae_s0.json").read_text())
+    assert second["pretrain_s"] >= first["pretrain_s"]  # seconds add up over sessions
+    assert second["probe_cls"] == first["probe_cls"]  # the same weights, read the same way
