@@ -45,6 +45,7 @@ from maepl.config import FinetuneConfig, PretrainConfig  # noqa: E402
 from maepl.data import build_dataset, build_transform  # noqa: E402
 from maepl.evaluate import extract_features, feature_probe, knn_accuracy  # noqa: E402
 from maepl.loaders import SeededTransformDataset, collate_drop_bad  # noqa: E402
+from maepl.loop import resolve_precision  # noqa: E402
 
 VARIANTS = {  # name -> pretraining overrides
     "mae": dict(pos_label="none"),
@@ -184,6 +185,9 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace, out
         pos_loss=summary.get("pos_loss") if cfg.pos_label != "none" else None,
         pos_acc=summary.get("pos_acc") if cfg.pos_label != "none" else None,
         mae_loss=summary.get("mae_loss"),
+        # where it ran: rows of several sessions (--reuse) may come from different machines
+        device=torch.cuda.get_device_name() if device == "cuda" else f"cpu x{os.cpu_count()}",
+        precision=resolve_precision(cfg.mixed_precision),
         **overrides,
     )
     row.update(
