@@ -1,0 +1,164 @@
+"""Typed loading of dataclass configs: YAML presets and command-line flags, checked against
+each field's type (unknown keys and wrong types are a ``ConfigError`` naming the key), and
+the YAML dump of a resolved config. What the keys mean and which values are valid is
+maepl.config's business.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+# ---------------------------------------------------------------------------- type handling
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional) for ``T`` or ``T | None``."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        return inner, True
+    return tp, False
+
+
+def _parse_bool(text: str) -> bool:
+    low = str(text).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _coerce(key: str, value: Any, tp: Any, from_text: bool) -> Any:
+    """Check (YAML) or convert (command line) one value against the field's type."""
+    inner, optional = _base_type(tp)
+    if value is None or (from_text and str(value).lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{key}: may not be empty")
+    try:
+        if inner is bool:
+            if from_text:
+                return _parse_bool(value)
+            if isinstance(value, bool):
+                return value
+        elif inner is int:
+            if from_text:
+                return int(value)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        elif inner is float:
+            if from_text:
+                return float(value)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        elif inner is str:
+            if isinstance(value, str):
+                return value
+        elif typing.get_origin(inner) is list:
+            items = value.split(",") if from_text and isinstance(value, str) else value
+            if isinstance(items, (list, tuple)):
+                return [float(v) for v in items]
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{key}: cannot read {value!r} as {_type_name(tp)} ({e})") from None
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _type_name(tp: Any) -> str:
+    inner, optional = _base_type(tp)
+    name = getattr(inner, "__name__", str(inner))
+    if typing.get_origin(inner) is list:
+        name = "list of numbers"
+    return f"{name} or null" if optional else name
+
+
+def _user_fields(cls) -> list[dataclasses.Field]:
+    return [f for f in fields(cls) if not f.metadata.get("internal")]
+
+
+def _field_types(cls, internal: bool = False) -> dict[str, Any]:
+    """Field name -> evaluated type (annotations are strings under postponed evaluation)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in (fields(cls) if internal else _user_fields(cls))}
+
+
+# ---------------------------------------------------------------------------- loading
+def load_yaml(path: str | Path, cls) -> dict[str, Any]:
+    """Read and type-check a YAML preset; unknown keys are errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: no such file {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config: {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of keys to values")
+    types_ = _field_types(cls)
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in types_:
+            raise ConfigError(f"{key}: unknown key in {path}{_suggest(name, types_)}")
+        out[name] = _coerce(name, value, types_[name], from_text=False)
+    return out
+
+
+def _suggest(name: str, known) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
+    """argparse with one flag per field, MAE's underscore names plus dashed spellings."""
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser.add_argument("--config", help="YAML file of defaults (flags override it)")
+    for f in _user_fields(cls):
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        inner, _ = _base_type(typing.get_type_hints(cls)[f.name])
+        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, metavar="V")
+        if inner is bool:  # "--flag" alone means true, "--flag false" is accepted too
+            kw.update(nargs="?", const="true")
+        parser.add_argument(*names, **kw, help=f"default: {f.default!r}")
+    return parser
+
+
+def parse_config(cls, argv: list[str] | None = None, description: str = ""):
+    """Defaults < --config YAML < flags; returns a validated, resolved config."""
+    parser = build_parser(cls, description)
+    ns = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    values = load_yaml(ns.pop("config"), cls) if ns.get("config") else {}
+    ns.pop("config", None)
+    types_ = _field_types(cls)
+    for key, text in ns.items():
+        values[key] = _coerce(key, text, types_[key], from_text=True)
+    cfg = cls(**values)
+    return cfg.validate() if hasattr(cfg, "validate") else cfg
+
+
+def dump_config(cfg, path: str | Path) -> None:
+    """Write the resolved config as YAML (the run directory's config.yaml)."""
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+def config_from_dict(cls, data: dict[str, Any]):
+    """Rebuild a config saved by ``dump_config`` (checkpoints, exports); unknown keys fail."""
+    names = _field_types(cls, internal=True)
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{key}: unknown key in saved config")
+    return cls(**{k: _coerce(k, v, names[k], from_text=False) for k, v in data.items()})
