@@ -327,3 +327,9 @@ def test_distributed_evaluation_counts_each_image_once(colours, tmp_path, pretra
         )
     )
     assert f"top1={single['top1']:.2f}" in r.stdout.splitlines()[-1]
+
+
+def test_finetune_passes_the_fused_position_loss_to_its_head(colours, tmp_path):
+    args = ft_args(colours, tmp_path / "ft", "--pos_label", "rel", "--pos_ce_chunk", "16")
+    model, _ = finetune.build_classifier(parse_config(FinetuneConfig, args), 3)
+    assert model.pos_head.kind == "rel" and model.pos_head.ce_chunk == 16
