@@ -382,10 +382,16 @@ def main() -> None:
     todo = [j for j in jobs if j not in reused]
     if reused:
         print(f"reusing {len(jobs) - len(todo)} rows from {args.reuse}; {len(todo)} to run")
+    finished = []  # --resume: runs that finished in an earlier session under --out are done
+    if args.resume:
+        finished = [j for j in todo if row_path(out, *j).exists()]
+        todo = [j for j in todo if j not in finished]
+        if finished:
+            print(f"resume: {len(finished)} runs already finished under {out}; {len(todo)} to run")
     t0 = time.perf_counter()
     not_run = run_jobs(args, todo, out)
     done = dict(reused)
-    for name, seed in todo:
+    for name, seed in todo + finished:
         if row_path(out, name, seed).exists():
             done[(name, seed)] = json.loads(row_path(out, name, seed).read_text())
     rows = [done[j] for j in jobs if j in done and j[0] in VARIANTS]

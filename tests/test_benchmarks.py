@@ -176,3 +176,20 @@ def test_quality_resume_continues_a_run_from_its_own_checkpoint(tmp_path):
     second = json.loads((tmp_path / "rows" / "mae_s0.json").read_text())
     assert second["pretrain_s"] >= first["pretrain_s"]  # seconds add up over sessions
     assert second["probe_cls"] == first["probe_cls"]  # the same weights, read the same way
+    # the study itself with --resume: the finished run is taken, not run again
+    r = run(
+        "benchmarks/quality.py",
+        "--budget",
+        "smoke",
+        "--seeds",
+        "1",
+        "--variants",
+        "mae",
+        "--resume",
+        "--out",
+        str(tmp_path),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resume: 1 runs already finished" in r.stdout and "resumed from" not in r.stdout
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["rows"] == [second]
