@@ -174,3 +174,24 @@ def test_fused_linear_cross_entropy_on_cuda_bf16_is_close_to_plain():
     torch.testing.assert_close(gz1, gz0, atol=2e-3, rtol=5e-2)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], atol=2e-3, rtol=5e-2, msg=name)
+
+
+def test_fused_linear_cross_entropy_keeps_small_float16_gradients():
+    # 50 x 20 x 20 = 20,000 pair rows: per-row gradients ~ 1/20,000 * softmax, below float16's
+    # normal range unless scaled; with a GradScaler-style scaled loss they must come out right
+    torch.manual_seed(0)
+    ref = PositionLabeler("rel", 16, 6, 6).double()
+    fused = PositionLabeler("rel", 16, 6, 6, ce_chunk=4096).half()
+    fused.load_state_dict(ref.state_dict())
+    z = torch.randn(50, 20, 16, dtype=torch.float64)
+    pos = torch.stack([torch.randperm(36)[:20] for _ in range(50)])
+    _, _, gz_ref, g_ref = _loss_and_grads(ref, z, pos, None, None)
+    zh = z.half().requires_grad_(True)
+    loss, _ = fused(zh, pos)
+    (loss * 1024).backward()  # what torch.amp.GradScaler does to the loss
+    assert zh.grad.dtype == torch.float16
+    gz = zh.grad.double() / 1024
+    assert (gz != 0).float().mean() > 0.99  # nothing flushed to zero
+    torch.testing.assert_close(gz, gz_ref, atol=1e-6, rtol=5e-2)
+    g_w = fused.head.classifier.weight.grad.double() / 1024
+    torch.testing.assert_close(g_w, g_ref["head.classifier.weight"], atol=1e-5, rtol=5e-2)

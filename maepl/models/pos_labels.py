@@ -90,7 +90,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, labels, coords, sigma, num_classes, chunk):
         rows, n = weight.shape[0], h.shape[0]
-        grad_h = torch.empty_like(h)
+        # float16 cannot hold gradients of order 1/n (a GradScaler scales them only in the
+        # backward): keep the input's gradient in float32 then; bfloat16 has float32's range
+        grad_h = torch.empty_like(h, dtype=torch.float32 if h.dtype == torch.float16 else None)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
         grad_b = torch.zeros(rows, dtype=torch.float32, device=h.device)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -108,17 +110,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             else:
                 target = smooth_targets(yc, coords, sigma)
                 loss = loss - (target * logp[:, :num_classes]).sum()
-            # d(CE)/d(logits) = softmax - target, written over the log-probabilities
+            # n * d(loss)/d(logits) = softmax - target (in [-1, 1]), over the log-probabilities
             g = logp.exp_()
             if sigma is None:
                 g.scatter_add_(1, yc[:, None], torch.full_like(g[:, :1], -1.0))
             else:
                 g[:, :num_classes] -= target
-            g.mul_(1.0 / n)
-            gd = g.to(h.dtype)  # as autograd would: the logits' gradient in the input's dtype
-            grad_h[s : s + chunk] = (gd @ weight.to(gd.dtype)).to(h.dtype)
-            grad_w += (gd.t() @ hc.to(gd.dtype)).float()
+            gd = g.to(h.dtype)  # the products in the input's dtype, as autograd's would be
+            grad_h[s : s + chunk] = (gd @ weight.to(gd.dtype)).float().mul_(1.0 / n)
+            grad_w += (gd.t() @ hc).float()
             grad_b += g.sum(0)
+        grad_w, grad_b = grad_w.mul_(1.0 / n), grad_b.mul_(1.0 / n)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), grad_b.to(bias.dtype))
         ctx.mark_non_differentiable(correct)
         return loss / n, correct / n
@@ -126,6 +128,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_acc):
         grad_h, grad_w, grad_b = ctx.saved_tensors
+        # autograd casts each gradient to its input's dtype (float16's now holds the scale)
         return grad_h * grad_loss, grad_w * grad_loss, grad_b * grad_loss, *(None,) * 5
 
 
