@@ -10,8 +10,8 @@ tokens per image (49 visible, PE dropped on 3/4), 768-d, a 14x14 grid; RPL pairs
 them (1,296 pairs, 729 classes), APL labels the 36 tokens (196 classes). Each configuration runs
 in its own subprocess, so that its peak memory is its own: on CUDA
 ``torch.cuda.max_memory_allocated``, on CPU the growth of the process's peak resident set
-(``ru_maxrss``) over its state before the first step. The last line is
-``fused_vs_plain_ms=<ratio>`` for RPL (below 1: the fused loss is faster).
+(``ru_maxrss``) over its state before the first step (inputs and weights already allocated).
+The last line is ``fused_vs_plain_ms=<ratio>`` for RPL (below 1: the fused loss is faster).
 """
 
 from __future__ import annotations
@@ -51,11 +51,11 @@ def measure(kind: str, chunk: int, args: argparse.Namespace) -> dict:
         z.grad = None
         return loss.item()  # also synchronises the device
 
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # inputs and weights exist
     step()  # warm-up (and compilation)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times, loss = [], 0.0
     for _ in range(args.steps):
         t = time.perf_counter()
@@ -63,7 +63,8 @@ def measure(kind: str, chunk: int, args: argparse.Namespace) -> dict:
         times.append((time.perf_counter() - t) * 1e3)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
-    else:  # a lower bound for the step's own memory: the first step already raised the peak
+    else:  # growth of the peak resident set over the steps (warm-up included): what a step
+        # needs beyond its inputs and weights (large CPU blocks go back to the system)
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2**10
     return dict(kind=kind, chunk=chunk, ms=statistics.median(times), peak_mib=peak, loss=loss)
 
