@@ -44,9 +44,10 @@ def _parse_bool(text: str) -> bool:
 def _coerce(key: str, value: Any, tp: Any, from_text: bool) -> Any:
     """Check (YAML) or convert (command line) one value against the field's type."""
     inner, optional = _base_type(tp)
-    if value is None or (from_text and str(value).lower() in ("none", "null")):
-        if optional:
-            return None
+    empty = value is None or (from_text and str(value).lower() in ("none", "null"))
+    if empty and optional:
+        return None
+    if empty and not (value is not None and inner is str):  # "--pos_label none" is a value
         raise ConfigError(f"{key}: may not be empty")
     try:
         if inner is bool:

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from maepl.config import ConfigError, PretrainConfig, load_yaml, parse_config
+from maepl.config import ConfigError, FinetuneConfig, PretrainConfig, load_yaml, parse_config
 
 from .conftest import ROOT
 
@@ -117,3 +117,16 @@ def test_cli_refuses_an_output_dir_holding_another_run(tmp_path):
     )
     assert r.returncode != 0 and "output_dir" in r.stderr and "--resume" in r.stderr
     assert (out / "config.yaml").read_text() == "model: x\n"  # left untouched
+
+
+def test_none_on_the_command_line_is_a_value_for_string_keys():
+    # pos_label / pos_embed take the word "none"; optional keys (aa) read it as null
+    base = ["--model", "mae_vit_micro_patch4_28", "--dataset", "sample"]
+    cfg = parse_config(PretrainConfig, base + ["--pos_label", "none", "--pos_embed", "none"])
+    assert (cfg.pos_label, cfg.pos_embed) == ("none", "none")
+    ft = parse_config(
+        FinetuneConfig, ["--model", "vit_tiny_patch16_224", "--dataset", "sample", "--aa", "none"]
+    )
+    assert ft.aa is None
+    with pytest.raises(ConfigError, match="batch_size: may not be empty"):
+        parse_config(PretrainConfig, base + ["--batch_size", "none"])
