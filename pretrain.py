@@ -74,8 +74,10 @@ def main(cfg: PretrainConfig) -> dict:
     for imgs, _ in run.batches(loader, sampler, on_epoch_end=visualise, augment=augment):
         # DropPos-style smoothing: sigma decays linearly to 0 over the schedule
         sigma = None
-        if cfg.pos_smoothing > 0:  # a tensor, so that torch.compile does not recompile
-            sigma = torch.tensor(cfg.pos_smoothing * (1 - run.step / run.total_steps))
+        if cfg.pos_smoothing > 0:  # a tensor, so that torch.compile does not recompile;
+            # filled on the device: no copy from pageable host memory (a sync) every step
+            value = cfg.pos_smoothing * (1 - run.step / run.total_steps)
+            sigma = torch.full((), value, device=run.device)
         with run.accumulate():
             noise = mae.make_noise(imgs.shape[0], run.device, run.generator)
             out = model(imgs, **noise, pos_sigma=sigma)

@@ -144,7 +144,7 @@ def linear_cross_entropy(
     """``position_loss(classifier(h)[:, :num_classes], labels, coords, sigma)`` without keeping
     the logits: same loss, accuracy and gradients (up to rounding), less memory and traffic."""
     if sigma is not None and not torch.is_tensor(sigma):
-        sigma = torch.tensor(float(sigma), device=h.device)
+        sigma = torch.full((), float(sigma), device=h.device)
     return _LinearCrossEntropy.apply(
         h, classifier.weight, classifier.bias, labels, coords, sigma, num_classes, chunk
     )
