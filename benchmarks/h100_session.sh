@@ -4,7 +4,8 @@
 # so that one failure leaves the rest standing; results land in $OUT (small files only):
 #   gputests    the tests that skip themselves without CUDA (~1 min)
 #   calib       one gpu-budget pretraining alone: eager, compiled, compiled with CUDA graphs
-#               (CALIB_MODES), 300 steps each: steps/s
+#               (CALIB_MODES), 300 steps each: steps/s; then (CALIB_PROFILE=1) an eager run
+#               under cProfile: where the host's time goes
 #   quality     benchmarks/quality.py --budget gpu for QUALITY_S seconds, QUALITY_PAR runs at
 #               once (MPS=1 starts NVIDIA MPS first so that they share the GPU instead of
 #               time-slicing it), merged with earlier sessions' rows (REUSE);
@@ -40,16 +41,25 @@ fi
 
 if has calib; then
   for mode in ${CALIB_MODES:-eager compile cudagraphs}; do
-    log "calib: one gpu-budget run alone, $mode, 300 steps"
+    log "calib: one gpu-budget run alone, $mode, ${CALIB_STEPS:-300} steps"
     flag=()
     [ "$mode" = compile ] && flag=(--compile)
     [ "$mode" = cudagraphs ] && flag=(--compile --compile_mode reduce-overhead)
     timeout 150 python pretrain.py --config configs/fmnist_vit_tiny.yaml --data_path "$FMNIST" \
-        --data_pipeline gpu --num_workers 2 --max_steps 300 --log_every 100 --vis_every 1000 \
+        --data_pipeline gpu --num_workers 2 --max_steps "${CALIB_STEPS:-300}" --log_every 100 --vis_every 1000 \
         --pos_label abs --pos_drop_ratio 0.75 "${flag[@]}" --output_dir "/tmp/calib_$mode" \
         --overwrite true > "$OUT/calib_$mode.txt" 2>&1
     python -c "import json,sys; [print(' step', r['step'], 'img/s %.0f' % r['img_per_s'], 'steps/s %.1f' % (r['img_per_s'] / 512)) for r in map(json.loads, open(sys.argv[1])) if 'img_per_s' in r]" "/tmp/calib_$mode/log.jsonl"
   done
+  if [ "${CALIB_PROFILE:-1}" = 1 ]; then  # where the host's time goes (a slow run's diagnosis)
+    log "calib: eager, ${PROF_STEPS:-150} steps under cProfile (main thread), top 25 by own time"
+    timeout 120 python -m cProfile -o "$OUT/calib_eager.prof" pretrain.py \
+        --config configs/fmnist_vit_tiny.yaml --data_path "$FMNIST" --data_pipeline gpu \
+        --num_workers 2 --max_steps "${PROF_STEPS:-150}" --log_every 50 --vis_every 1000 --pos_label abs \
+        --output_dir /tmp/calib_prof --overwrite true > /dev/null 2>&1
+    python -c "import pstats,sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(25)" \
+        "$OUT/calib_eager.prof" 2>&1 | grep -E "^ +[0-9]" | cut -c1-160 | tee "$OUT/calib_eager_prof.txt"
+  fi
 fi
 
 if has quality; then
