@@ -23,6 +23,7 @@ device (without NVIDIA MPS their kernels time-slice the GPU: see docs/results.md
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -62,6 +63,7 @@ SWEEPS = {
     **{f"mask_{x}": dict(VARIANTS["apl_drop"], mask_ratio=x) for x in (0.5, 0.6, 0.7, 0.8, 0.9)},
 }
 JOBS = {**VARIANTS, **SWEEPS}
+SAVE_GRACE_S = 120  # --resume --time_limit: seconds a stopped run gets to save its checkpoint
 DEFAULTS = dict(pos_weight=0.5, mask_ratio=0.75)  # PretrainConfig's, for the apl_drop point
 BUDGETS = {
     # reference setup (configs/fmnist_vit_tiny.yaml): all 60,000 images, 40 epochs
@@ -286,7 +288,11 @@ def run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int]], out: Path) -
             late = time.monotonic() >= deadline
             if proc.poll() is None and not late:
                 continue
-            if proc.poll() is None:  # out of time: the unfinished run is worth nothing
+            if proc.poll() is None and args.resume:  # out of time: let it save a checkpoint
+                proc.send_signal(signal.SIGTERM)  # the run alone: its workers must live on
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=SAVE_GRACE_S)
+            if proc.poll() is None:  # out of time: without --resume the unfinished run is lost
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             log.close()

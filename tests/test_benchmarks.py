@@ -193,3 +193,44 @@ def test_quality_resume_continues_a_run_from_its_own_checkpoint(tmp_path):
     assert "resume: 1 runs already finished" in r.stdout and "resumed from" not in r.stdout
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["rows"] == [second]
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_quality_time_limit_lets_a_resumable_run_save_first(tmp_path, monkeypatch, resume):
+    # at the deadline a --resume run gets SIGTERM (pretrain.py saves a checkpoint on it) and
+    # time to exit; without --resume it is killed outright. A stand-in run records the signal.
+    import argparse
+    import importlib.util
+    import subprocess as sp
+
+    spec = importlib.util.spec_from_file_location("quality", f"{ROOT}/benchmarks/quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    marker = tmp_path / "saved"
+    stand_in = (
+        "import signal, sys, time\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (open({str(marker)!r}, 'w').close(), "
+        "sys.exit(3)))\n"
+        "time.sleep(60)\n"
+    )
+    real_popen = sp.Popen
+    monkeypatch.setattr(
+        quality.subprocess,
+        "Popen",
+        lambda cmd, **kw: real_popen([sys.executable, "-c", stand_in], **kw),
+    )
+    monkeypatch.setattr(quality, "SAVE_GRACE_S", 20)
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "logs").mkdir()
+    args = argparse.Namespace(
+        parallel=1,
+        time_limit=2.0,
+        resume=resume,
+        budget="smoke",
+        data_path=None,
+        workers=None,
+        compile_mode=None,
+        mixed_precision=None,
+    )
+    assert quality.run_jobs(args, [("mae", 0)], tmp_path) == ["mae_s0"]  # not finished
+    assert marker.exists() == resume
