@@ -8,6 +8,9 @@ import pytest
 
 from .conftest import ROOT
 
+# the quality benchmark's smallest study: plain MAE, one seed, the smoke budget
+SMOKE_MAE = ("benchmarks/quality.py", "--budget", "smoke", "--seeds", "1", "--variants", "mae")
+
 
 def run(*args, timeout=300):
     return subprocess.run(
@@ -52,17 +55,7 @@ def test_throughput_prints_its_ratio_last():
 
 def test_quality_reuses_earlier_rows_and_runs_the_rest_in_parallel(tmp_path):
     first = tmp_path / "first"
-    r = run(
-        "benchmarks/quality.py",
-        "--budget",
-        "smoke",
-        "--seeds",
-        "1",
-        "--variants",
-        "mae",
-        "--out",
-        str(first),
-    )
+    r = run(*SMOKE_MAE, "--out", str(first))
     assert r.returncode == 0, r.stderr[-3000:]
     second = tmp_path / "second"
     args = ["--budget", "smoke", "--seeds", "1", "--variants", "mae,apl_no_pe", "--out"]
@@ -177,18 +170,7 @@ def test_quality_resume_continues_a_run_from_its_own_checkpoint(tmp_path):
     assert second["pretrain_s"] >= first["pretrain_s"]  # seconds add up over sessions
     assert second["probe_cls"] == first["probe_cls"]  # the same weights, read the same way
     # the study itself with --resume: the finished run is taken, not run again
-    r = run(
-        "benchmarks/quality.py",
-        "--budget",
-        "smoke",
-        "--seeds",
-        "1",
-        "--variants",
-        "mae",
-        "--resume",
-        "--out",
-        str(tmp_path),
-    )
+    r = run(*SMOKE_MAE, "--resume", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resume: 1 runs already finished" in r.stdout and "resumed from" not in r.stdout
     res = json.loads((tmp_path / "results.json").read_text())
