@@ -28,7 +28,7 @@ from maepl.config import SHAPE_KEYS, ConfigError, FinetuneConfig, parse_config
 from maepl.data import build_finetune_transform, build_transform, load_data
 from maepl.loaders import SeededTransformDataset, eval_loader
 from maepl.loop import Run
-from maepl.models.mae import encoder_from_config, encoder_model_args
+from maepl.models.encoder import encoder_from_config, encoder_model_args
 from maepl.models.pos_labels import PositionLabeler
 from maepl.optim import build_adamw, param_groups_weight_decay
 from maepl.weights import fill_sincos, load_encoder_weights

@@ -26,7 +26,7 @@ from maepl.data import build_transform, load_data
 from maepl.evaluate import knn_accuracy
 from maepl.loaders import SeededTransformDataset, eval_loader
 from maepl.loop import Run
-from maepl.models.mae import encoder_from_config
+from maepl.models.encoder import encoder_from_config
 from maepl.weights import load_encoder_weights
 
 LP_ARCH_KEYS = SHAPE_KEYS + ("global_pool", "nb_classes", "finetune")

@@ -24,7 +24,8 @@ from maepl.data import build_transform, load_train_data, readable_images
 from maepl.gpu_aug import GpuAugment, raw_dataset
 from maepl.loaders import SeededTransformDataset
 from maepl.loop import Run
-from maepl.models.mae import build_mae, encoder_model_args
+from maepl.models.encoder import encoder_model_args
+from maepl.models.mae import build_mae
 from maepl.optim import build_adamw, param_groups_weight_decay
 from maepl.tracking import reconstruction_grid
 

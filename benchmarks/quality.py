@@ -42,11 +42,10 @@ sys.path.insert(0, str(ROOT))
 
 import finetune  # noqa: E402
 import pretrain  # noqa: E402
-from maepl.config import FinetuneConfig, PretrainConfig  # noqa: E402
+from maepl.config import FinetuneConfig, PretrainConfig, resolve_precision  # noqa: E402
 from maepl.data import build_dataset, build_transform  # noqa: E402
 from maepl.evaluate import extract_features, feature_probe, knn_accuracy  # noqa: E402
 from maepl.loaders import SeededTransformDataset, collate_drop_bad  # noqa: E402
-from maepl.loop import resolve_precision  # noqa: E402
 
 VARIANTS = {  # name -> pretraining overrides
     "mae": dict(pos_label="none"),

@@ -42,7 +42,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
 
-from maepl.models.mae import MaskedAutoencoder, build_encoder  # noqa: E402
+from maepl.models.encoder import build_encoder  # noqa: E402
+from maepl.models.mae import MaskedAutoencoder  # noqa: E402
 from maepl.optim import build_adamw, param_groups_weight_decay  # noqa: E402
 
 PRESETS: dict[str, dict] = {

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import torch
+
 from .config_io import (  # noqa: F401  (the loading API is used as maepl.config's)
     ConfigError,
     build_parser,
@@ -39,7 +41,7 @@ class TrainConfig:
     """Keys shared by pretrain.py, finetune.py and linprobe.py (MAE's names where it has one)."""
 
     # --- model
-    model: str | None = "mae_vit_base_patch16"  # a preset (models.mae.PRESETS) or a timm vit_*
+    model: str | None = "mae_vit_base_patch16"  # a preset (models.encoder.PRESETS) or a timm vit_*
     input_size: int | None = None  # None: from the preset / timm model (/ the checkpoint)
     patch_size: int | None = None
     in_chans: int | None = None
@@ -187,7 +189,7 @@ def resolve_model(cfg: TrainConfig, need_cls: bool = True) -> TrainConfig:
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
-    from .models.mae import PRESETS, encoder_from_config
+    from .models.encoder import PRESETS, encoder_from_config
 
     preset = dict(PRESETS.get(cfg.model, {}))
     if not preset:
@@ -375,3 +377,20 @@ def validate_linprobe(cfg: LinprobeConfig) -> LinprobeConfig:
 PretrainConfig.validate = validate_pretrain  # type: ignore[attr-defined]
 FinetuneConfig.validate = validate_finetune  # type: ignore[attr-defined]
 LinprobeConfig.validate = validate_linprobe  # type: ignore[attr-defined]
+
+
+def check_output_dir(cfg) -> None:
+    """Refuse to start over a different run: its checkpoints and logs would be mixed with ours."""
+    out = Path(cfg.output_dir)
+    if (out / "config.yaml").exists() and not cfg.resume and not cfg.overwrite:
+        raise ConfigError(
+            f"output_dir: {out} already holds a run (config.yaml); pass --resume auto to "
+            "continue it, --overwrite to replace it, or choose another --output_dir"
+        )
+
+
+def resolve_precision(name: str) -> str:
+    """``auto``: bf16 on GPUs that support it, full precision elsewhere."""
+    if name != "auto":
+        return name
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"

@@ -27,29 +27,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from .config import ConfigError, dump_config
+from .config import ConfigError, check_output_dir, dump_config, resolve_precision
 from .guard import StopFlag, ignore_stop_signals
 from .loaders import ShardedSampler, collate_skip_bad
 from .optim import lr_at, set_lr
 from .prefetch import Prefetcher
 from .tracking import Tracker
-
-
-def check_output_dir(cfg) -> None:
-    """Refuse to start over a different run: its checkpoints and logs would be mixed with ours."""
-    out = Path(cfg.output_dir)
-    if (out / "config.yaml").exists() and not cfg.resume and not cfg.overwrite:
-        raise ConfigError(
-            f"output_dir: {out} already holds a run (config.yaml); pass --resume auto to "
-            "continue it, --overwrite to replace it, or choose another --output_dir"
-        )
-
-
-def resolve_precision(name: str) -> str:
-    """``auto``: bf16 on GPUs that support it, full precision elsewhere."""
-    if name != "auto":
-        return name
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 class Run:

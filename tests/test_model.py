@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from maepl.models.mae import MaskedAutoencoder, build_encoder
+from maepl.models.encoder import build_encoder
+from maepl.models.mae import MaskedAutoencoder
 from maepl.models.pos_embed import sincos_2d
 
 
