@@ -8,7 +8,9 @@
 
 Each variant is pretrained with pretrain.main for every seed, then its encoder export is read
 with the protocol of shared/reference.md (frozen un-augmented features, CLS and mean of patch
-tokens; linear probe on standardised features, 100 epochs AdamW; kNN k=20, T=0.07) and
+tokens; linear probe on standardised features, 100 epochs AdamW; kNN k=20, T=0.07), probed
+with linprobe.py's MAE recipe (column lp_cls: LARS, BatchNorm + Linear on the CLS token,
+RandomResizedCrop + flip; base lr set so that lr x steps is MAE's, see mae_recipe_blr) and
 fine-tuned briefly with finetune.main. Results (mean ± std over seeds) go to
 <out>/results.json and <out>/results.md; the sweeps also write PNG plots when matplotlib is
 installed (pip install -e .[bench]).
@@ -41,8 +43,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import finetune  # noqa: E402
+import linprobe  # noqa: E402
 import pretrain  # noqa: E402
-from maepl.config import FinetuneConfig, PretrainConfig, resolve_precision  # noqa: E402
+from maepl.config import (  # noqa: E402
+    FinetuneConfig,
+    LinprobeConfig,
+    PretrainConfig,
+    resolve_precision,
+)
 from maepl.data import build_dataset, build_transform  # noqa: E402
 from maepl.evaluate import extract_features, feature_probe, knn_accuracy  # noqa: E402
 from maepl.loaders import SeededTransformDataset, collate_drop_bad  # noqa: E402
@@ -82,6 +90,7 @@ BUDGETS = {
         ft_epochs=5,
         ft_batch=256,
         probe_epochs=100,
+        lp=dict(epochs=10, warmup_epochs=1, batch_size=1024),
     ),
     # CPU-sized: the 10,000-image embedded sample, a 96-d x 6 ViT, small batches for steps
     "cpu": dict(
@@ -97,6 +106,7 @@ BUDGETS = {
         ft_epochs=1,
         ft_batch=64,
         probe_epochs=50,
+        lp=dict(epochs=10, warmup_epochs=1, batch_size=256),
     ),
     "smoke": dict(
         pre=dict(
@@ -113,8 +123,43 @@ BUDGETS = {
         ft_epochs=0,
         ft_batch=64,
         probe_epochs=2,
+        lp=dict(epochs=1, warmup_epochs=0, batch_size=64),
     ),
 }
+
+
+# linprobe.py's MAE recipe (LARS, BatchNorm + Linear, CLS, RandomResizedCrop + flip) at a small
+# budget: LARS moves a weight by about lr * 1e-3 of its norm a step, so with MAE's base lr the
+# probe barely leaves its init in a few hundred steps (docs/linprobe.md). The budgets keep MAE's
+# lr x steps instead: ImageNet, effective batch 16,384, lr 6.4 (blr 0.1), 90 epochs = 7,037 steps.
+MAE_LP_LR_STEPS = 6.4 * (90 * 1_281_167 // 16_384)
+
+
+def mae_recipe_blr(images: int, lp: dict) -> float:
+    """The base lr that gives MAE's ImageNet lr x steps for this probe's step count."""
+    steps = lp["epochs"] * (images // lp["batch_size"])
+    return MAE_LP_LR_STEPS / steps * 256 / lp["batch_size"]
+
+
+def linprobe_mae_recipe(
+    folder: Path, dataset: str, data_path: str | None, lp: dict, seed: int, workers: int, lp_dir
+) -> dict[str, float]:
+    """linprobe.py on the export, CLS token; top-1 and the base lr it used."""
+    images = len(build_dataset(dataset, data_path, True))
+    blr = mae_recipe_blr(images, lp)
+    cfg = LinprobeConfig(
+        finetune=str(folder),
+        dataset=dataset,
+        data_path=data_path,
+        **lp,
+        blr=blr,
+        seed=seed,
+        num_workers=workers,
+        save_every=lp["epochs"],
+        output_dir=str(lp_dir),
+        overwrite=True,
+    ).validate()
+    return dict(lp_cls=linprobe.main(cfg)["top1"], lp_blr=round(blr, 3))
 
 
 def evaluate_export(
@@ -196,7 +241,19 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace, out
             run_dir / "export" / "encoder", cfg.dataset, data_path, budget["probe_epochs"], device
         )
     )
-    if budget["ft_epochs"] and name in VARIANTS:  # the sweeps read probe and position loss only
+    if name in VARIANTS:  # the sweeps read probe and position loss only
+        row.update(
+            linprobe_mae_recipe(
+                run_dir / "export" / "encoder",
+                cfg.dataset,
+                data_path,
+                budget["lp"],
+                seed,
+                pre["num_workers"],
+                run_dir / "lp",
+            )
+        )
+    if budget["ft_epochs"] and name in VARIANTS:
         ft = FinetuneConfig(
             finetune=str(run_dir / "export" / "encoder"),
             dataset=cfg.dataset,
@@ -306,6 +363,37 @@ def run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int]], out: Path) -
     return failed + [f"{n}_s{s}" for n, s in pending]
 
 
+def fill_linprobe(args: argparse.Namespace, jobs: list, done: dict, out: Path) -> None:
+    """Rows without linprobe.py's column (rows of older code, via --reuse or --resume) get it
+    from the exports their runs kept: <dir>/<variant>_s<seed>/export/encoder, for the dirs of
+    --fill_lp and then --out. Each filled row is saved to <out>/rows/ as it is done."""
+    budget = BUDGETS[args.budget]
+    workers = args.workers if args.workers is not None else budget["pre"]["num_workers"]
+    dirs = [*args.fill_lp, out]
+    for name, seed in jobs:
+        row = done.get((name, seed))
+        if row is None or name not in VARIANTS or "lp_cls" in row:
+            continue
+        saved = row_path(out, name, seed)
+        if saved.exists() and "lp_cls" in (earlier := json.loads(saved.read_text())):
+            row.update(lp_cls=earlier["lp_cls"], lp_blr=earlier["lp_blr"])
+            continue
+        exports = [d / f"{name}_s{seed}" / "export" / "encoder" for d in dirs]
+        export = next((e for e in exports if (e / "model.safetensors").exists()), None)
+        if export is None:
+            print(f"--fill_lp: no export of {name} seed {seed} in {', '.join(map(str, dirs))}")
+            continue
+        lp_dir = out / "lp_fill" / f"{name}_s{seed}"
+        dataset = budget["pre"]["dataset"]
+        row.update(
+            linprobe_mae_recipe(
+                export, dataset, args.data_path, budget["lp"], seed, workers, lp_dir
+            )
+        )
+        saved.write_text(json.dumps(row))
+        print(f"--fill_lp: {name} seed {seed} lp_cls {row['lp_cls']:.2f} ({export})", flush=True)
+
+
 def load_reused(path: str | None, budget: str) -> dict[tuple[str, int], dict]:
     """Rows of an earlier results.json (another session's, say) at the same budget."""
     if not path:
@@ -365,6 +453,13 @@ def main() -> None:
         "starting over: a run longer than a session (the gpu budget on a CPU, say) is\n"
         "stopped with SIGTERM (it saves) and finished later",
     )
+    p.add_argument(
+        "--fill_lp",
+        default=None,
+        metavar="DIR[,DIR]",
+        help="rows lacking linprobe.py's MAE-recipe column (rows of older code) get it from\n"
+        "the exports kept under these earlier --out folders (and --out)",
+    )
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # NAME:SEED, one subprocess
     args = p.parse_args()
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -373,6 +468,10 @@ def main() -> None:
         p.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     if args.parallel < 1:
         p.error("--parallel must be >= 1")
+    args.fill_lp = [Path(d) for d in (args.fill_lp or "").split(",") if d]
+    missing = [str(d) for d in args.fill_lp if not d.is_dir()]
+    if missing:
+        p.error(f"--fill_lp: no such folder: {', '.join(missing)}")
     out = Path(args.out or ROOT / "output" / f"quality_{args.budget}")
     (out / "rows").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
@@ -399,6 +498,8 @@ def main() -> None:
     for name, seed in todo + finished:
         if row_path(out, name, seed).exists():
             done[(name, seed)] = json.loads(row_path(out, name, seed).read_text())
+    if args.fill_lp:
+        fill_linprobe(args, jobs, done, out)
     rows = [done[j] for j in jobs if j in done and j[0] in VARIANTS]
     sweeps = [done[j] for j in jobs if j in done and j[0] in SWEEPS]
     keys = [
@@ -406,6 +507,7 @@ def main() -> None:
         "probe_avg",
         "knn_cls",
         "knn_avg",
+        "lp_cls",
         "finetune_top1",
         "pos_loss",
         "pos_acc",

@@ -86,6 +86,35 @@ def test_quality_reuses_earlier_rows_and_runs_the_rest_in_parallel(tmp_path):
     assert res["rows"] == [] and res["not_run"] == ["mae_s0", "apl_no_pe_s0"]
 
 
+def test_quality_reports_linprobe_and_fills_it_into_older_rows(tmp_path):
+    first = tmp_path / "first"
+    r = run(*SMOKE_MAE, "--out", str(first))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((first / "results.json").read_text())
+    row = res["rows"][0]
+    # linprobe.py's MAE recipe, with MAE's ImageNet lr x steps: smoke lp = 1 epoch at batch 64
+    steps = 10_000 // 64
+    assert row["lp_blr"] * 64 / 256 * steps == pytest.approx(6.4 * 7037, rel=1e-3)
+    assert 0 <= row["lp_cls"] <= 100
+    assert "lp_cls" in (first / "results.md").read_text()
+
+    # a row of older code lacks the column: --fill_lp computes it from the run's kept export
+    old = dict(res, rows=[{k: v for k, v in row.items() if not k.startswith("lp_")}])
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    second = tmp_path / "second"
+    fill = ["--reuse", str(tmp_path / "old.json"), "--fill_lp", str(first), "--out", str(second)]
+    r = run(*SMOKE_MAE, *fill)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--fill_lp: mae seed 0 lp_cls" in r.stdout
+    filled = json.loads((second / "results.json").read_text())["rows"][0]
+    assert filled["lp_cls"] == pytest.approx(row["lp_cls"])  # same export, seed and recipe
+    assert json.loads((second / "rows" / "mae_s0.json").read_text())["lp_cls"] == filled["lp_cls"]
+
+    r = run(*SMOKE_MAE, "--fill_lp", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "--fill_lp: no such folder" in r.stderr
+    assert not (tmp_path / "x").exists()  # refused before any work
+
+
 def test_quality_rejects_a_reuse_file_of_another_budget(tmp_path):
     other = tmp_path / "results.json"
     other.write_text(json.dumps(dict(budget="gpu", rows=[], sweeps=[])))
