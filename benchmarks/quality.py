@@ -285,9 +285,30 @@ def aggregate(rows: list[dict], keys: list[str]) -> dict[str, dict[str, str]]:
         table[name] = {"seeds": str(len(mine))}
         for k in keys:
             vals = [r[k] for r in mine if r.get(k) is not None]
+            if k.startswith("pos_") and mine[0].get("pos_label") == "none":
+                vals = []  # no position head (rows of older code stored 0.0 here)
             if vals:
                 sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
                 table[name][k] = f"{statistics.mean(vals):.2f} ± {sd:.2f}"
+    return table
+
+
+def paired_gains(rows: list[dict], keys: list[str]) -> dict[str, dict[str, str]]:
+    """Each variant minus plain MAE of the same seed (same data order and initial encoder):
+    mean ± sd of the per-seed differences, and how many seeds gained."""
+    mae = {r["seed"]: r for r in rows if r["variant"] == "mae"}
+    table = {}
+    for name in dict.fromkeys(r["variant"] for r in rows if r["variant"] != "mae"):
+        pairs = [(r, mae[r["seed"]]) for r in rows if r["variant"] == name and r["seed"] in mae]
+        if not pairs:
+            continue
+        table[name] = {"seeds": str(len(pairs))}
+        for k in keys:
+            d = [r[k] - m[k] for r, m in pairs if r.get(k) is not None and m.get(k) is not None]
+            if d:
+                sd = statistics.stdev(d) if len(d) > 1 else 0.0
+                up = sum(x > 0 for x in d)
+                table[name][k] = f"{statistics.mean(d):+.2f} ± {sd:.2f} ({up}/{len(d)} up)"
     return table
 
 
@@ -531,6 +552,14 @@ def main() -> None:
     lines += [
         f"| {n} | " + " | ".join(v.get(k, "–") for k in cols) + " |" for n, v in table.items()
     ]
+    gains = paired_gains(rows, keys[:6])
+    if gains:
+        cols = ["seeds", *keys[:6]]
+        lines += ["", "Gain over plain MAE, paired by seed:", ""]
+        lines += ["| variant | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        lines += [
+            f"| {n} | " + " | ".join(v.get(k, "–") for k in cols) + " |" for n, v in gains.items()
+        ]
     if not_run:
         lines.append(f"\nnot run (time limit or failure): {', '.join(not_run)}")
     (out / "results.md").write_text("\n".join(lines) + "\n")

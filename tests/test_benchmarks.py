@@ -43,6 +43,15 @@ def test_quality_smoke_budget(tmp_path):
         assert 0 <= row["probe_cls"] <= 100 and 0 <= row["knn_avg"] <= 100
     table = (tmp_path / "results.md").read_text()
     assert "| apl_drop |" in table and "±" in table
+    # the paired table: apl_drop minus mae of the same seed, over both seeds
+    gains = table.split("paired by seed")[1]
+    mae, apl = (
+        {r["seed"]: r["probe_cls"] for r in res["rows"] if r["variant"] == v}
+        for v in ("mae", "apl_drop")
+    )
+    d = [apl[s] - mae[s] for s in (0, 1)]
+    assert f"| apl_drop | 2 | {sum(d) / 2:+.2f} ± " in gains
+    assert f"({sum(x > 0 for x in d)}/2 up)" in gains
 
 
 def test_throughput_prints_its_ratio_last():
