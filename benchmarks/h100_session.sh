@@ -36,7 +36,7 @@ echo "cores $(nproc); MPS control: $(command -v nvidia-cuda-mps-control || echo 
 
 if has gputests; then
   log "the CUDA-only tests (skipped on CPU machines)"
-  timeout 120 python -m pytest -q -rs tests/test_gpu_aug.py tests/test_pos_labels.py -k cuda 2>&1 | tail -8
+  timeout 150 python -m pytest -q -rs tests/test_gpu_aug.py tests/test_pos_labels.py tests/test_pretrain.py -k cuda 2>&1 | tail -12
 fi
 
 if has calib; then

@@ -249,7 +249,12 @@ class Run:
                         msg = f"[rank {self.rank}] skipped unreadable images: {bad}"
                         print(msg, file=sys.stderr)
                         self.tracker.event(self.step, "bad_images", files=bad)
-                    yield imgs.to(self.device, non_blocking=True), labels.to(self.device)
+                    # non_blocking: a blocking copy would make the host wait for the GPU every
+                    # step (cudaStreamSynchronize), so it could not queue the next step ahead
+                    yield (
+                        imgs.to(self.device, non_blocking=True),
+                        labels.to(self.device, non_blocking=True),
+                    )
                     if self.stopped:
                         break
             if not self.stopped and self.batch_in_epoch >= self.micro_per_epoch:

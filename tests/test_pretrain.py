@@ -248,3 +248,31 @@ def test_compile_mode_reaches_torch_compile(tiny_cfg, monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append(kw["mode"]))
     pretrain.main(tiny_cfg(max_steps=1, compile=True, compile_mode="reduce-overhead"))
     assert modes == ["reduce-overhead"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("pipeline", ["cpu", "gpu"])
+def test_cuda_steps_never_make_the_host_wait_for_the_gpu(tiny_cfg, monkeypatch, pipeline):
+    """Between log lines a step has no host sync (a blocking copy, .item(), .tolist()): the
+    host keeps queueing work ahead of the GPU. torch's sync debug mode turns any sync into an
+    error from the end of step 2 to the end of step 7: batch loading, transfer, forward,
+    backward, optimizer step and book-keeping; step 8 writes the log (one sync) and saves."""
+    from maepl import loop
+
+    real = loop.Run.batches
+
+    def watched(self, *args, **kwargs):
+        for k, batch in enumerate(real(self, *args, **kwargs)):
+            yield batch
+            torch.cuda.set_sync_debug_mode("error" if 1 <= k <= 5 else 0)
+        torch.cuda.set_sync_debug_mode(0)
+
+    monkeypatch.setattr(loop.Run, "batches", watched)
+    cfg = tiny_cfg(
+        max_steps=8, log_every=1000, vis_every=1000, data_pipeline=pipeline, pos_label="abs"
+    )
+    try:
+        summary = pretrain.main(cfg)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert summary["step"] == 8 and np.isfinite(summary["loss"])
