@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end (tiny settings) and print what they promise."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -10,6 +11,14 @@ from .conftest import ROOT
 
 # the quality benchmark's smallest study: plain MAE, one seed, the smoke budget
 SMOKE_MAE = ("benchmarks/quality.py", "--budget", "smoke", "--seeds", "1", "--variants", "mae")
+
+
+def load_quality():
+    """benchmarks/quality.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("quality", f"{ROOT}/benchmarks/quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    return quality
 
 
 def run(*args, timeout=300):
@@ -118,6 +127,11 @@ def test_quality_reports_linprobe_and_fills_it_into_older_rows(tmp_path):
     filled = json.loads((second / "results.json").read_text())["rows"][0]
     assert filled["lp_cls"] == pytest.approx(row["lp_cls"])  # same export, seed and recipe
     assert json.loads((second / "rows" / "mae_s0.json").read_text())["lp_cls"] == filled["lp_cls"]
+    # the filled row is saved: a second call takes it instead of probing again
+    r = run(*SMOKE_MAE, *fill)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--fill_lp: mae seed 0" not in r.stdout
+    assert json.loads((second / "results.json").read_text())["rows"][0] == filled
 
     r = run(*SMOKE_MAE, "--fill_lp", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "--fill_lp: no such folder" in r.stderr
@@ -220,12 +234,9 @@ def test_quality_time_limit_lets_a_resumable_run_save_first(tmp_path, monkeypatc
     # at the deadline a --resume run gets SIGTERM (pretrain.py saves a checkpoint on it) and
     # time to exit; without --resume it is killed outright. A stand-in run records the signal.
     import argparse
-    import importlib.util
     import subprocess as sp
 
-    spec = importlib.util.spec_from_file_location("quality", f"{ROOT}/benchmarks/quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = load_quality()
     marker = tmp_path / "saved"
     stand_in = (
         "import signal, sys, time\n"
@@ -254,3 +265,14 @@ def test_quality_time_limit_lets_a_resumable_run_save_first(tmp_path, monkeypatc
     )
     assert quality.run_jobs(args, [("mae", 0)], tmp_path) == ["mae_s0"]  # not finished
     assert marker.exists() == resume
+
+
+def test_quality_table_has_no_position_columns_for_plain_mae():
+    quality = load_quality()
+    rows = [  # older code stored 0.0 for MAE's position loss
+        dict(variant="mae", seed=0, pos_label="none", pos_loss=0.0, probe_cls=75.0),
+        dict(variant="apl_drop", seed=0, pos_label="abs", pos_loss=3.37, probe_cls=77.0),
+    ]
+    table = quality.aggregate(rows, ["probe_cls", "pos_loss"])
+    assert "pos_loss" not in table["mae"] and table["mae"]["probe_cls"] == "75.00 ± 0.00"
+    assert table["apl_drop"]["pos_loss"] == "3.37 ± 0.00"
