@@ -13,6 +13,15 @@
 #   throughput  pos_loss.py (the position loss alone, plain vs fused), then throughput.py
 #               ViT-B/16 compiled: plain, apl, rpl, rpl_fused, hf; then plain profiled
 #   pipeline    data_pipeline.py: cpu vs gpu (prefetched) vs gpu:inline, with a simulated step
+#   e2e         pretrain.py end to end: ViT-B/16 + APL, compiled, --data_pipeline gpu, from an
+#               ImageFolder of E2E_IMAGES synthetic JPEGs (data_pipeline.py's), E2E_STEPS steps:
+#               img/s per log window, to hold against throughput.py's synthetic-input figure
+#   graphs      throughput.py again with CUDA graphs (--compile_mode reduce-overhead), GRAPHS_ONLY
+# Sections run in the order SECTIONS lists them. BUDGET_S (seconds, whole script) caps every
+# section's timeout by the time left, and a section with under 40 s left is skipped, so the
+# script ends inside the device call's limit and the sections listed first are the sure ones.
+# THROUGHPUT_ONLY picks throughput.py's configurations (most important first: each prints its
+# line when it is done, so a timeout keeps the ones before it).
 # Usage, from the repo root (the Fashion-MNIST idx files carried in .data/fmnist):
 #   SECTIONS=calib,quality FMNIST=.data/fmnist OUT=/tmp/out bash benchmarks/h100_session.sh
 set -u
@@ -24,28 +33,32 @@ QUALITY_PAR=${QUALITY_PAR:-1}
 MPS=${MPS:-0}
 VARIANTS=${VARIANTS:-mae,apl_drop,apl_no_pe,apl_pe_kept,apl_drop_smooth,rpl_drop}
 REUSE=${REUSE:-benchmarks/results/quality_gpu.json}
+BUDGET_S=${BUDGET_S:-100000}
+THROUGHPUT_ONLY=${THROUGHPUT_ONLY:-plain,apl,plain_bf16w,apl_bf16w,rpl_fused,hf,rpl}
+GRAPHS_ONLY=${GRAPHS_ONLY:-plain,plain_bf16w}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 log() { echo "=== $(date +%T) $*"; }
-has() { [[ ",$SECTIONS," == *",$1,"* ]]; }
+# cap WANT seconds by what BUDGET_S leaves (minus a margin for copying results)
+cap() { local left=$((BUDGET_S - SECONDS - 10)); echo $(($1 < left ? $1 : left)); }
 
 log versions
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, torchvision, timm, accelerate; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'accelerate', accelerate.__version__)"
 echo "cores $(nproc); MPS control: $(command -v nvidia-cuda-mps-control || echo absent)"
 
-if has gputests; then
+sec_gputests() {
   log "the CUDA-only tests (skipped on CPU machines)"
-  timeout 150 python -m pytest -q -rs tests/test_gpu_aug.py tests/test_pos_labels.py tests/test_pretrain.py -k cuda 2>&1 | tail -12
-fi
+  timeout "$(cap 150)" python -m pytest -q -rs tests/test_gpu_aug.py tests/test_pos_labels.py tests/test_pretrain.py -k cuda 2>&1 | tail -12
+}
 
-if has calib; then
+sec_calib() {
   for mode in ${CALIB_MODES:-eager compile cudagraphs}; do
     log "calib: one gpu-budget run alone, $mode, ${CALIB_STEPS:-300} steps"
     flag=()
     [ "$mode" = compile ] && flag=(--compile)
     [ "$mode" = cudagraphs ] && flag=(--compile --compile_mode reduce-overhead)
-    timeout 150 python pretrain.py --config configs/fmnist_vit_tiny.yaml --data_path "$FMNIST" \
+    timeout "$(cap "${CALIB_S:-150}")" python pretrain.py --config configs/fmnist_vit_tiny.yaml --data_path "$FMNIST" \
         --data_pipeline gpu --num_workers 2 --max_steps "${CALIB_STEPS:-300}" --log_every 100 --vis_every 1000 \
         --pos_label abs --pos_drop_ratio 0.75 "${flag[@]}" --output_dir "/tmp/calib_$mode" \
         --overwrite true > "$OUT/calib_$mode.txt" 2>&1
@@ -53,16 +66,16 @@ if has calib; then
   done
   if [ "${CALIB_PROFILE:-1}" = 1 ]; then  # where the host's time goes (a slow run's diagnosis)
     log "calib: eager, ${PROF_STEPS:-150} steps under cProfile (main thread), top 25 by own time"
-    timeout 120 python -m cProfile -o "$OUT/calib_eager.prof" pretrain.py \
+    timeout "$(cap 120)" python -m cProfile -o "$OUT/calib_eager.prof" pretrain.py \
         --config configs/fmnist_vit_tiny.yaml --data_path "$FMNIST" --data_pipeline gpu \
         --num_workers 2 --max_steps "${PROF_STEPS:-150}" --log_every 50 --vis_every 1000 --pos_label abs \
         --output_dir /tmp/calib_prof --overwrite true > /dev/null 2>&1
     python -c "import pstats,sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(25)" \
         "$OUT/calib_eager.prof" 2>&1 | grep -E "^ +[0-9]" | cut -c1-160 | tee "$OUT/calib_eager_prof.txt"
   fi
-fi
+}
 
-if has quality; then
+sec_quality() {
   if [ "$MPS" = 1 ]; then
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
     mkdir -p /tmp/mps_pipe /tmp/mps_log
@@ -71,7 +84,7 @@ if has quality; then
   log "quality, gpu budget: $QUALITY_PAR at once for $QUALITY_S s (MPS=$MPS)"
   reuse=(); [ -f "$REUSE" ] && reuse=(--reuse "$REUSE")
   mode=(); [ -n "${QUALITY_MODE:-}" ] && mode=(--compile_mode "$QUALITY_MODE")
-  timeout $((QUALITY_S + 40)) python benchmarks/quality.py --budget gpu --seeds 2 --sweeps \
+  timeout "$(cap $((QUALITY_S + 40)))" python benchmarks/quality.py --budget gpu --seeds 2 --sweeps \
       --variants "$VARIANTS" --parallel "$QUALITY_PAR" --workers 2 --time_limit "$QUALITY_S" \
       "${reuse[@]}" "${mode[@]}" --data_path "$FMNIST" --out /tmp/quality_gpu 2>&1 \
       | grep -E '^\{|^\||^not run|^job|^reusing' | cut -c1-600 | tail -40
@@ -82,21 +95,54 @@ if has quality; then
   for f in /tmp/quality_gpu/logs/*.log; do
     [ -f "$f" ] && tail -c 1500 "$f" | tr '\r' '\n' | tail -8 > "$OUT/quality/$(basename "$f")"
   done
-fi
+}
 
-if has throughput; then
+sec_throughput() {
   log "position loss alone (ViT-B/16 shapes): plain vs fused chunked cross-entropy, eager"
-  timeout 90 python benchmarks/pos_loss.py --json "$OUT/pos_loss.json" 2>&1 | tail -6
-  log "throughput: ViT-B/16, compiled (plain, apl, rpl, rpl_fused, hf), then plain profiled"
-  timeout 400 python benchmarks/throughput.py --preset vit_base --compile --steps 15 --warmup 5 \
-      --only plain,apl,rpl,rpl_fused,hf --profile 3 --json "$OUT/throughput_compile.json" \
+  timeout "$(cap 90)" python benchmarks/pos_loss.py --json "$OUT/pos_loss.json" 2>&1 | tail -6
+  log "throughput: ViT-B/16, compiled ($THROUGHPUT_ONLY), each profiled (3 steps)"
+  timeout "$(cap "${THROUGHPUT_S:-400}")" python benchmarks/throughput.py --preset vit_base --compile --steps 15 --warmup 5 \
+      --only "$THROUGHPUT_ONLY" --profile 3 --json "$OUT/throughput_compile.json" \
       > "$OUT/throughput_compile.txt" 2>&1
-  grep -E "^(plain|apl|rpl|rpl_fused|hf) |ratio_vs_hf" "$OUT/throughput_compile.txt"
-fi
+  grep -E "^ *(plain|apl|rpl|hf)[a-z0-9_]* |ratio_vs_hf|benchmark time" "$OUT/throughput_compile.txt"
+}
 
-if has pipeline; then
+sec_pipeline() {
   log "input pipeline: cpu vs gpu (prefetched) vs gpu:inline, simulated 43 ms step"
-  timeout 120 python benchmarks/data_pipeline.py --step_ms 43 --json "$OUT/data_pipeline.json" \
+  timeout "$(cap 120)" python benchmarks/data_pipeline.py --step_ms 43 --json "$OUT/data_pipeline.json" \
       2>&1 | tail -14
-fi
+}
+sec_e2e() {
+  log "end to end: pretrain.py ViT-B/16 + APL 0.75, compiled, --data_pipeline gpu, batch 256"
+  if [ ! -d /tmp/jpegs/train ]; then
+    python -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks')
+from data_pipeline import write_synthetic
+n = int(sys.argv[1]); print('wrote', n, 'JPEGs,', write_synthetic(Path('/tmp/jpegs'), n, int(sys.argv[2])) // n // 1024, 'KiB mean')" \
+        "${E2E_IMAGES:-16000}" "$(nproc)"
+  fi
+  timeout "$(cap 240)" python pretrain.py --model mae_vit_base_patch16 --data_path /tmp/jpegs \
+      --data_pipeline gpu --num_workers "$(($(nproc) - 2))" --batch_size 256 --compile \
+      --max_steps "${E2E_STEPS:-200}" --log_every 20 --vis_every 100000 --pos_label abs \
+      --pos_drop_ratio 0.75 --output_dir /tmp/e2e --overwrite true > "$OUT/e2e.txt" 2>&1
+  echo "pretrain.py exit $?"
+  python -c "import json,sys; [print(' step', r['step'], 'img/s %.0f' % r['img_per_s']) for r in map(json.loads, open(sys.argv[1])) if 'img_per_s' in r]" /tmp/e2e/log.jsonl
+}
+
+sec_graphs() {
+  log "throughput: ViT-B/16 with CUDA graphs (reduce-overhead): $GRAPHS_ONLY"
+  timeout "$(cap 300)" python benchmarks/throughput.py --preset vit_base --compile \
+      --compile_mode reduce-overhead --steps 15 --warmup 5 --only "$GRAPHS_ONLY" \
+      > "$OUT/throughput_graphs.txt" 2>&1
+  grep -E "^ *(plain|apl|rpl|hf)[a-z0-9_]* |benchmark time" "$OUT/throughput_graphs.txt"
+}
+
+for section in ${SECTIONS//,/ }; do
+  if ! declare -F "sec_$section" > /dev/null; then
+    echo "unknown section '$section' (gputests, calib, quality, throughput, pipeline, e2e, graphs)"
+  elif [ $((BUDGET_S - SECONDS)) -lt 40 ]; then
+    log "skipped $section: $((BUDGET_S - SECONDS)) s of BUDGET_S left"
+  else
+    "sec_$section"
+  fi
+done
 log end

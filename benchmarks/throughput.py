@@ -16,6 +16,9 @@ Configurations (``--only`` takes a comma-separated subset of these names):
     rpl_all  maepl MAE + RPL, pos_drop_ratio 0 (all ordered pairs of visible tokens)
     apl_fused, rpl_fused, rpl_all_fused  the same with the fused chunked classifier +
              cross-entropy (--pos_ce_chunk; the plain ones use --pos_ce_chunk 0)
+    plain_bf16w, apl_bf16w  a lever, not a pretrain.py setting yet: weights, activations and
+             gradients in bfloat16 (no autocast, so no fp32 residual stream or casts), fp32
+             master weights in the optimizer (grads copied up, weights copied back each step)
     hf       transformers ViTMAEForPreTraining, same sizes, sdpa attention
 
 The last line printed is ``ratio_vs_hf=<plain img/s / hf img/s>`` (``nan`` when either of the
@@ -92,8 +95,11 @@ CONFIGS: dict[str, tuple[str, float, int] | None] = {
     "apl_fused": ("abs", 0.75, FUSED_CHUNK),
     "rpl_fused": ("rel", 0.75, FUSED_CHUNK),
     "rpl_all_fused": ("rel", 0.0, FUSED_CHUNK),
+    "plain_bf16w": ("none", 0.0, 0),
+    "apl_bf16w": ("abs", 0.75, 0),
     "hf": None,
 }
+BF16_WEIGHTS = ("plain_bf16w", "apl_bf16w")  # bf16 model + fp32 master weights
 DESCRIPTIONS = {
     "plain": "maepl MAE",
     "apl": "maepl MAE + APL (drop 0.75)",
@@ -103,6 +109,8 @@ DESCRIPTIONS = {
     "apl_fused": "APL (drop 0.75), fused CE",
     "rpl_fused": "RPL (drop 0.75), fused CE",
     "rpl_all_fused": "RPL (drop 0), fused CE",
+    "plain_bf16w": "MAE, bf16 weights+fp32 master",
+    "apl_bf16w": "APL 0.75, bf16 w+fp32 master",
     "hf": "HF ViTMAEForPreTraining",
 }
 
@@ -311,18 +319,26 @@ class Runner:
             self.extra["attn_implementation"] = attn
         else:
             pos_label, pos_drop, ce_chunk = CONFIGS[name]
-            self.model, self.loss_fn = build_maepl(shape, pos_label, pos_drop, ce_chunk, imgs, mode)
+            x = imgs.to(torch.bfloat16) if name in BF16_WEIGHTS else imgs
+            self.model, self.loss_fn = build_maepl(shape, pos_label, pos_drop, ce_chunk, x, mode)
             head = self.model.pos_head is not None
             self.extra["labelled_tokens"] = self.model.num_labelled if head else 0
         self.model.train()
-        self.optimizer = build_adamw(
-            param_groups_weight_decay(self.model, WEIGHT_DECAY),
-            LR,
-            BETAS,
-            device_type=self.device.type,
-        )
+        groups = param_groups_weight_decay(self.model, WEIGHT_DECAY)
+        self.bf16_weights = name in BF16_WEIGHTS
+        if self.bf16_weights:
+            # the Parameter objects stay (their data becomes bf16); the optimizer steps fp32
+            # copies of them, and the step copies gradients up and weights back down
+            self.params = [p for g in groups for p in g["params"]]
+            self.masters = [p.detach().float() for p in self.params]
+            for m in self.masters:
+                m.grad = torch.zeros_like(m)
+            master_of = {id(p): m for p, m in zip(self.params, self.masters, strict=True)}
+            groups = [{**g, "params": [master_of[id(p)] for p in g["params"]]} for g in groups]
+            self.model.to(torch.bfloat16)
+        self.optimizer = build_adamw(groups, LR, BETAS, device_type=self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type) if args.precision == "fp16" else None
-        self.precision = args.precision
+        self.precision = "no" if self.bf16_weights else args.precision
         self.num_params = count_trainable(self.model)
         self.window_ms: list[float] = []
         self.peak_bytes = 0
@@ -336,6 +352,14 @@ class Runner:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+        elif self.bf16_weights:
+            loss.backward()
+            with torch.no_grad():
+                torch._foreach_copy_([m.grad for m in self.masters], [p.grad for p in self.params])
+                self.optimizer.step()
+                torch._foreach_copy_(self.params, self.masters)
+            self.model.zero_grad(set_to_none=True)
+            return loss.detach()
         else:
             loss.backward()
             self.optimizer.step()
@@ -347,6 +371,8 @@ class Runner:
         tensors = list(self.model.parameters()) + list(self.model.buffers())
         for state in self.optimizer.state.values():
             tensors += [t for t in state.values() if torch.is_tensor(t)]
+        if self.bf16_weights:
+            tensors += self.masters + [m.grad for m in self.masters]
         return sum(t.numel() * t.element_size() for t in tensors if t.device == self.device)
 
     def run(self, steps: int, timed: bool, shared: bool = False) -> None:
