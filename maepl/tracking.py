@@ -90,7 +90,9 @@ def reconstruction_grid(
     mae.eval()
     gen = torch.Generator(device=imgs.device).manual_seed(seed)
     noise = mae.make_noise(imgs.shape[0], imgs.device, gen)
-    out = mae(imgs, **noise)
+    # .forward, not __call__: a model compiled in place (--compile) would otherwise recompile
+    # for this batch size in eval mode (a minute for ViT-B, seen at the end of an H100 run)
+    out = mae.forward(imgs, **noise)
     pred, mask = out["pred"].float(), out["mask"]
     if mae.norm_pix_loss:
         target = mae.patchify(imgs)

@@ -163,3 +163,26 @@ def test_visible_patches_are_embedded_as_the_conv_would():
     normed = mae.encoder.patch_embed(imgs)
     expect = torch.gather(normed, 1, ids_keep[..., None].expand(-1, -1, 32))
     assert torch.allclose(mae.embed_visible(imgs, ids_keep), expect, atol=1e-6)
+
+
+def test_reconstruction_grid_does_not_run_the_compiled_forward():
+    """A model compiled in place (--compile) must not be recompiled for the visualisation's
+    batch size and eval mode: the grid calls the plain forward."""
+    from maepl.tracking import reconstruction_grid
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    mae = make_mae()
+    torch._dynamo.reset()
+    mae.compile(backend=counting_backend)
+    imgs = torch.randn(2, 3, 16, 16)
+    mae(imgs, **mae.make_noise(2, imgs.device))  # the training call compiles
+    compiled = len(graphs)
+    assert compiled >= 1
+    grid = reconstruction_grid(mae, imgs[:1], [0.5] * 3, [0.5] * 3)
+    assert grid.shape[0] == 3 and len(graphs) == compiled and mae.training
+    torch._dynamo.reset()
