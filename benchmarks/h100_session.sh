@@ -16,6 +16,8 @@
 #   e2e         pretrain.py end to end: ViT-B/16 + APL, compiled, --data_pipeline gpu, from an
 #               ImageFolder of E2E_IMAGES synthetic JPEGs (data_pipeline.py's), E2E_STEPS steps:
 #               img/s per log window, to hold against throughput.py's synthetic-input figure
+#   sdpa        throughput.py plain, compiled, with each attention kernel forced (SDPA_KERNELS;
+#               auto picked cuDNN on the H100 with torch 2.11)
 #   graphs      throughput.py again with CUDA graphs (--compile_mode reduce-overhead), GRAPHS_ONLY
 # Sections run in the order SECTIONS lists them. BUDGET_S (seconds, whole script) caps every
 # section's timeout by the time left, and a section with under 40 s left is skipped, so the
@@ -49,7 +51,11 @@ echo "cores $(nproc); MPS control: $(command -v nvidia-cuda-mps-control || echo 
 
 sec_gputests() {
   log "the CUDA-only tests (skipped on CPU machines)"
-  timeout "$(cap 150)" python -m pytest -q -rs tests/test_gpu_aug.py tests/test_pos_labels.py tests/test_pretrain.py -k cuda 2>&1 | tail -12
+  # every failure's short traceback to a file; its one-line summary to the output
+  timeout "$(cap 150)" python -m pytest -q -rfEs --tb=short tests/test_gpu_aug.py \
+      tests/test_pos_labels.py tests/test_pretrain.py tests/test_model.py -k cuda \
+      > "$OUT/gputests.txt" 2>&1
+  grep -E "^(FAILED|ERROR|SKIPPED)| in [0-9.]+s" "$OUT/gputests.txt" | cut -c1-300
 }
 
 sec_calib() {
@@ -128,6 +134,15 @@ n = int(sys.argv[1]); print('wrote', n, 'JPEGs,', write_synthetic(Path('/tmp/jpe
   python -c "import json,sys; [print(' step', r['step'], 'img/s %.0f' % r['img_per_s']) for r in map(json.loads, open(sys.argv[1])) if 'img_per_s' in r]" /tmp/e2e/log.jsonl
 }
 
+sec_sdpa() {
+  for k in ${SDPA_KERNELS:-flash efficient}; do
+    log "throughput: ViT-B/16 plain, compiled, attention kernel $k"
+    timeout "$(cap 150)" python benchmarks/throughput.py --preset vit_base --compile --steps 15 \
+        --warmup 5 --only plain --sdpa "$k" > "/tmp/sdpa_$k.txt" 2>&1
+    grep -E "^ *plain |Error" "/tmp/sdpa_$k.txt" | tail -2
+  done
+}
+
 sec_graphs() {
   log "throughput: ViT-B/16 with CUDA graphs (reduce-overhead): $GRAPHS_ONLY"
   timeout "$(cap 300)" python benchmarks/throughput.py --preset vit_base --compile \
@@ -138,7 +153,7 @@ sec_graphs() {
 
 for section in ${SECTIONS//,/ }; do
   if ! declare -F "sec_$section" > /dev/null; then
-    echo "unknown section '$section' (gputests, calib, quality, throughput, pipeline, e2e, graphs)"
+    echo "unknown section '$section' (gputests, calib, quality, throughput, pipeline, e2e, sdpa, graphs)"
   elif [ $((BUDGET_S - SECONDS)) -lt 40 ]; then
     log "skipped $section: $((BUDGET_S - SECONDS)) s of BUDGET_S left"
   else

@@ -148,6 +148,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch.compile mode with --compile (reduce-overhead = CUDA graphs)",
     )
     p.add_argument(
+        "--sdpa",
+        default="auto",
+        choices=("auto", "cudnn", "flash", "efficient", "math"),
+        help="CUDA attention kernel: auto = torch's choice (cuDNN on an H100 with torch\n"
+        "2.11); another name turns the other backends off (no effect on the CPU)",
+    )
+    p.add_argument(
         "--schedule",
         choices=("auto", "sequential", "interleaved"),
         default="auto",
@@ -523,6 +530,10 @@ def main(argv: list[str] | None = None) -> int:
     transformers = import_transformers() if "hf" in args.only else None
     device = args.device
     shape = PRESETS[args.preset]
+    if args.sdpa != "auto" and device.type == "cuda":  # read when a graph is traced: set first
+        for name in ("cudnn", "flash", "mem_efficient", "math"):
+            on = name.endswith(args.sdpa)  # "efficient" names mem_efficient
+            getattr(torch.backends.cuda, f"enable_{name}_sdp")(on)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -547,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"batch {args.batch_size}, precision {args.precision}, compile {args.compile} "
-        f"({args.compile_mode}), "
+        f"({args.compile_mode}), sdpa {args.sdpa}, "
         f"warmup {args.warmup}, timed steps {args.steps} in {min(args.windows, args.steps)} "
         f"windows (median, {args.schedule}), AdamW betas {BETAS} wd {WEIGHT_DECAY} "
         f"fused={device.type == 'cuda'}, seed {args.seed}"
@@ -599,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
             precision=args.precision,
             compile=args.compile,
             compile_mode=args.compile_mode,
+            sdpa=args.sdpa,
             warmup=args.warmup,
             steps=args.steps,
             windows=min(args.windows, args.steps),

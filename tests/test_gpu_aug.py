@@ -24,6 +24,7 @@ from maepl.data import build_dataset, build_transform
 from maepl.gpu_aug import (
     ATTEMPTS,
     RATIO,
+    EncodedBatch,
     EncodedImages,
     GpuAugment,
     crop_boxes,
@@ -188,6 +189,31 @@ def gpu_batches(root: Path, aug: GpuAugment, num_workers: int = 0, batch_size: i
     for index, (batch, _, bad) in enumerate(loader):
         x, undecodable = aug(batch, 0, index)
         yield raw, batch, x, bad + undecodable
+
+
+def test_a_worker_hands_over_each_batch_packed_in_one_tensor(tmp_path):
+    """The bytes of a batch's files travel as one tensor (one shared-memory segment per batch
+    instead of one per file) and come back per file, in order, None where unreadable."""
+    files = make_messy_folder(tmp_path)
+    raw = build_dataset("imagefolder", str(tmp_path), train=True)
+    ds = raw_dataset(raw)
+    loader = DataLoader(ds, batch_size=len(ds), num_workers=1, collate_fn=ds.collate_fn)
+    ((batch, _, bad),) = list(loader)
+    assert isinstance(batch, EncodedBatch) and len(batch) == len(raw)
+    assert batch.flat.dtype == torch.uint8 and batch.flat.dim() == 1
+    assert not bad  # every file of the messy folder can be read (some do not decode)
+    total = 0
+    for (path, _), data in zip(raw.samples, batch.data, strict=True):
+        expected = Path(path).read_bytes()
+        assert data.numpy().tobytes() == expected
+        assert data.untyped_storage().data_ptr() == batch.flat.untyped_storage().data_ptr()
+        total += len(expected)
+    assert batch.flat.numel() == total and files["empty"].stat().st_size == 0
+    # an unreadable file keeps its place as None, and an empty one is an empty view
+    packed = EncodedBatch([torch.tensor([1, 2], dtype=torch.uint8), None, batch.data[0][:0]], [])
+    assert [d if d is None else d.tolist() for d in packed.data] == [[1, 2], None, []]
+    assert packed.sizes == [2, -1, 0] and len(packed) == 3
+    assert EncodedBatch([None], []).data == [None]
 
 
 @pytest.mark.parametrize("in_chans", [3, 1])
