@@ -16,6 +16,9 @@ Configurations (``--only`` takes a comma-separated subset of these names):
     rpl_all  maepl MAE + RPL, pos_drop_ratio 0 (all ordered pairs of visible tokens)
     apl_fused, rpl_fused, rpl_all_fused  the same with the fused chunked classifier +
              cross-entropy (--pos_ce_chunk; the plain ones use --pos_ce_chunk 0)
+    plain_bf16s, apl_bf16s  a lever, not a pretrain.py setting yet: bf16 autocast as the others,
+             plus the residual stream cast to bfloat16 (MaskedAutoencoder residual_dtype);
+             weights, gradients and the optimizer unchanged
     plain_bf16w, apl_bf16w  a lever, not a pretrain.py setting yet: weights, activations and
              gradients in bfloat16 (no autocast, so no fp32 residual stream or casts), fp32
              master weights in the optimizer (grads copied up, weights copied back each step)
@@ -95,11 +98,14 @@ CONFIGS: dict[str, tuple[str, float, int] | None] = {
     "apl_fused": ("abs", 0.75, FUSED_CHUNK),
     "rpl_fused": ("rel", 0.75, FUSED_CHUNK),
     "rpl_all_fused": ("rel", 0.0, FUSED_CHUNK),
+    "plain_bf16s": ("none", 0.0, 0),
+    "apl_bf16s": ("abs", 0.75, 0),
     "plain_bf16w": ("none", 0.0, 0),
     "apl_bf16w": ("abs", 0.75, 0),
     "hf": None,
 }
 BF16_WEIGHTS = ("plain_bf16w", "apl_bf16w")  # bf16 model + fp32 master weights
+BF16_STREAM = ("plain_bf16s", "apl_bf16s")  # autocast + a bf16 residual stream
 DESCRIPTIONS = {
     "plain": "maepl MAE",
     "apl": "maepl MAE + APL (drop 0.75)",
@@ -109,6 +115,8 @@ DESCRIPTIONS = {
     "apl_fused": "APL (drop 0.75), fused CE",
     "rpl_fused": "RPL (drop 0.75), fused CE",
     "rpl_all_fused": "RPL (drop 0), fused CE",
+    "plain_bf16s": "MAE, bf16 residual stream",
+    "apl_bf16s": "APL 0.75, bf16 residual stream",
     "plain_bf16w": "MAE, bf16 weights+fp32 master",
     "apl_bf16w": "APL 0.75, bf16 w+fp32 master",
     "hf": "HF ViTMAEForPreTraining",
@@ -328,6 +336,8 @@ class Runner:
             pos_label, pos_drop, ce_chunk = CONFIGS[name]
             x = imgs.to(torch.bfloat16) if name in BF16_WEIGHTS else imgs
             self.model, self.loss_fn = build_maepl(shape, pos_label, pos_drop, ce_chunk, x, mode)
+            if name in BF16_STREAM:
+                self.model.residual_dtype = torch.bfloat16
             head = self.model.pos_head is not None
             self.extra["labelled_tokens"] = self.model.num_labelled if head else 0
         self.model.train()

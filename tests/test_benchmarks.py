@@ -71,9 +71,10 @@ def test_throughput_prints_its_ratio_last():
     assert any(line.strip().startswith("apl") and "img/s" in line for line in lines)
 
 
-def test_throughput_bf16_weights_lever_trains_like_autocast():
-    """The bf16-weights configuration (fp32 master weights) follows the bf16-autocast one step
-    for step on one batch, and its bf16 weights are the rounded fp32 masters after each step."""
+def test_throughput_bf16_levers_train_like_autocast():
+    """The bf16-residual-stream and bf16-weights (fp32 master weights) configurations follow the
+    bf16-autocast one step for step on one batch; the bf16 weights are the rounded fp32 masters
+    after each step."""
     spec = importlib.util.spec_from_file_location("throughput", f"{ROOT}/benchmarks/throughput.py")
     tp = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tp)
@@ -84,16 +85,17 @@ def test_throughput_bf16_weights_lever_trains_like_autocast():
     torch.manual_seed(0)
     imgs = torch.randn(16, 3, 32, 32)
     losses = {}
-    for name in ("plain", "plain_bf16w"):
+    for name in ("plain", "plain_bf16s", "plain_bf16w"):
         runner = tp.Runner(name, args, shape, imgs)
         torch.manual_seed(1)  # the same masks for both
         losses[name] = [float(runner.step()) for _ in range(12)]
     assert next(runner.model.parameters()).dtype == torch.bfloat16
     for p, m in zip(runner.params, runner.masters, strict=True):
         assert m.dtype == torch.float32 and torch.equal(p.detach(), m.to(torch.bfloat16))
-    a, b = losses["plain"], losses["plain_bf16w"]
-    assert b[-1] < 0.7 * b[0]  # it learns
-    assert all(abs(x - y) < 0.02 * x for x, y in zip(a, b, strict=True)), (a, b)
+    a = losses["plain"]
+    for b in (losses["plain_bf16s"], losses["plain_bf16w"]):
+        assert b[-1] < 0.7 * b[0]  # it learns
+        assert all(abs(x - y) < 0.02 * x for x, y in zip(a, b, strict=True)), (a, b)
 
 
 def test_quality_reuses_earlier_rows_and_runs_the_rest_in_parallel(tmp_path):

@@ -186,3 +186,21 @@ def test_reconstruction_grid_does_not_run_the_compiled_forward():
     grid = reconstruction_grid(mae, imgs[:1], [0.5] * 3, [0.5] * 3)
     assert grid.shape[0] == 3 and len(graphs) == compiled and mae.training
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("residual_dtype", [None, torch.bfloat16])
+def test_residual_dtype_sets_the_stream_dtype_under_autocast(residual_dtype):
+    """Under bf16 autocast the residual stream stays float32 unless residual_dtype is set;
+    weights and their gradients stay float32 either way."""
+    mae = make_mae(residual_dtype=residual_dtype)
+    seen = {}
+    for name, block in (("enc", mae.encoder.blocks[-1]), ("dec", mae.decoder_blocks[-1])):
+        block.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.dtype))
+    imgs = torch.randn(2, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mae(imgs, **mae.make_noise(2, imgs.device))
+    want = residual_dtype or torch.float32
+    assert seen == {"enc": want, "dec": want}
+    out["mae_loss"].backward()
+    assert all(p.dtype == torch.float32 for p in mae.parameters())
+    assert all(p.grad.dtype == torch.float32 for p in mae.parameters() if p.grad is not None)
