@@ -375,12 +375,11 @@ class Runner:
                 torch._foreach_copy_([m.grad for m in self.masters], [p.grad for p in self.params])
                 self.optimizer.step()
                 torch._foreach_copy_(self.params, self.masters)
-            self.model.zero_grad(set_to_none=True)
-            return loss.detach()
         else:
             loss.backward()
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # bf16 weights: the model's own gradients go; the masters' buffers are overwritten
+        (self.model if self.bf16_weights else self.optimizer).zero_grad(set_to_none=True)
         return loss.detach()
 
     def resident_bytes(self) -> int:

@@ -13,12 +13,12 @@ from .conftest import ROOT
 SMOKE_MAE = ("benchmarks/quality.py", "--budget", "smoke", "--seeds", "1", "--variants", "mae")
 
 
-def load_quality():
-    """benchmarks/quality.py as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("quality", f"{ROOT}/benchmarks/quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
-    return quality
+def load_script(name: str):
+    """benchmarks/<name>.py as a module (the benchmarks are scripts, not part of the package)."""
+    spec = importlib.util.spec_from_file_location(name, f"{ROOT}/benchmarks/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run(*args, timeout=300):
@@ -75,9 +75,7 @@ def test_throughput_bf16_levers_train_like_autocast():
     """The bf16-residual-stream and bf16-weights (fp32 master weights) configurations follow the
     bf16-autocast one step for step on one batch; the bf16 weights are the rounded fp32 masters
     after each step."""
-    spec = importlib.util.spec_from_file_location("throughput", f"{ROOT}/benchmarks/throughput.py")
-    tp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tp)
+    tp = load_script("throughput")
     import torch
 
     args = tp.parse_args(["--only", "plain,plain_bf16w", "--precision", "bf16"])
@@ -87,7 +85,7 @@ def test_throughput_bf16_levers_train_like_autocast():
     losses = {}
     for name in ("plain", "plain_bf16s", "plain_bf16w"):
         runner = tp.Runner(name, args, shape, imgs)
-        torch.manual_seed(1)  # the same masks for both
+        torch.manual_seed(1)  # the same masks for each
         losses[name] = [float(runner.step()) for _ in range(12)]
     assert next(runner.model.parameters()).dtype == torch.bfloat16
     for p, m in zip(runner.params, runner.masters, strict=True):
@@ -263,7 +261,7 @@ def test_quality_time_limit_lets_a_resumable_run_save_first(tmp_path, monkeypatc
     import argparse
     import subprocess as sp
 
-    quality = load_quality()
+    quality = load_script("quality")
     marker = tmp_path / "saved"
     stand_in = (
         "import signal, sys, time\n"
@@ -295,7 +293,7 @@ def test_quality_time_limit_lets_a_resumable_run_save_first(tmp_path, monkeypatc
 
 
 def test_quality_table_has_no_position_columns_for_plain_mae():
-    quality = load_quality()
+    quality = load_script("quality")
     rows = [  # older code stored 0.0 for MAE's position loss
         dict(variant="mae", seed=0, pos_label="none", pos_loss=0.0, probe_cls=75.0),
         dict(variant="apl_drop", seed=0, pos_label="abs", pos_loss=3.37, probe_cls=77.0),

@@ -32,7 +32,8 @@ class MaskedAutoencoder(nn.Module):
         residual_dtype: if set (``torch.bfloat16``), the token sequences of the encoder and the
             decoder are cast to it after their position embeddings, so that under autocast the
             residual stream stays in it (autocast alone keeps it in float32); weights and their
-            gradients stay float32. A speed lever measured by ``benchmarks/throughput.py``.
+            gradients stay float32. A speed lever, timed by ``benchmarks/throughput.py``
+            (``plain_bf16s``); not used by ``pretrain.py``.
     """
 
     def __init__(
