@@ -2,7 +2,7 @@
 # One prepared GPU session (one H100, ~15 minutes of device time in all, start-up included).
 # Sections, chosen with SECTIONS (comma-separated, in this order), each under its own timeout
 # so that one failure leaves the rest standing; results land in $OUT (small files only):
-#   gputests    the tests that skip themselves without CUDA (~1 min)
+#   gputests    the tests that skip themselves without CUDA, then jpeg_decoders.py (~1 min)
 #   calib       one gpu-budget pretraining alone: eager, compiled, compiled with CUDA graphs
 #               (CALIB_MODES), 300 steps each: steps/s; then (CALIB_PROFILE=1) an eager run
 #               under cProfile: where the host's time goes
@@ -57,6 +57,8 @@ sec_gputests() {
       tests/test_pos_labels.py tests/test_pretrain.py -k cuda \
       > "$OUT/gputests.txt" 2>&1
   grep -E "^(FAILED|ERROR|SKIPPED)| in [0-9.]+s" "$OUT/gputests.txt" | cut -c1-300
+  log "nvJPEG vs the CPU decoder (and libjpeg-turbo's repeating upsampler, if djpeg is there)"
+  timeout -k 20 "$(cap 60)" python benchmarks/jpeg_decoders.py 2>&1 | tail -6
 }
 
 sec_calib() {

@@ -12,9 +12,17 @@ is the CPU path's bottleneck) or the uint8 arrays of Fashion-MNIST. The training
   sampling points are those of resizing each crop box to the output size (images larger than
   the output go through the per-image antialiased path below instead);
 - encoded files are decoded with ``torchvision.io.decode_jpeg`` (batched on CUDA), then each
-  image is cropped and resized with antialiased bicubic ``interpolate``. Files the batched
-  decode rejects are decoded one by one (``decode_image``, then PIL); files that still fail are
+  image is cropped and resized with antialiased bicubic ``interpolate``. Only JPEGs that nvJPEG
+  decodes as torchvision calls it go to the batched decode (see :func:`nvjpeg_decodable`: CMYK,
+  12-bit, arithmetic-coded and lossless JPEGs do not); the others, and files the batched decode
+  rejects, are decoded one by one (``decode_image``, then PIL); files that still fail are
   replaced in their batch by the batch's first readable image and reported, as in the CPU path.
+
+On CUDA the decoded pixels are not libjpeg-turbo's: torchvision creates nvJPEG with its default
+flags, which upsample subsampled chroma (4:2:0, 4:2:2) by repetition where libjpeg-turbo (the CPU
+path, through PIL) interpolates. Luma is the same to within the IDCT's rounding; colour edges
+differ by a few steps of 255 (measured in docs/performance.md). Crops, flips, resampling and
+normalisation are the CPU path's given the same decoded image (tested on CUDA).
 
 Resampled values are clamped to [0, 255] and rounded, like the uint8 images the CPU path's PIL
 transform produces, before ``/255`` and the dataset's mean/std.
@@ -40,7 +48,10 @@ ATTEMPTS = 10  # torchvision RandomResizedCrop.get_params
 RATIO = (3 / 4, 4 / 3)
 # columns of the uniform draws per image: ATTEMPTS each of area, log-ratio, top, left; one flip
 DRAWS = 4 * ATTEMPTS + 1
-_JPEG_MAGIC = [0xFF, 0xD8]
+# frame markers nvJPEG decodes: baseline, extended and progressive Huffman (SOF0-2); the other
+# SOFn (lossless, arithmetic-coded, hierarchical) go to the CPU
+_SOF_NVJPEG = (0xC0, 0xC1, 0xC2)
+_NOT_SOF = (0xC4, 0xC8, 0xCC)  # DHT, JPG extension, DAC share the SOF range
 
 
 # ---------------------------------------------------------------------------- random parameters
@@ -163,9 +174,48 @@ class ArrayImages(Dataset):
         return self.images[index][None], int(self.labels[index])
 
 
+def nvjpeg_decodable(data: torch.Tensor | np.ndarray | bytes) -> bool:
+    """Whether torchvision's nvJPEG decode gives these bytes' true RGB: a JPEG whose frame header
+    says Huffman-coded (baseline, extended or progressive), 8-bit, with 1 or 3 components.
+
+    False for anything else, so that it is decoded on the CPU: CMYK and YCCK JPEGs (4
+    components; torchvision does not turn on nvJPEG's CMYK conversion. ImageNet-1k has a few
+    hundred), 12-bit, lossless and arithmetic-coded JPEGs, other formats, and headers that do
+    not parse. Reads only the segment headers up to the frame header (no copy of the file).
+    """
+    if isinstance(data, torch.Tensor):
+        data = data.numpy()
+    mv = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+    n = len(mv)
+    if n < 4 or mv[0] != 0xFF or mv[1] != 0xD8:
+        return False
+    pos = 2
+    while pos + 4 <= n:
+        if mv[pos] != 0xFF:
+            return False
+        marker = mv[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in _NOT_SOF:  # the frame header
+            if pos + 10 > n:
+                return False
+            precision, components = mv[pos + 4], mv[pos + 9]
+            return marker in _SOF_NVJPEG and precision == 8 and components in (1, 3)
+        if marker in (0xDA, 0xD9):  # scan or end before any frame header
+            return False
+        pos += 2 + ((mv[pos + 2] << 8) | mv[pos + 3])
+    return False
+
+
 class EncodedBatch:
     """A batch of encoded files, packed: the bytes of all readable files in one uint8 tensor
-    ``flat``, ``sizes`` (bytes per file, -1 where a file could not be read) and ``paths``.
+    ``flat``, ``sizes`` (bytes per file, -1 where a file could not be read), ``paths`` and
+    ``nvjpeg`` (per file, :func:`nvjpeg_decodable`: found by the DataLoader worker that packs
+    the batch, so that the training process does not parse headers).
 
     One tensor, so that a DataLoader worker hands the batch over through one shared-memory
     segment: as a list of 256 small tensors (one segment each) the workers delivered 3,306
@@ -175,6 +225,7 @@ class EncodedBatch:
 
     def __init__(self, data: list[torch.Tensor | None], paths: list[str]):
         self.sizes = [-1 if d is None else d.numel() for d in data]
+        self.nvjpeg = [d is not None and nvjpeg_decodable(d) for d in data]
         readable = [d for d in data if d is not None]
         self.flat = torch.cat(readable) if readable else torch.empty(0, dtype=torch.uint8)
         self.paths = paths
@@ -250,14 +301,17 @@ def _decode_one(data: torch.Tensor) -> torch.Tensor:
 
 
 def decode_batch(
-    data: list[torch.Tensor | None], device: torch.device
+    data: list[torch.Tensor | None], device: torch.device, nvjpeg: Sequence[bool] | None = None
 ) -> tuple[list[torch.Tensor | None], dict[int, str]]:
     """Decode to uint8 RGB ``[3, H, W]`` on ``device``; returns the images (None where a file
-    does not decode) and the errors by position. JPEGs go through one ``decode_jpeg`` call
-    (batched on CUDA); if it raises, each is retried alone, then on the CPU."""
+    does not decode) and the errors by position. The files that ``nvjpeg`` marks (default:
+    :func:`nvjpeg_decodable` of each) go through one ``decode_jpeg`` call (batched on CUDA); if
+    it raises, each is retried alone; the rest, and what still fails, are decoded on the CPU."""
     out: list[torch.Tensor | None] = [None] * len(data)
     errors: dict[int, str] = {}
-    jpegs = [k for k, d in enumerate(data) if d is not None and d[:2].tolist() == _JPEG_MAGIC]
+    if nvjpeg is None:
+        nvjpeg = [d is not None and nvjpeg_decodable(d) for d in data]
+    jpegs = [k for k, d in enumerate(data) if d is not None and nvjpeg[k]]
     if jpegs:
         try:
             imgs = decode_jpeg([data[k] for k in jpegs], mode=ImageReadMode.RGB, device=device)
@@ -345,7 +399,7 @@ class GpuAugment:
         return torch.where(flip, x.flip(-1), x)
 
     def _encoded(self, batch: EncodedBatch, epoch: int, index: int):
-        imgs, errors = decode_batch(batch.data, self.device)
+        imgs, errors = decode_batch(batch.data, self.device, batch.nvjpeg)
         bad = [f"{batch.paths[k]}: {err}" for k, err in errors.items()]
         if bad and self.strict:
             raise BadImageError(f"unreadable image {bad[0]} (strict_data)")

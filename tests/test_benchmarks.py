@@ -2,10 +2,13 @@
 
 import importlib.util
 import json
+import math
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from .conftest import ROOT
 
@@ -301,3 +304,20 @@ def test_quality_table_has_no_position_columns_for_plain_mae():
     table = quality.aggregate(rows, ["probe_cls", "pos_loss"])
     assert "pos_loss" not in table["mae"] and table["mae"]["probe_cls"] == "75.00 ± 0.00"
     assert table["apl_drop"]["pos_loss"] == "3.37 ± 0.00"
+
+
+def test_jpeg_decoders_compares_luma_and_chroma_of_the_decoders():
+    """Without djpeg or a GPU nothing is compared and it says so; with djpeg, repeated chroma
+    changes chroma far more than luma (luma is stored at full resolution)."""
+    r = run("benchmarks/jpeg_decoders.py", "--images", "3", "--size", "48", "64")
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("rgb_mean_steps=")
+    repeat, cuda = (float(v) for v in last.split("=")[1].split(","))
+    assert math.isnan(cuda) == (not torch.cuda.is_available())
+    if shutil.which("djpeg") is None:
+        assert math.isnan(repeat) and "repeat: skipped (no djpeg" in r.stdout
+        return
+    (line,) = [s for s in r.stdout.splitlines() if s.startswith("repeat vs cpu, decoded")]
+    luma, chroma = (float(line.split(k)[1].split()[0]) for k in ("luma", "chroma"))
+    assert 0 < repeat and luma < chroma / 2

@@ -31,6 +31,7 @@ from maepl.gpu_aug import (
     decode_batch,
     draw_uniforms,
     flips,
+    nvjpeg_decodable,
     raw_dataset,
     resized_crop_batch,
 )
@@ -290,6 +291,44 @@ def test_batch_statistics_match_the_cpu_path():
 
 
 # ---------------------------------------------------------------------------- bad images
+def test_only_what_nvjpeg_decodes_right_goes_to_the_batched_decode(tmp_path, monkeypatch):
+    """CMYK, 12-bit and arithmetic-coded JPEGs, other formats and broken headers are decoded on
+    the CPU (torchvision's nvJPEG call would give CMYK wrong colours or fail); the worker that
+    packs a batch marks them."""
+    from maepl import gpu_aug
+
+    files = odd_jpegs(tmp_path)
+    files.update(make_messy_folder(tmp_path / "messy"))
+    data = {k: f.read_bytes() for k, f in files.items()}
+    head = data["444"]
+    sof = head.index(b"\xff\xc0")
+    data["arithmetic"] = head[: sof + 1] + b"\xc9" + head[sof + 2 :]  # SOF9
+    data["12bit"] = head[: sof + 4] + b"\x0c" + head[sof + 5 :]
+    data["cut_header"] = head[: sof + 6]
+    decodable = {k for k, v in data.items() if nvjpeg_decodable(v)}
+    assert decodable == {"444", "gray", "progressive", "truncated", "tiny"} | {
+        f"good{i}" for i in range(6)
+    }
+    tensor = {k: torch.frombuffer(bytearray(v), dtype=torch.uint8) for k, v in data.items() if v}
+    assert all(nvjpeg_decodable(t) == (k in decodable) for k, t in tensor.items())
+    batched = []
+
+    def spy(inputs, *args, **kwargs):
+        batched.append(len(inputs) if isinstance(inputs, list) else 1)
+        return real(inputs, *args, **kwargs)
+
+    real = gpu_aug.decode_jpeg
+    monkeypatch.setattr(gpu_aug, "decode_jpeg", spy)
+    names = [k for k in tensor if k in ("444", "cmyk", "gray", "png_named_jpeg", "progressive")]
+    batch = EncodedBatch([tensor[k] for k in names], names)
+    assert batch.nvjpeg == [k in decodable for k in names]
+    imgs, errors = decode_batch(batch.data, torch.device("cpu"), batch.nvjpeg)
+    assert batched == [3] and not errors  # 444, gray, progressive in one call; the rest alone
+    for name, img in zip(names, imgs, strict=True):
+        true = np.asarray(Image.open(files[name]).convert("RGB"))
+        assert np.array_equal(img.permute(1, 2, 0).numpy(), true), name
+
+
 def test_bad_images_are_skipped_counted_and_named_like_the_cpu_path(tmp_path):
     files = make_messy_folder(tmp_path / "data")
     aug = GpuAugment(16, 3, (0.5,) * 3, (0.5,) * 3, 0.2, seed=0, rank=0, device="cpu")
@@ -366,35 +405,96 @@ def test_pretrain_with_the_gpu_pipeline_on_jpegs(tmp_path):
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """Float ``[..., 3, H, W]`` RGB (0-255) -> ITU-R 601 luma ``[..., H, W]``, the Y that a JPEG
+    stores at full resolution: RGB from the same Y with other chroma gives the same luma."""
+    return (x.double() * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(-3)
+
+
+def chroma(x: torch.Tensor) -> torch.Tensor:
+    """Float ``[..., 3, H, W]`` RGB (0-255) -> Cb, Cr ``[..., 2, H, W]`` (JFIF, without the 128)."""
+    y = luma(x)
+    return torch.stack([(x[..., 2, :, :] - y) / 1.772, (x[..., 0, :, :] - y) / 1.402], -3)
+
+
+def levels(x: torch.Tensor) -> torch.Tensor:
+    """GpuAugment outputs normalised with mean = std = 0.5 -> 0-255."""
+    return (x.cpu().double() * 0.5 + 0.5) * 255
+
+
+def odd_jpegs(root: Path) -> dict[str, Path]:
+    """JPEGs that nvJPEG decodes without chroma upsampling (4:4:4, gray), or not at all (CMYK),
+    plus a progressive one, with noise content: any decoder difference shows."""
+    rng = np.random.default_rng(1)
+    noise = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    cls = root / "train" / "odd"
+    cls.mkdir(parents=True)
+    files = {k: cls / f"{k}.JPEG" for k in ("444", "gray", "cmyk", "progressive")}
+    Image.fromarray(noise).save(files["444"], quality=90, subsampling=0)
+    Image.fromarray(noise[..., 0]).save(files["gray"], quality=90)
+    Image.fromarray(rng.integers(0, 255, (24, 32, 4), dtype=np.uint8), "CMYK").save(files["cmyk"])
+    Image.fromarray(smooth_image(40, 56, 3)).save(files["progressive"], progressive=True)
+    return files
+
+
 @cuda
 def test_cuda_decode_equals_cpu_decode(tmp_path):
-    """nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's: a mean difference under one
-    step of 255, and under 1% of the values more than 8 steps apart (colour edges)."""
-    root = jpeg_folder(tmp_path, 16)
-    raw = build_dataset("imagefolder", str(root), train=True)
+    """nvJPEG (as torchvision creates it) repeats subsampled chroma where libjpeg-turbo
+    interpolates, so colour edges of 4:2:0 JPEGs differ by a few steps of 255; luma, 4:4:4 and
+    gray JPEGs agree to within the IDCT's rounding, and CMYK JPEGs are decoded on the CPU."""
+    jpeg_folder(tmp_path, 16)
+    odd = odd_jpegs(tmp_path)
+    raw = build_dataset("imagefolder", str(tmp_path), train=True)
     data = [raw_dataset(raw)[k][0] for k in range(len(raw))]
     gpu, errors_gpu = decode_batch(data, torch.device("cuda"))
     cpu, errors_cpu = decode_batch(data, torch.device("cpu"))
     assert not errors_gpu and not errors_cpu
-    for a, b in zip(gpu, cpu, strict=True):
-        assert a.device.type == "cuda" and a.shape == b.shape
-        diff = (a.cpu().int() - b.int()).abs().float()
-        assert diff.mean() < 1.0 and (diff > 8).float().mean() < 0.01
+    exact = {str(f) for f in odd.values() if f.stem != "progressive"}
+    for (path, _), a, b in zip(raw.samples, gpu, cpu, strict=True):
+        assert a.device.type == "cuda" and a.shape == b.shape, path
+        a, b = a.cpu().double(), b.double()
+        dy = (luma(a) - luma(b)).abs().mean()
+        dc = (chroma(a) - chroma(b)).abs().mean()
+        assert dy < 1.0 and dc < 6.0, f"{path}: luma {dy:.2f}, chroma {dc:.2f} steps"
+        if path in exact:
+            assert (a - b).abs().mean() < 1.0, f"{path}: {(a - b).abs().mean():.2f} steps"
+
+
+def augment_all(root: Path, device: str) -> tuple[torch.Tensor, list[str], list[str]]:
+    aug = GpuAugment(16, 3, (0.5,) * 3, (0.5,) * 3, 0.2, seed=0, rank=0, device=device)
+    out = list(gpu_batches(root, aug))
+    x = torch.cat([x.cpu() for *_, x, _ in out])
+    paths = [p for _, batch, *_ in out for p in batch.paths]
+    return x, paths, sorted(b.split(":")[0] for *_, bad in out for b in bad)
 
 
 @cuda
-def test_cuda_augment_equals_cpu_augment(tmp_path):
-    """The same unreadable files, and outputs within 0.02 (2.5 steps of 255) on average."""
+def test_cuda_augment_equals_cpu_augment(tmp_path, monkeypatch):
+    """Given the same decoded images, crops, flips, resampling and normalisation on CUDA are
+    the CPU's to one step of 255 (rounding); decoded on CUDA, the same files are unreadable and
+    each output's luma is within 1.5 steps on average (chroma: see the decode test)."""
+    from maepl import gpu_aug
+
     make_messy_folder(tmp_path / "data")
     jpeg_folder(tmp_path / "data", 8)
-    outs = {}
-    for device in ("cpu", "cuda"):
-        aug = GpuAugment(16, 3, (0.5,) * 3, (0.5,) * 3, 0.2, seed=0, rank=0, device=device)
-        outs[device] = [
-            (x.cpu(), bad, batch.paths) for _, batch, x, bad in gpu_batches(tmp_path / "data", aug)
-        ]
-    for (a, bad_a, paths), (b, bad_b, _) in zip(outs["cpu"], outs["cuda"], strict=True):
-        assert [s.split(":")[0] for s in bad_a] == [s.split(":")[0] for s in bad_b]
-        per_image = (a - b).abs().flatten(1).mean(1)  # normalised units (std 0.5)
-        named = {Path(p).name: round(float(d), 4) for p, d in zip(paths, per_image, strict=True)}
-        assert per_image.mean() < 0.02, f"mean |cpu - cuda| per image: {named}"
+    odd_jpegs(tmp_path / "data")
+    x_cpu, paths, bad_cpu = augment_all(tmp_path / "data", "cpu")
+    x_gpu, _, bad_gpu = augment_all(tmp_path / "data", "cuda")
+    assert bad_gpu == bad_cpu and len(bad_cpu) == 2
+    dy = (luma(levels(x_gpu)) - luma(levels(x_cpu))).abs().flatten(1).mean(1)
+    named = {Path(p).name: round(float(d), 2) for p, d in zip(paths, dy, strict=True)}
+    # emulated with libjpeg-turbo's repeating upsampler (djpeg -nosmooth): at most 0.72 (noise,
+    # where chroma pushes RGB to 0 or 255 and luma is clipped), 0.27 on smooth images
+    assert dy.max() < 1.5, f"mean |luma cpu - luma cuda| per image, steps of 255: {named}"
+
+    real = gpu_aug.decode_batch
+
+    def on_cpu(data, device, nvjpeg=None):  # the CPU's decode, then the rest on CUDA
+        imgs, errors = real(data, torch.device("cpu"), nvjpeg)
+        return [None if i is None else i.to(device) for i in imgs], errors
+
+    monkeypatch.setattr(gpu_aug, "decode_batch", on_cpu)
+    x_geo, _, bad_geo = augment_all(tmp_path / "data", "cuda")
+    d = (levels(x_geo) - levels(x_cpu)).abs()
+    assert bad_geo == bad_cpu
+    assert d.max() <= 1.0 + 1e-6 and d.mean() < 0.05, f"max {d.max():.2f}, mean {d.mean():.3f}"
