@@ -14,7 +14,8 @@
 #               ViT-B/16 compiled, THROUGHPUT_ONLY's configurations, each profiled (3 steps)
 #   pipeline    data_pipeline.py: cpu vs gpu (prefetched) vs gpu:inline, with a simulated step
 #   e2e         pretrain.py end to end, + APL, compiled, --data_pipeline gpu, from an ImageFolder
-#               of E2E_IMAGES synthetic JPEGs (data_pipeline.py's), E2E_STEPS steps, for each of
+#               of E2E_IMAGES synthetic JPEGs (data_pipeline.py's), E2E_STEPS steps (data_ms and
+#               prefetch_ms per log line; a profile of 4 steps after E2E_PROFILE_START, default 3/4 of E2E_STEPS), for each of
 #               E2E_MODELS (ViT-S/16: what the pipeline feeds; ViT-B/16: the real speed): img/s
 #               per log window, to hold against throughput.py's synthetic-input figure
 #   sdpa        throughput.py plain, compiled, with each attention kernel forced (SDPA_KERNELS;
@@ -131,15 +132,19 @@ n = int(sys.argv[1]); print('wrote', n, 'JPEGs,', write_synthetic(Path('/tmp/jpe
   fi
   # a small model first: its step is far faster than 6,000 img/s, so it shows what the input
   # pipeline delivers; then ViT-B/16, the real training speed
+  local steps=${E2E_STEPS:-200}
+  local pstart=${E2E_PROFILE_START:-$((steps * 3 / 4 < steps - 4 ? steps * 3 / 4 : steps - 4))}
   for model in ${E2E_MODELS:-vit_small_patch16_224 mae_vit_base_patch16}; do
     log "end to end: pretrain.py $model + APL 0.75, compiled, --data_pipeline gpu, batch 256"
     timeout -k 20 "$(cap 200)" python pretrain.py --model "$model" --data_path /tmp/jpegs \
         --data_pipeline gpu --num_workers "$(($(nproc) - 2))" --batch_size 256 --compile \
-        --max_steps "${E2E_STEPS:-200}" --log_every 20 --vis_every 100000 --pos_label abs \
+        --max_steps "$steps" --log_every 20 --vis_every 100000 --pos_label abs \
         --pos_drop_ratio 0.75 --output_dir "/tmp/e2e_$model" --overwrite true \
-        > "$OUT/e2e_$model.txt" 2>&1
+        --profile_steps 4 --profile_start "$pstart" > "$OUT/e2e_$model.txt" 2>&1
     echo "pretrain.py exit $?"
-    python -c "import json,sys; [print(' step', r['step'], 'img/s %.0f' % r['img_per_s']) for r in map(json.loads, open(sys.argv[1])) if 'img_per_s' in r]" "/tmp/e2e_$model/log.jsonl"
+    python -c "import json,sys; [print(' step', r['step'], 'img/s %.0f' % r['img_per_s'], 'data_ms %.1f' % r['data_ms'], 'prefetch_ms %.1f' % r.get('prefetch_ms', -1)) for r in map(json.loads, open(sys.argv[1])) if 'img_per_s' in r]" "/tmp/e2e_$model/log.jsonl"
+    # the profile's device table travels in e2e_<model>.txt; the trace stays on the machine
+    cat "/tmp/e2e_$model/profile/table_rank0.txt" >> "$OUT/e2e_$model.txt" 2>/dev/null
   done
 }
 

@@ -79,6 +79,10 @@ class TrainConfig:
     # --- output
     output_dir: str = "./output_dir"
     log_every: int = 20  # optimizer steps between log lines
+    # torch.profiler over this many optimizer steps (0: off), after profile_start steps of this
+    # launch: <output_dir>/profile/ (a Chrome/Perfetto trace and tables of the ops)
+    profile_steps: int = 0
+    profile_start: int = 10
     save_every: int = 1  # epochs between checkpoints (and at the end)
     save_every_steps: int = 0  # also save every N optimizer steps (0: off)
     keep_last: int = 2  # checkpoints kept
@@ -251,9 +255,18 @@ def _validate_common(cfg: TrainConfig) -> None:
         "blr",
         "save_every_steps",
         "weight_decay",
+        "profile_steps",
+        "profile_start",
     ):
         _check(getattr(cfg, key) >= 0, key, f"must be >= 0, got {getattr(cfg, key)}")
     _check(cfg.lr is None or cfg.lr > 0, "lr", "must be > 0")
+    _check(
+        not (cfg.profile_steps and cfg.max_steps)
+        or cfg.profile_start + cfg.profile_steps <= cfg.max_steps,
+        "profile_steps",
+        f"profile_start + profile_steps = {cfg.profile_start + cfg.profile_steps} is past "
+        f"max_steps = {cfg.max_steps}: nothing would be profiled",
+    )
     _check(cfg.clip_grad is None or cfg.clip_grad > 0, "clip_grad", "must be > 0 or null")
     _check(
         cfg.dataset != "imagefolder" or bool(cfg.data_path),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gzip
 import json
 import shutil
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -43,6 +45,11 @@ class Run:
         check_output_dir(cfg)
         self.cfg, self.desc = cfg, desc
         self.precision = resolve_precision(cfg.mixed_precision)
+        # Accelerate keeps one precision per process; a second run in the same process (a
+        # linear probe after pretraining, as benchmarks/quality.py does) may use another. The
+        # process-group state (PartialState) is kept.
+        if AcceleratorState._shared_state.get("_mixed_precision", self.precision) != self.precision:
+            AcceleratorState._reset_state()
         # cpu=True without CUDA: Accelerate only detects a torchrun/gloo launch on CPU when told
         self.accelerator = Accelerator(
             mixed_precision=self.precision,
@@ -178,6 +185,11 @@ class Run:
         self._finite = torch.zeros((), device=self.device)
         self._n_micro, self._t_log = 0, time.perf_counter()
         self._verdicts: list[tuple[int, torch.Tensor]] = []  # (step, 1.0 if skipped) unread
+        # host seconds: the loop waiting for its batches since the last log line; the prefetch
+        # threads augmenting them (of finished epochs, and at the last log line)
+        self._data_s = self._prefetch_done = self._prefetch_logged = 0.0
+        self._prefetcher = None
+        self.profiler = Profiler(self) if self.cfg.profile_steps else None
 
     def save(self, with_grads: bool = False) -> None:
         self._settle()  # the counters below must be current
@@ -241,7 +253,16 @@ class Run:
                     loader, augment, self.epoch, self.batch_in_epoch, left, self.device
                 )
             with epoch_batches as batches:
-                for imgs, labels, bad in batches:
+                self._prefetcher = batches if augment is not None else None
+                it = iter(batches)
+                while True:
+                    t0 = time.perf_counter()  # the loop's wait for its next batch (data_ms)
+                    with torch.profiler.record_function("maepl.wait_for_batch"):
+                        item = next(it, None)
+                    self._data_s += time.perf_counter() - t0
+                    if item is None:
+                        break
+                    imgs, labels, bad = item
                     if self.batch_in_epoch >= self.micro_per_epoch or self.step >= self.stop_step:
                         break
                     if bad:  # unreadable files, replaced in the batch by a readable one
@@ -257,6 +278,9 @@ class Run:
                     )
                     if self.stopped:
                         break
+            if self._prefetcher is not None:
+                self._prefetch_done += self._prefetcher.busy_s
+                self._prefetcher = None
             if not self.stopped and self.batch_in_epoch >= self.micro_per_epoch:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 if on_epoch_end is not None:
@@ -332,6 +356,8 @@ class Run:
         if self.sync:
             self.step += 1
             self.bar.update(1)
+            if self.profiler is not None:
+                self.profiler.step()
             # verdicts are read on the device-skip path only every max_nonfinite steps at most
             if not self._device_skip or len(self._verdicts) >= cfg.max_nonfinite:
                 self._settle()
@@ -352,24 +378,31 @@ class Run:
         dt = time.perf_counter() - self._t_log
         group = self.optimizer.param_groups[0]
         row = {k: v / max(tot[-1], 1.0) for k, v in zip(keys, tot[:-1], strict=True)}
+        steps = max(self._n_micro / self.cfg.accum_iter, 1e-9)
         row.update(
             epoch=round(self.epoch + self.batch_in_epoch / self.micro_per_epoch, 4),
             lr=group["lr"] / group.get("lr_scale", 1.0),
             img_per_s=self._n_micro * self.cfg.batch_size * self.world / dt,
-            nonfinite_steps=self.nonfinite_total,
-            bad_images=self.bad_images,
+            data_ms=1000 * self._data_s / steps,  # this rank's; per optimizer step
         )
+        if getattr(self.cfg, "data_pipeline", "cpu") == "gpu":  # the prefetch thread, per step
+            busy = self._prefetch_done + (self._prefetcher.busy_s if self._prefetcher else 0.0)
+            row["prefetch_ms"] = 1000 * (busy - self._prefetch_logged) / steps
+            self._prefetch_logged = busy
+        row.update(nonfinite_steps=self.nonfinite_total, bad_images=self.bad_images)
         self.last_log = row
         self.tracker.log(self.step, row)
         if "loss" in row:
             self.bar.set_postfix(loss=f"{row['loss']:.4f}")
         self._sums = {}
         self._finite = torch.zeros((), device=self.device)
-        self._n_micro, self._t_log = 0, time.perf_counter()
+        self._n_micro, self._t_log, self._data_s = 0, time.perf_counter(), 0.0
 
     # ------------------------------------------------------------------ the end
     def finish(self, summary: dict | None = None) -> dict:
         """Final checkpoint, the rank-consistency check, summary.json; returns the summary."""
+        if self.profiler is not None:
+            self.profiler.close()
         if self.last_saved != self.step:
             self.save()
         out = {
@@ -398,3 +431,75 @@ class Run:
             self.tracker.close()
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+
+
+class Profiler:
+    """``--profile_steps N``: ``torch.profiler`` over optimizer steps ``profile_start + 1`` to
+    ``profile_start + N`` of this launch (the first ``profile_start`` ones compile and warm up).
+
+    It records the training thread's operators and, on CUDA, every kernel and copy on every
+    stream, the prefetch thread's included (not that thread's host-side operators: the profiler
+    follows the thread that started it; ``prefetch_ms`` in the log is its host time). Each rank
+    writes ``<output_dir>/profile/trace_rank<r>.json.gz`` (open it in https://ui.perfetto.dev or
+    chrome://tracing) and ``table_rank<r>.txt`` (operators by self device time, then by self
+    CPU time); rank 0 prints the first rows.
+    """
+
+    def __init__(self, run: Run):
+        cfg, self.run = run.cfg, run
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if run.device.type == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        warmup = min(1, cfg.profile_start)
+        schedule = torch.profiler.schedule(
+            wait=cfg.profile_start - warmup, warmup=warmup, active=cfg.profile_steps, repeat=1
+        )
+        self.left = cfg.profile_start + cfg.profile_steps
+        self.first = run.step + cfg.profile_start + 1  # the first profiled step
+        if run.step + self.left > run.stop_step:
+            run.accelerator.print(
+                f"note: profile_start + profile_steps = {self.left} steps, but this launch "
+                f"runs {run.stop_step - run.step}: the profile will be short or missing"
+            )
+        self.prof = torch.profiler.profile(
+            activities=acts, schedule=schedule, on_trace_ready=self._write
+        )
+        self.prof.start()
+
+    def step(self) -> None:
+        if self.prof is None:
+            return
+        self.prof.step()  # the last one writes the files (on_trace_ready)
+        self.left -= 1
+        if self.left == 0:
+            self.close()
+
+    def close(self) -> None:
+        if self.prof is not None:
+            self.prof.stop()
+            self.prof = None
+
+    def _write(self, prof) -> None:
+        run = self.run
+        n = run.step - self.first + 1  # fewer than profile_steps if the run ended first
+        if n < 1:
+            return
+        folder = run.out / "profile"
+        folder.mkdir(parents=True, exist_ok=True)
+        trace = folder / f"trace_rank{run.rank}.json"
+        prof.export_chrome_trace(str(trace))
+        with trace.open("rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        trace.unlink()
+        events = prof.key_averages()
+        sorts = ["self_cpu_time_total"]
+        if run.device.type == "cuda":
+            sorts.insert(0, "self_device_time_total")
+        tables = [events.table(sort_by=key, row_limit=40) for key in sorts]
+        head = f"steps {self.first}-{run.step} ({n}), rank {run.rank}, {run.device}"
+        (folder / f"table_rank{run.rank}.txt").write_text(
+            "\n\n".join(f"{head}, by {key}:\n{t}" for key, t in zip(sorts, tables, strict=True))
+        )
+        if run.main:
+            top = "\n".join(tables[0].splitlines()[:18])
+            print(f"profile of {head}, by {sorts[0]}:\n{top}\n  all: {folder}", flush=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -53,6 +54,7 @@ class Prefetcher:
         self._queue: queue.Queue = queue.Queue(depth)
         self._stop = threading.Event()
         self._it = iter(loader)  # here: the sampler's epoch is set, worker errors raise here
+        self.busy_s = 0.0  # the thread's time in augment() (host), summed; the loop reads it
         self._thread = threading.Thread(target=self._work, name="maepl-prefetch", daemon=True)
         self._thread.start()
 
@@ -70,11 +72,13 @@ class Prefetcher:
                         raw, labels, bad = next(self._it)
                     except StopIteration:
                         break
+                    t0 = time.perf_counter()
                     images, undecodable = self.augment(raw, self.epoch, self.start + k)
                     event = None
                     if self.stream is not None:  # the images are ready when this completes
                         event = torch.cuda.Event()
                         event.record(self.stream)
+                    self.busy_s += time.perf_counter() - t0
                     self._put((images, labels, bad + undecodable, event))
         except BaseException as err:  # raised again in the main thread, at this batch
             self._put(err)

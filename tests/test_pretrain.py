@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import pretrain
-from maepl.config import PretrainConfig, config_from_dict
+from maepl.config import ConfigError, PretrainConfig, config_from_dict
 from maepl.models.mae import build_mae
 
 from .conftest import ROOT, torchrun
@@ -276,3 +276,50 @@ def test_cuda_steps_never_make_the_host_wait_for_the_gpu(tiny_cfg, monkeypatch, 
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert summary["step"] == 8 and np.isfinite(summary["loss"])
+
+
+@pytest.mark.parametrize("pipeline", ["cpu", "gpu"])
+def test_log_lines_say_how_long_the_loop_waited_for_data(tiny_cfg, monkeypatch, pipeline):
+    """data_ms: the loop's wait for its batches per step (a loader slowed by 30 ms a batch shows
+    at least that); prefetch_ms: the GPU pipeline's augment time per step (slowed by 20 ms)."""
+    import time
+
+    from maepl import gpu_aug, loop
+
+    real_collate, real_augment = loop.collate_skip_bad, gpu_aug.GpuAugment.__call__
+
+    def slow_collate(batch):
+        time.sleep(0.03)
+        return real_collate(batch)
+
+    def slow_augment(self, *args):
+        time.sleep(0.02)
+        return real_augment(self, *args)
+
+    monkeypatch.setattr(loop, "collate_skip_bad", slow_collate)
+    monkeypatch.setattr(gpu_aug.GpuAugment, "__call__", slow_augment)
+    pretrain.main(tiny_cfg(max_steps=8, log_every=4, data_pipeline=pipeline))
+    rows = [json.loads(line) for line in (Path(tiny_cfg().output_dir) / "log.jsonl").open()]
+    rows = [r for r in rows if "data_ms" in r]
+    assert [r["step"] for r in rows] == [4, 8]
+    for r in rows:
+        if pipeline == "cpu":  # the sample's ArrayImageDataset collates with collate_skip_bad
+            assert r["data_ms"] >= 30 and "prefetch_ms" not in r
+        else:  # the loader feeds the prefetch thread; the loop waits for that
+            assert r["prefetch_ms"] >= 20 and r["data_ms"] >= 0
+
+
+def test_profile_steps_writes_a_trace_and_tables(tiny_cfg, capsys):
+    import gzip
+
+    pretrain.main(tiny_cfg(max_steps=6, profile_steps=2, profile_start=3))
+    folder = Path(tiny_cfg().output_dir) / "profile"
+    trace = json.loads(gzip.open(folder / "trace_rank0.json.gz").read())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert "maepl.wait_for_batch" in names and any(str(n).startswith("aten::") for n in names)
+    assert sum(str(n).startswith("ProfilerStep#") for n in names) == 2  # steps 4 and 5
+    table = (folder / "table_rank0.txt").read_text()
+    assert table.startswith("steps 4-5 (2), rank 0, cpu, by self_cpu_time_total")
+    assert "profile of steps 4-5" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="profile_steps.*past max_steps = 6"):
+        tiny_cfg(max_steps=6, profile_steps=4, profile_start=3)

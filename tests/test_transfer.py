@@ -333,3 +333,22 @@ def test_finetune_passes_the_fused_position_loss_to_its_head(colours, tmp_path):
     args = ft_args(colours, tmp_path / "ft", "--pos_label", "rel", "--pos_ce_chunk", "16")
     model, _ = finetune.build_classifier(parse_config(FinetuneConfig, args), 3)
     assert model.pos_head.kind == "rel" and model.pos_head.ce_chunk == 16
+
+
+def test_runs_of_different_precision_follow_each_other_in_one_process(
+    colours, pretrained, tmp_path
+):
+    """Accelerate keeps one precision per process: a bf16 fine-tune, then a linear probe at the
+    default precision in the same process (benchmarks/quality.py does this) must both run."""
+    common = ["--finetune", str(pretrained / "export" / "encoder"), "--data_path", str(colours)]
+    common += "--batch_size 8 --num_workers 0 --epochs 1 --warmup_epochs 0".split()
+    ft = finetune.main(
+        parse_config(
+            FinetuneConfig,
+            common + ["--mixed_precision", "bf16", "--output_dir", str(tmp_path / "ft")],
+        )
+    )
+    lp = linprobe.main(
+        parse_config(LinprobeConfig, common + ["--output_dir", str(tmp_path / "lp")])
+    )
+    assert np.isfinite(ft["loss"]) and lp["n"] == 27
