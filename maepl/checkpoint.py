@@ -2,7 +2,9 @@
 
 A checkpoint is ``<output_dir>/checkpoints/step_XXXXXXXX/``: written into a hidden temporary
 folder, renamed into place, then marked complete by a ``COMPLETE`` file written last, so a
-crash during a save never leaves a folder that ``--resume auto`` would pick.
+crash during a save never leaves a folder that ``--resume auto`` would pick. With a
+:class:`CheckpointWriter` the main process's files are written in a background thread from a
+copy in host memory, so training goes on while they are written.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import json
 import random
 import re
 import shutil
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +128,51 @@ def _unwrap_opt(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint written in the background failed; the previous complete one is intact."""
+
+
+class CheckpointWriter:
+    """Runs one checkpoint write at a time in a background thread (``--async_save``).
+
+    ``submit`` first waits for the write before it; ``wait`` blocks until the current one is
+    done and raises :class:`CheckpointError` if it failed; ``poll`` raises only if it is done.
+    The thread is not a daemon: a process that ends (also by an exception) finishes the write
+    first; a killed one leaves an incomplete folder that ``--resume auto`` skips.
+    """
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._what = ""
+
+    def submit(self, what: str, job: Callable[[], None]) -> None:
+        self.wait()
+        self._what = what
+
+        def run() -> None:
+            try:
+                job()
+            except BaseException as err:  # raised in the training thread at the next wait
+                self._error = err
+
+        self._thread = threading.Thread(target=run, name="maepl-checkpoint", daemon=False)
+        self._thread.start()
+
+    def poll(self) -> None:
+        """Raise now if the write has already failed (does not wait)."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise CheckpointError(f"{self._what} was not written: {err!r}") from err
+
+
 def save_checkpoint(
     accelerator,
     output_dir: str | Path,
@@ -134,16 +183,24 @@ def save_checkpoint(
     generator: torch.Generator | None,
     keep_last: int,
     with_grads: bool = False,
+    writer: CheckpointWriter | None = None,
 ) -> Path:
     """Collective: every rank calls it. Rank files first, then the main process writes the
     shared files, renames the folder into place, marks it complete and prunes old ones.
 
     ``with_grads``: stopped mid-accumulation; each rank's partial local gradients are part of
     the state (under DDP's no_sync they differ per rank).
+
+    ``writer``: the main process copies the model and optimizer state to host memory (checked
+    finite) and returns; ``writer`` writes them, renames, marks and prunes in its thread. The
+    rank files are written before it returns, so no other rank waits for the thread. Pass a
+    writer on every rank or on none: the ranks' barriers must match.
     """
     final = step_dir(output_dir, step)
     tmp = final.parent / f".tmp_{final.name}"
     if accelerator.is_main_process:
+        if writer is not None:
+            writer.wait()  # the previous save, normally long done; its error is raised here
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
@@ -154,27 +211,39 @@ def save_checkpoint(
         named = accelerator.unwrap_model(model).named_parameters()
         grads = {n: p.grad for n, p in named if p.grad is not None}
         save_file(_contiguous(grads), tmp / f"grads_rank{rank}.safetensors")
+    job = None
     if accelerator.is_main_process:
+        # copies in host memory: training may change the live tensors once this returns
         sd = _contiguous(accelerator.unwrap_model(model).state_dict())
         assert_finite(sd, f"checkpoint step {step}")
-        save_file(sd, tmp / "model.safetensors")
         opt_tensors, opt_meta = optimizer_to_files(_unwrap_opt(optimizer))
+        opt_tensors = _contiguous(opt_tensors)
         assert_finite(opt_tensors, f"checkpoint step {step} (optimizer)")
-        save_file(_contiguous(opt_tensors), tmp / "optimizer.safetensors")
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         meta = dict(
             state, optimizer=opt_meta, scaler=scaler, num_processes=accelerator.num_processes
         )
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():  # a stale, incomplete folder of the same step
-            shutil.rmtree(final)
-        tmp.rename(final)
-        (final / MARKER).write_text("ok\n")  # written last: the folder is now complete
-        for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+        meta_text = json.dumps(meta, indent=1)
+
+        def job() -> None:
+            save_file(sd, tmp / "model.safetensors")
+            save_file(opt_tensors, tmp / "optimizer.safetensors")
+            (tmp / "state.json").write_text(meta_text)
+            if final.exists():  # a stale, incomplete folder of the same step
+                shutil.rmtree(final)
+            tmp.rename(final)
+            (final / MARKER).write_text("ok\n")  # written last: the folder is now complete
+            for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last else []:
+                shutil.rmtree(old, ignore_errors=True)
+
+    accelerator.wait_for_everyone()  # every rank's files are in tmp
+    if job is not None:
+        if writer is None:
+            job()
+        else:
+            writer.submit(f"checkpoint {final}", job)
+    if writer is None:
+        accelerator.wait_for_everyone()
     return final
 
 

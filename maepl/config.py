@@ -86,6 +86,9 @@ class TrainConfig:
     save_every: int = 1  # epochs between checkpoints (and at the end)
     save_every_steps: int = 0  # also save every N optimizer steps (0: off)
     keep_last: int = 2  # checkpoints kept
+    # write the main process's checkpoint files in a background thread from a copy in host
+    # memory (training goes on meanwhile); false: every process waits for the files
+    async_save: bool = True
     resume: str = ""  # "" | auto | path to a checkpoint folder
     overwrite: bool = False  # allow an output_dir that holds a different run
 

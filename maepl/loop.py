@@ -28,7 +28,7 @@ from accelerate.state import AcceleratorState
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import CheckpointWriter, load_checkpoint, resolve_resume, save_checkpoint
 from .config import ConfigError, check_output_dir, dump_config, resolve_precision
 from .guard import StopFlag, ignore_stop_signals
 from .loaders import ShardedSampler, collate_skip_bad
@@ -73,6 +73,8 @@ class Run:
         self.generator: torch.Generator | None = None
         self.extra_state: dict = {}  # script counters to checkpoint (e.g. best accuracy)
         self.tracker: Tracker | None = None
+        # on every rank (only the main one writes in it): save_checkpoint syncs ranks alike
+        self.writer = CheckpointWriter() if cfg.async_save else None
 
     # ------------------------------------------------------------------ data, schedule
     def train_loader(self, dataset) -> tuple[DataLoader, ShardedSampler]:
@@ -213,6 +215,7 @@ class Run:
             self.generator,
             self.cfg.keep_last,
             with_grads=with_grads,
+            writer=self.writer,
         )
         self.last_saved = self.step
 
@@ -370,6 +373,8 @@ class Run:
             self.stopped = True
 
     def _write_log(self) -> None:
+        if self.writer is not None:  # a checkpoint written in the background failed: stop now
+            self.writer.poll()
         # one host sync per log line: averages over finite micro-batches of all ranks
         self._settle()
         keys = list(self._sums)
@@ -405,6 +410,7 @@ class Run:
             self.profiler.close()
         if self.last_saved != self.step:
             self.save()
+        self.wait_for_checkpoint()
         out = {
             **self.last_log,
             **(summary or {}),
@@ -426,7 +432,16 @@ class Run:
             (self.out / "summary.json").write_text(json.dumps(out, indent=1))
         return out
 
+    def wait_for_checkpoint(self) -> None:
+        """Collective: returns once the last checkpoint is complete on disk (``--async_save``
+        writes it in a thread); raises if writing it failed."""
+        if self.writer is not None:
+            self.writer.wait()
+        self.accelerator.wait_for_everyone()
+
     def close(self) -> None:
+        if self.writer is not None:
+            self.writer.wait()
         if self.tracker is not None:
             self.tracker.close()
         self.accelerator.wait_for_everyone()

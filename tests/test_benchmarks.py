@@ -321,3 +321,22 @@ def test_jpeg_decoders_compares_luma_and_chroma_of_the_decoders():
     (line,) = [s for s in r.stdout.splitlines() if s.startswith("repeat vs cpu, decoded")]
     luma, chroma = (float(line.split(k)[1].split()[0]) for k in ("luma", "chroma"))
     assert 0 < repeat and luma < chroma / 2
+
+
+def test_checkpoint_stall_prints_both_stalls(tmp_path):
+    r = run(
+        "benchmarks/checkpoint_stall.py",
+        "--model",
+        "mae_vit_micro_patch4_28",
+        "--saves",
+        "2",
+        "--dir",
+        str(tmp_path),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    sync, asyn = (float(v) for v in r.stdout.strip().splitlines()[-1].split("=")[1].split(","))
+    assert sync > 0 and asyn > 0
+    assert "written after" in r.stdout
+    for mode in ("sync", "async"):  # keep_last 1: the second save, complete
+        assert [p.name for p in (tmp_path / mode / "checkpoints").iterdir()] == ["step_00000002"]
+        assert (tmp_path / mode / "checkpoints" / "step_00000002" / "COMPLETE").is_file()

@@ -220,6 +220,70 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
     assert [p.name for p in complete_checkpoints(out)] == ["step_00000006"]  # pruned
 
 
+@pytest.mark.parametrize("async_save", [True, False])
+def test_async_save_lets_training_go_on_and_the_run_ends_complete(
+    tmp_path, monkeypatch, async_save
+):
+    """With --async_save (default) save_checkpoint returns before the main files are written
+    (slowed here by 0.3 s each); the run still ends with every checkpoint complete and equal to
+    a synchronous run's. Without it, a checkpoint is complete when the call returns."""
+    import maepl.checkpoint as ck
+
+    real_save, real_checkpoint = ck.save_file, maepl.loop.save_checkpoint
+    complete_on_return = []
+
+    def slow_save(tensors, path, *args, **kwargs):
+        if Path(path).name in ("model.safetensors", "optimizer.safetensors"):
+            time.sleep(0.3)
+        real_save(tensors, path, *args, **kwargs)
+
+    def watched(*args, **kwargs):
+        final = real_checkpoint(*args, **kwargs)
+        complete_on_return.append((final / "COMPLETE").is_file())
+        return final
+
+    monkeypatch.setattr(ck, "save_file", slow_save)
+    monkeypatch.setattr(maepl.loop, "save_checkpoint", watched)
+    args = [*TINY, "--batch_size", "16", "--max_steps", "6", "--save_every_steps", "2"]
+    args += ["--num_workers", "0", "--keep_last", "0", "--output_dir", str(tmp_path / "a")]
+    pretrain.main(parse_config(PretrainConfig, args + ["--async_save", str(async_save)]))
+    assert complete_on_return == [not async_save] * 3  # steps 2, 4, 6
+    names = [p.name for p in complete_checkpoints(tmp_path / "a")]
+    assert names == ["step_00000002", "step_00000004", "step_00000006"]
+    if async_save:  # the same files as a synchronous run's
+        monkeypatch.setattr(ck, "save_file", real_save)
+        args[-1] = str(tmp_path / "b")
+        pretrain.main(parse_config(PretrainConfig, args + ["--async_save", "false"]))
+        for name in names:
+            for f in ("model.safetensors", "optimizer.safetensors"):
+                tensors_equal(
+                    tmp_path / "a" / "checkpoints" / name / f,
+                    tmp_path / "b" / "checkpoints" / name / f,
+                )
+
+
+def test_a_failed_background_write_stops_the_run_and_names_the_checkpoint(tmp_path, monkeypatch):
+    import maepl.checkpoint as ck
+
+    real_save = ck.save_file
+
+    def disk_full(tensors, path, *args, **kwargs):
+        if "step_00000004" in str(path) and Path(path).name == "model.safetensors":
+            raise OSError(28, "No space left on device")  # in the background writer
+        real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(ck, "save_file", disk_full)
+    out = tmp_path / "run"
+    args = [*TINY, "--batch_size", "16", "--max_steps", "8", "--save_every_steps", "2"]
+    args += ["--num_workers", "0", "--output_dir", str(out)]
+    with pytest.raises(ck.CheckpointError, match=r"step_00000004 was not written.*No space left"):
+        pretrain.main(parse_config(PretrainConfig, args))
+    # raised at the next log line or save, before step 6's: step 2 stays the newest complete
+    assert resolve_resume("auto", out) == out / "checkpoints" / "step_00000002"
+    load_file(out / "checkpoints" / "step_00000002" / "model.safetensors")
+    assert not (out / "checkpoints" / "step_00000006").exists()
+
+
 # ---------------------------------------------------------------------------- 3. preemption
 def test_sigterm_on_one_rank_stops_both_cleanly_and_resumes(tmp_path):
     out = tmp_path / "dist"
