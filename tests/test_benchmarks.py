@@ -340,3 +340,15 @@ def test_checkpoint_stall_prints_both_stalls(tmp_path):
     for mode in ("sync", "async"):  # keep_last 1: the second save, complete
         assert [p.name for p in (tmp_path / mode / "checkpoints").iterdir()] == ["step_00000002"]
         assert (tmp_path / mode / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
+
+
+def test_quality_epochs_reach_every_run_and_reuse_checks_them(tmp_path):
+    out = tmp_path / "long"
+    args = ["--budget", "smoke", "--seeds", "1", "--variants", "mae,apl_no_pe", "--epochs", "2"]
+    r = run("benchmarks/quality.py", *args, "--parallel", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["epochs"] == 2
+    for name in ("mae_s0", "apl_no_pe_s0"):  # the subprocesses got it too
+        assert "\nepochs: 2\n" in (out / name / "config.yaml").read_text()
+    r = run(*SMOKE_MAE, "--reuse", str(out / "results.json"), "--out", str(tmp_path / "o"))
+    assert r.returncode != 0 and "2 pretraining epochs, not 1" in r.stderr
