@@ -424,6 +424,8 @@ def load_reused(path: str | None, budget: str, epochs: int) -> dict[tuple[str, i
     schedule length (files from before --epochs existed ran the budget's)."""
     if not path:
         return {}
+    if not Path(path).is_file():
+        sys.exit(f"error: --reuse {path}: no such file (a finished study's results.json)")
     data = json.loads(Path(path).read_text())
     if data.get("budget") != budget:
         sys.exit(f"error: --reuse {path}: budget {data.get('budget')!r}, not {budget!r}")

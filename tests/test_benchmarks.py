@@ -352,3 +352,6 @@ def test_quality_epochs_reach_every_run_and_reuse_checks_them(tmp_path):
         assert "\nepochs: 2\n" in (out / name / "config.yaml").read_text()
     r = run(*SMOKE_MAE, "--reuse", str(out / "results.json"), "--out", str(tmp_path / "o"))
     assert r.returncode != 0 and "2 pretraining epochs, not 1" in r.stderr
+    r = run(*SMOKE_MAE, "--reuse", str(tmp_path / "none.json"), "--out", str(tmp_path / "o"))
+    assert r.returncode != 0 and "none.json: no such file" in r.stderr
+    assert "Traceback" not in r.stderr
