@@ -248,6 +248,7 @@ def main(cfg: FinetuneConfig) -> dict:
             f"{summary['best_top1']:.2f}), {run.out / 'export' / 'last'}"
         )
         run.accelerator.print(f"top1={top['top1']:.2f} top5={top['top5']:.2f}")
+        run.write_summary(summary)
     run.close()
     return summary
 

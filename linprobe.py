@@ -98,6 +98,7 @@ def main(cfg: LinprobeConfig) -> dict:
     if cfg.knn:  # cheap check: frozen, un-augmented features, no training
         top1 = knn_probe(run, model, raw_train, raw_val, val_tf, cfg)
         run.accelerator.print(f"knn_top1={top1:.2f}")
+        run.write_summary({"knn_top1": top1})
         run.close()
         return {"knn_top1": top1}
 
@@ -136,6 +137,7 @@ def main(cfg: LinprobeConfig) -> dict:
         top = evaluate(run, probe, raw_val, val_tf, cfg)
         summary.update(top)
         run.accelerator.print(f"top1={top['top1']:.2f} top5={top['top5']:.2f}")
+        run.write_summary(summary)
     run.close()
     return summary
 

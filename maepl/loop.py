@@ -428,9 +428,14 @@ class Run:
             out["ranks_in_sync"] = bool((self.accelerator.gather(digest[None]) == digest).all())
             if not out["ranks_in_sync"]:
                 self.accelerator.print("warning: model weights differ between processes")
-        if self.main:
-            (self.out / "summary.json").write_text(json.dumps(out, indent=1))
+        self.write_summary(out)
         return out
+
+    def write_summary(self, summary: dict) -> None:
+        """``<output_dir>/summary.json`` (main process); scripts call it again once they have
+        evaluated, so that the file holds the final accuracy too."""
+        if self.main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
 
     def wait_for_checkpoint(self) -> None:
         """Collective: returns once the last checkpoint is complete on disk (``--async_save``

@@ -1,6 +1,7 @@
 """finetune.py, linprobe.py and the weight loaders (issue: fine-tuning and linear probing)."""
 
 import argparse
+import json
 import os
 import pickle
 import subprocess
@@ -274,6 +275,8 @@ def test_finetune_of_a_pretrained_export_with_mixup_runs(colours, pretrained, tm
     assert (cfg.encoder, cfg.embed_dim, cfg.input_size) == ("vit_tiny_patch16_224", 32, 16)
     summary = finetune.main(cfg)
     assert summary["top1"] > 45 and np.isfinite(summary["loss"])
+    written = json.loads((tmp_path / "ft" / "summary.json").read_text())
+    assert written["top1"] == summary["top1"] and written["best_top1"] == summary["best_top1"]
 
 
 def test_linprobe_beats_chance_and_knn(colours, pretrained, tmp_path):
@@ -288,10 +291,12 @@ def test_linprobe_beats_chance_and_knn(colours, pretrained, tmp_path):
         parse_config(LinprobeConfig, args + ["--output_dir", str(tmp_path / "lp")])
     )
     assert summary["top1"] > 80 and summary["n"] == 27  # chance is 33
+    assert json.loads((tmp_path / "lp" / "summary.json").read_text())["top1"] == summary["top1"]
     knn = linprobe.main(
         parse_config(LinprobeConfig, args + ["--knn", "--output_dir", str(tmp_path / "k")])
     )
     assert knn["knn_top1"] > 60
+    assert json.loads((tmp_path / "k" / "summary.json").read_text()) == knn
 
 
 def test_finetune_without_model_or_weights_names_the_key(colours):
