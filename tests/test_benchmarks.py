@@ -290,6 +290,7 @@ def test_quality_time_limit_lets_a_resumable_run_save_first(tmp_path, monkeypatc
         workers=None,
         compile_mode=None,
         mixed_precision=None,
+        epochs=None,
     )
     assert quality.run_jobs(args, [("mae", 0)], tmp_path) == ["mae_s0"]  # not finished
     assert marker.exists() == resume
