@@ -15,7 +15,8 @@
 #   pipeline    data_pipeline.py: cpu vs gpu (prefetched) vs gpu:inline, with a simulated step
 #   e2e         pretrain.py end to end, + APL, compiled, --data_pipeline gpu, from an ImageFolder
 #               of E2E_IMAGES synthetic JPEGs (data_pipeline.py's), E2E_STEPS steps (data_ms and
-#               prefetch_ms per log line; a profile of 4 steps after E2E_PROFILE_START, default 3/4 of E2E_STEPS), for each of
+#               prefetch_ms per log line; a profile of 4 steps after E2E_PROFILE_START steps,
+#               default 3/4 of E2E_STEPS), for each of
 #               E2E_MODELS (ViT-S/16: what the pipeline feeds; ViT-B/16: the real speed): img/s
 #               per log window, to hold against throughput.py's synthetic-input figure
 #   sdpa        throughput.py plain, compiled, with each attention kernel forced (SDPA_KERNELS;

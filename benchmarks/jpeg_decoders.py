@@ -30,8 +30,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import maepl.gpu_aug as gpu_aug  # noqa: E402
-from maepl.gpu_aug import EncodedBatch, GpuAugment, decode_batch  # noqa: E402
+from maepl.gpu_aug import GpuAugment, decode_batch  # noqa: E402
 
 warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
 
@@ -102,14 +101,7 @@ def main() -> None:
     augment = GpuAugment(224, 3, (0.5,) * 3, (0.5,) * 3, 0.2, seed=0, rank=0, device="cpu")
 
     def crops(images: list[torch.Tensor]) -> list[torch.Tensor]:
-        def fixed(data, device, nvjpeg=None):  # these decoded images instead of decoding
-            return [i.cpu() for i in images], {}
-
-        gpu_aug.decode_batch = fixed
-        try:
-            x, _ = augment(EncodedBatch(tensors, [""] * len(tensors)), 0, 0)
-        finally:
-            gpu_aug.decode_batch = decode_batch
+        x = augment.augment_decoded([i.cpu() for i in images], 0, 0)
         return list((x.double() * 0.5 + 0.5) * 255)
 
     cpu_crops = crops(cpu)

@@ -378,13 +378,27 @@ class GpuAugment:
 
     def __call__(self, batch, epoch: int, index: int) -> tuple[torch.Tensor, list[str]]:
         if isinstance(batch, EncodedBatch):
-            x, bad = self._encoded(batch, epoch, index)
+            imgs, errors = decode_batch(batch.data, self.device, batch.nvjpeg)
+            bad = [f"{batch.paths[k]}: {err}" for k, err in errors.items()]
+            if bad and self.strict:
+                raise BadImageError(f"unreadable image {bad[0]} (strict_data)")
+            x = self._crop_decoded(imgs, epoch, index, bad)
         else:
             x, bad = self._same_size(batch, epoch, index), []
+        return self._normalise(x), bad
+
+    def augment_decoded(
+        self, imgs: list[torch.Tensor | None], epoch: int, index: int
+    ) -> torch.Tensor:
+        """What ``__call__`` does to encoded files once they are decoded: uint8 RGB images on
+        the device (None where unreadable) -> the normalised batch. For comparing decoders."""
+        return self._normalise(self._crop_decoded(imgs, epoch, index, []))
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         x = x.clamp_(0, 255).round_()  # the range and steps of the CPU path's uint8 images
         if x.shape[1] != self.in_chans:  # gray -> RGB replicates, as PIL's convert("RGB")
             x = x.expand(-1, self.in_chans, -1, -1)
-        return (x - self.shift) / self.div, bad
+        return (x - self.shift) / self.div
 
     def _same_size(self, imgs: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
         n, c, h, w = imgs.shape
@@ -398,11 +412,9 @@ class GpuAugment:
         flip = flip.to(self.device, non_blocking=True).view(-1, 1, 1, 1)
         return torch.where(flip, x.flip(-1), x)
 
-    def _encoded(self, batch: EncodedBatch, epoch: int, index: int):
-        imgs, errors = decode_batch(batch.data, self.device, batch.nvjpeg)
-        bad = [f"{batch.paths[k]}: {err}" for k, err in errors.items()]
-        if bad and self.strict:
-            raise BadImageError(f"unreadable image {bad[0]} (strict_data)")
+    def _crop_decoded(
+        self, imgs: list[torch.Tensor | None], epoch: int, index: int, bad: list[str]
+    ) -> torch.Tensor:
         good = [k for k, img in enumerate(imgs) if img is not None]
         if not good:
             raise BadImageError("every image of a batch is unreadable:\n  " + "\n  ".join(bad))
@@ -413,4 +425,4 @@ class GpuAugment:
         luma, boxes = self.in_chans == 1, boxes.tolist()
         x = torch.stack([resized_crop_one(imgs[k], boxes[k], self.size, luma) for k in src])
         flip = flip[src].to(self.device, non_blocking=True).view(-1, 1, 1, 1)
-        return torch.where(flip, x.flip(-1), x), bad
+        return torch.where(flip, x.flip(-1), x)

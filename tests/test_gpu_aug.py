@@ -498,3 +498,16 @@ def test_cuda_augment_equals_cpu_augment(tmp_path, monkeypatch):
     d = (levels(x_geo) - levels(x_cpu)).abs()
     assert bad_geo == bad_cpu
     assert d.max() <= 1.0 + 1e-6 and d.mean() < 0.05, f"max {d.max():.2f}, mean {d.mean():.3f}"
+
+
+def test_augment_decoded_is_the_call_after_decoding(tmp_path):
+    """``augment_decoded`` (what jpeg_decoders.py compares decoders with) is ``__call__`` minus
+    the decode: same crops, flips and normalisation, the first readable image for a bad one."""
+    make_messy_folder(tmp_path / "data")
+    raw = build_dataset("imagefolder", str(tmp_path / "data"), train=True)
+    batch = EncodedImages.collate_fn([raw_dataset(raw)[k] for k in range(len(raw))])[0]
+    aug = GpuAugment(16, 3, (0.5,) * 3, (0.5,) * 3, 0.2, seed=0, rank=0, device="cpu")
+    x, bad = aug(batch, 3, 5)
+    imgs, errors = decode_batch(batch.data, torch.device("cpu"), batch.nvjpeg)
+    assert len(bad) == len(errors) == 2
+    assert torch.equal(aug.augment_decoded(imgs, 3, 5), x)
