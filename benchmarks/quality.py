@@ -142,9 +142,16 @@ def mae_recipe_blr(images: int, lp: dict) -> float:
 
 
 def linprobe_mae_recipe(
-    folder: Path, dataset: str, data_path: str | None, lp: dict, seed: int, workers: int, lp_dir
-) -> dict[str, float]:
-    """linprobe.py on the export, CLS token; top-1 and the base lr it used."""
+    folder: Path,
+    dataset: str,
+    data_path: str | None,
+    lp: dict,
+    seed: int,
+    workers: int,
+    lp_dir,
+    mixed_precision: str = "auto",
+) -> dict:
+    """linprobe.py on the export, CLS token; top-1, the base lr and the precision it used."""
     images = len(build_dataset(dataset, data_path, True))
     blr = mae_recipe_blr(images, lp)
     cfg = LinprobeConfig(
@@ -156,10 +163,12 @@ def linprobe_mae_recipe(
         seed=seed,
         num_workers=workers,
         save_every=lp["epochs"],
+        mixed_precision=mixed_precision,
         output_dir=str(lp_dir),
         overwrite=True,
     ).validate()
-    return dict(lp_cls=linprobe.main(cfg)["top1"], lp_blr=round(blr, 3))
+    top1 = linprobe.main(cfg)["top1"]
+    return dict(lp_cls=top1, lp_blr=round(blr, 3), lp_precision=resolve_precision(mixed_precision))
 
 
 def evaluate_export(
@@ -253,6 +262,7 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace, out
                 seed,
                 pre["num_workers"],
                 run_dir / "lp",
+                pre.get("mixed_precision", "auto"),
             )
         )
     if budget["ft_epochs"] and name in VARIANTS:
@@ -401,7 +411,8 @@ def fill_linprobe(args: argparse.Namespace, jobs: list, done: dict, out: Path) -
             continue
         saved = row_path(out, name, seed)
         if saved.exists() and "lp_cls" in (earlier := json.loads(saved.read_text())):
-            row.update(lp_cls=earlier["lp_cls"], lp_blr=earlier["lp_blr"])
+            keys = ("lp_cls", "lp_blr", "lp_precision")
+            row.update({k: earlier[k] for k in keys if k in earlier})
             continue
         exports = [d / f"{name}_s{seed}" / "export" / "encoder" for d in dirs]
         export = next((e for e in exports if (e / "model.safetensors").exists()), None)
@@ -412,7 +423,14 @@ def fill_linprobe(args: argparse.Namespace, jobs: list, done: dict, out: Path) -
         dataset = budget["pre"]["dataset"]
         row.update(
             linprobe_mae_recipe(
-                export, dataset, args.data_path, budget["lp"], seed, workers, lp_dir
+                export,
+                dataset,
+                args.data_path,
+                budget["lp"],
+                seed,
+                workers,
+                lp_dir,
+                args.mixed_precision or budget["pre"].get("mixed_precision", "auto"),
             )
         )
         saved.write_text(json.dumps(row))
@@ -469,7 +487,8 @@ def main() -> None:
         "--mixed_precision",
         default=None,
         choices=("auto", "no", "bf16", "fp16"),
-        help="pretraining and fine-tuning precision (default auto: bf16 on GPUs, none on CPU)",
+        help="precision of the pretraining, linprobe.py and fine-tuning stages (default auto:\n"
+        "bf16 on GPUs, none on CPU)",
     )
     p.add_argument(
         "--time_limit",

@@ -142,6 +142,7 @@ def test_quality_reports_linprobe_and_fills_it_into_older_rows(tmp_path):
     steps = 10_000 // 64
     assert row["lp_blr"] * 64 / 256 * steps == pytest.approx(6.4 * 7037, rel=1e-3)
     assert 0 <= row["lp_cls"] <= 100
+    assert row["lp_precision"] == ("bf16" if torch.cuda.is_available() else "no")  # auto
     assert "lp_cls" in (first / "results.md").read_text()
 
     # a row of older code lacks the column: --fill_lp computes it from the run's kept export
@@ -154,6 +155,7 @@ def test_quality_reports_linprobe_and_fills_it_into_older_rows(tmp_path):
     assert "--fill_lp: mae seed 0 lp_cls" in r.stdout
     filled = json.loads((second / "results.json").read_text())["rows"][0]
     assert filled["lp_cls"] == pytest.approx(row["lp_cls"])  # same export, seed and recipe
+    assert filled["lp_precision"] == row["lp_precision"]
     assert json.loads((second / "rows" / "mae_s0.json").read_text())["lp_cls"] == filled["lp_cls"]
     # the filled row is saved: a second call takes it instead of probing again
     r = run(*SMOKE_MAE, *fill)
