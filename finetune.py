@@ -25,8 +25,8 @@ from torch import nn
 
 from maepl.checkpoint import export_encoder
 from maepl.config import SHAPE_KEYS, ConfigError, FinetuneConfig, parse_config
-from maepl.data import build_finetune_transform, build_transform, load_data
-from maepl.loaders import SeededTransformDataset, eval_loader
+from maepl.data import build_finetune_transform, build_transform, load_splits
+from maepl.loaders import SeededTransformDataset, chain_seed, eval_loader
 from maepl.loop import Run
 from maepl.models.encoder import encoder_from_config, encoder_model_args
 from maepl.models.pos_labels import PositionLabeler
@@ -63,7 +63,8 @@ def build_classifier(cfg: FinetuneConfig, nb_classes: int) -> tuple[Classifier, 
     )
     report = {"notes": ["trained from scratch"]}
     if cfg.finetune:
-        report = load_encoder_weights(vit, cfg.finetune, cfg.pos_embed)
+        # --eval: the classifier exactly as trained (head, norms, position embedding)
+        report = load_encoder_weights(vit, cfg.finetune, cfg.pos_embed, exact=cfg.eval)
     elif cfg.pos_embed == "sincos":
         fill_sincos(vit)
     if cfg.pos_embed == "sincos":
@@ -110,8 +111,7 @@ def evaluate(run: Run, model: nn.Module, raw_val, transform, cfg) -> dict[str, f
 
 def main(cfg: FinetuneConfig) -> dict:
     # ------------------------------------------------------------------ data (checked first)
-    raw_train, mean, std = load_data(cfg, train=True)
-    raw_val, _, _ = load_data(cfg, train=False)
+    raw_train, raw_val, mean, std = load_splits(cfg)  # with the same classes
     nb_classes = cfg.nb_classes or len(raw_train.classes)
     crop_pct = cfg.crop_pct or (1.0 if cfg.input_size <= 32 else 0.875)
     val_tf = build_transform(False, cfg.input_size, cfg.in_chans, mean, std, crop_pct=crop_pct)
@@ -129,6 +129,9 @@ def main(cfg: FinetuneConfig) -> dict:
     # ------------------------------------------------------------------ model
     set_seed(cfg.seed)  # identical initial weights on every rank
     model, report = build_classifier(cfg, nb_classes)
+    # From here on each rank draws its own drop-path masks and pair noise from torch's global
+    # RNG (MAE seeds seed + rank); a resume then restores each rank's saved state.
+    torch.manual_seed(chain_seed(cfg.seed, run.rank))
     run.accelerator.print(
         f"{cfg.encoder}: {nb_classes} classes; weights: "
         f"{cfg.finetune or 'random init'}; " + "; ".join(report["notes"])

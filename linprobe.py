@@ -22,7 +22,7 @@ from torch import nn
 
 from finetune import evaluate
 from maepl.config import SHAPE_KEYS, ConfigError, LinprobeConfig, parse_config
-from maepl.data import build_transform, load_data
+from maepl.data import build_transform, load_splits
 from maepl.evaluate import knn_accuracy
 from maepl.loaders import SeededTransformDataset, eval_loader
 from maepl.loop import Run
@@ -73,10 +73,19 @@ def lars_groups(head: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def build_probe(cfg: LinprobeConfig, nb_classes: int) -> tuple[Probe, dict]:
+    """The probe on the encoder exactly as pretrained: its position embedding (or none) as
+    stored, never replaced or filled in."""
+    encoder = encoder_from_config(cfg, cfg.pos_embed, global_pool="token")
+    report = {"notes": ["random init"]}
+    if cfg.finetune:
+        report = load_encoder_weights(encoder, cfg.finetune, cfg.pos_embed, exact=True)
+    return Probe(encoder, nb_classes, cfg.global_pool), report
+
+
 def main(cfg: LinprobeConfig) -> dict:
     # ------------------------------------------------------------------ data (checked first)
-    raw_train, mean, std = load_data(cfg, train=True)
-    raw_val, _, _ = load_data(cfg, train=False)
+    raw_train, raw_val, mean, std = load_splits(cfg)  # with the same classes
     nb_classes = cfg.nb_classes or len(raw_train.classes)
     crop_pct = cfg.crop_pct or (1.0 if cfg.input_size <= 32 else 0.875)
     val_tf = build_transform(False, cfg.input_size, cfg.in_chans, mean, std, crop_pct=crop_pct)
@@ -89,11 +98,9 @@ def main(cfg: LinprobeConfig) -> dict:
 
     # ------------------------------------------------------------------ model
     set_seed(cfg.seed)
-    encoder = encoder_from_config(cfg, "learned", global_pool="token")
+    model, report = build_probe(cfg, nb_classes)
     if cfg.finetune:
-        report = load_encoder_weights(encoder, cfg.finetune, "learned")
         run.accelerator.print(f"encoder from {cfg.finetune}: " + "; ".join(report["notes"]))
-    model = Probe(encoder, nb_classes, cfg.global_pool)
 
     if cfg.knn:  # cheap check: frozen, un-augmented features, no training
         top1 = knn_probe(run, model, raw_train, raw_val, val_tf, cfg)

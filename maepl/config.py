@@ -127,13 +127,15 @@ class FinetuneConfig(TrainConfig):
     """Fine-tuning (or training from scratch) with MAE's recipe; optional positional labels."""
 
     model: str | None = None  # None: the architecture stored with --finetune
-    pos_embed: str = (
-        "learned"  # learned (starts from the checkpoint's, else sin-cos) | sincos | none
-    )
+    # learned (starts from the checkpoint's, else sin-cos) | sincos | none | auto (learned;
+    # with --eval, none if the --finetune weights record that they have no PE)
+    pos_embed: str = "auto"
     finetune: str = ""  # weights to start from (export, checkpoint, official MAE .pth)
     eval: bool = False  # evaluate --finetune / --resume weights and exit
-    nb_classes: int | None = None  # None: the dataset's
-    global_pool: str = "avg"  # avg (with fc_norm) | token
+    # None: the dataset's; with --eval, the classifier's recorded with --finetune
+    nb_classes: int | None = None
+    # avg (with fc_norm) | token; None: avg, with --eval the one recorded with --finetune
+    global_pool: str | None = None
     drop_path: float = 0.1
     layer_decay: float = 0.75
     blr: float = 1e-3
@@ -164,7 +166,9 @@ class LinprobeConfig(TrainConfig):
     """Linear probing of a frozen encoder with MAE's recipe (BatchNorm + Linear, LARS)."""
 
     model: str | None = None  # None: the architecture stored with --finetune
-    pos_embed: str = "learned"  # keep the checkpoint's PE (none if it has none)
+    # auto: the encoder's as pretrained (none if the --finetune weights record none, else the
+    # stored values, never replaced); learned | sincos | none must agree with that record
+    pos_embed: str = "auto"
     finetune: str = ""  # the encoder to probe (export, checkpoint, official MAE .pth)
     eval: bool = False
     nb_classes: int | None = None
@@ -237,7 +241,8 @@ def resolve_model(cfg: TrainConfig, need_cls: bool = True) -> TrainConfig:
 
 
 def _validate_common(cfg: TrainConfig) -> None:
-    _choice("pos_embed", cfg.pos_embed, ("sincos", "learned", "none"))
+    auto = () if isinstance(cfg, PretrainConfig) else ("auto",)  # resolved by validate_*
+    _choice("pos_embed", cfg.pos_embed, ("sincos", "learned", "none", *auto))
     _choice("dataset", cfg.dataset, ("imagefolder", "fashion-mnist", "sample"))
     _choice("mixed_precision", cfg.mixed_precision, ("auto", "bf16", "fp16", "no"))
     modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -354,8 +359,51 @@ def _from_checkpoint(cfg):
     return resolve_model(cfg, need_cls=False)
 
 
+def _as_recorded(cfg, keys: tuple[str, ...]):
+    """Fill ``pos_embed`` (when auto) and ``keys`` (when unset) from what maepl recorded beside
+    the --finetune weights; a value set that contradicts the record is a ConfigError naming
+    both. Weights without a record keep the values given (loading checks them)."""
+    from .weights import stored_model
+
+    rec = stored_model(cfg.finetune) if cfg.finetune else None
+    if rec is None:
+        return cfg
+    updates = {}
+    if "nb_classes" in keys and rec.get("nb_classes") == 0:
+        raise ConfigError(
+            f"finetune: {cfg.finetune} holds an encoder without a classifier head "
+            f"({rec['file']} records num_classes 0); --eval needs a fine-tuned classifier, "
+            "such as export/best or export/last of finetune.py"
+        )
+    for key in keys:
+        stored, given = rec.get(key), getattr(cfg, key)
+        if stored is None:
+            continue
+        if given is None:
+            updates[key] = stored
+        elif given != stored:
+            raise ConfigError(
+                f"{key}: {cfg.finetune} was trained with {key} {stored!r} ({rec['file']}), "
+                f"but {given!r} was given; evaluating it needs its own value"
+            )
+    if cfg.pos_embed == "auto":
+        updates["pos_embed"] = "learned" if rec["pos_embed"] else "none"
+    elif (cfg.pos_embed != "none") != rec["pos_embed"]:
+        has = "has a position embedding" if rec["pos_embed"] else "has none (--pos_embed none)"
+        raise ConfigError(
+            f"pos_embed: the encoder of {cfg.finetune} {has} ({rec['file']}), but "
+            f"{cfg.pos_embed!r} was given; leave pos_embed at auto to use the encoder as it "
+            "was trained"
+        )
+    return dataclasses.replace(cfg, **updates)
+
+
 def validate_finetune(cfg: FinetuneConfig) -> FinetuneConfig:
     _validate_common(cfg)
+    if cfg.eval:  # the classifier as it was trained: head, pooling, position embedding
+        cfg = _as_recorded(cfg, ("nb_classes", "global_pool"))
+    pos_embed = "learned" if cfg.pos_embed == "auto" else cfg.pos_embed
+    cfg = dataclasses.replace(cfg, pos_embed=pos_embed, global_pool=cfg.global_pool or "avg")
     _choice("global_pool", cfg.global_pool, ("avg", "token"))
     _choice("mixup_mode", cfg.mixup_mode, ("batch", "pair", "elem"))
     for key in (
@@ -380,6 +428,9 @@ def validate_finetune(cfg: FinetuneConfig) -> FinetuneConfig:
 
 def validate_linprobe(cfg: LinprobeConfig) -> LinprobeConfig:
     _validate_common(cfg)
+    cfg = _as_recorded(cfg, ())  # the frozen encoder as pretrained
+    if cfg.pos_embed == "auto":  # no --finetune, or foreign weights: loading checks the PE
+        cfg = dataclasses.replace(cfg, pos_embed="learned")
     _choice("global_pool", cfg.global_pool, ("avg", "token"))
     _check(cfg.crop_pct is None or 0 < cfg.crop_pct <= 1, "crop_pct", "must be in (0, 1]")
     _check(cfg.nb_classes is None or cfg.nb_classes >= 2, "nb_classes", "must be >= 2")

@@ -370,10 +370,47 @@ def load_data(cfg, train: bool = True) -> tuple[Dataset, list[float], list[float
     if len(raw) == 0:
         raise ConfigError(f"data_path: dataset {cfg.dataset} at {cfg.data_path} is empty")
     mean, std = default_mean_std(cfg.dataset, cfg.in_chans)
-    mean, std = list(cfg.mean or mean), list(cfg.std or std)
-    if len(mean) == 1:
-        mean, std = mean * cfg.in_chans, std * cfg.in_chans
-    return raw, mean, std
+    return raw, _per_channel(cfg, "mean", mean), _per_channel(cfg, "std", std)
+
+
+def _per_channel(cfg, key: str, default: Sequence[float]) -> list[float]:
+    """``cfg.<key>`` (else ``default``) with one value per channel: a single value is
+    repeated; any other length than 1 or in_chans is a ConfigError naming ``key``."""
+    from .config import ConfigError
+
+    values = list(getattr(cfg, key) or default)
+    if len(values) == 1:
+        values *= cfg.in_chans
+    if len(values) != cfg.in_chans:
+        raise ConfigError(
+            f"{key}: needs 1 or {cfg.in_chans} values (in_chans={cfg.in_chans}), got {values}"
+        )
+    return values
+
+
+def load_splits(cfg) -> tuple[Dataset, Dataset, list[float], list[float]]:
+    """The train and evaluation splits named by a run config, with their normalisation.
+
+    Labels are class indices, so both splits must have the same classes in the same order:
+    an ImageFolder ``val/`` without one of ``train/``'s class folders, or with another, would
+    shift every label after it. That is a ``ConfigError`` naming the folders that differ.
+    """
+    from .config import ConfigError
+
+    raw_train, mean, std = load_data(cfg, train=True)
+    raw_val, _, _ = load_data(cfg, train=False)
+    train_classes, val_classes = list(raw_train.classes), list(raw_val.classes)
+    if train_classes != val_classes:
+        where = [getattr(raw, "root", cfg.data_path) for raw in (raw_train, raw_val)]
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        raise ConfigError(
+            f"data_path: the class folders of {where[0]} and {where[1]} differ, so their "
+            f"labels (class indices) would not match: only in the first {only_train}, only "
+            f"in the second {only_val}"
+            + ("" if only_train or only_val else " (same names in another order)")
+        )
+    return raw_train, raw_val, mean, std
 
 
 def load_train_data(cfg) -> tuple[Dataset, list[float], list[float]]:

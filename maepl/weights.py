@@ -29,12 +29,46 @@ def _first(v):
     return v[0] if isinstance(v, (list, tuple)) else v
 
 
-def stored_architecture(path: str | Path) -> dict | None:
-    """``model`` and shape keys recorded beside maepl weights; None for foreign files."""
+def _record(path: str | Path, strict: bool = True) -> tuple[str, Path, dict] | None:
+    """What maepl wrote beside the weights at ``path``: ("export", file, config.json of a timm
+    local-dir export) or ("run", file, the run config of mae.json / a checkpoint's state.json);
+    None for foreign files. A config.json without ``architecture`` (a Hugging Face folder, say)
+    is a ConfigError naming it if ``strict``, else read as foreign."""
+    from .config import ConfigError
+
     p = Path(path)
     folder = p if p.is_dir() else p.parent
     if (folder / "config.json").is_file():  # encoder / classifier export (timm layout)
-        cfg = json.loads((folder / "config.json").read_text())
+        file = folder / "config.json"
+        cfg = json.loads(file.read_text())
+        if "architecture" in cfg:
+            return "export", file, cfg
+        if not strict:
+            return None
+        raise ConfigError(
+            f"finetune: {file} has no 'architecture' entry, so the architecture cannot be read "
+            "from it (maepl and timm local-dir exports write 'architecture' and 'model_args'); "
+            "for other weights pass --model and the shape flags (--input_size --patch_size "
+            "--in_chans --embed_dim --depth --num_heads)"
+        )
+    if p.suffix == ".safetensors" and p.with_suffix(".json").is_file():  # export/mae.safetensors
+        file = p.with_suffix(".json")
+        run_cfg = json.loads(file.read_text())
+    elif (folder / "state.json").is_file():  # a maepl checkpoint folder
+        file = folder / "state.json"
+        run_cfg = json.loads(file.read_text()).get("config")
+    else:
+        return None
+    return ("run", file, run_cfg) if run_cfg else None
+
+
+def stored_architecture(path: str | Path) -> dict | None:
+    """``model`` and shape keys recorded beside maepl weights; None for foreign files."""
+    record = _record(path)
+    if record is None:
+        return None
+    kind, _, cfg = record
+    if kind == "export":
         args = cfg.get("model_args", {})
         arch = dict(
             model=cfg["architecture"],
@@ -46,16 +80,40 @@ def stored_architecture(path: str | Path) -> dict | None:
             num_heads=args.get("num_heads"),
         )
         return {k: v for k, v in arch.items() if v is not None}
-    run_cfg = None
-    if p.suffix == ".safetensors" and p.with_suffix(".json").is_file():  # export/mae.safetensors
-        run_cfg = json.loads(p.with_suffix(".json").read_text())
-    elif (folder / "state.json").is_file():  # a maepl checkpoint folder
-        run_cfg = json.loads((folder / "state.json").read_text()).get("config")
-    if not run_cfg:
-        return None
-    model = run_cfg.get("encoder") or run_cfg.get("model")
-    shape = {k: run_cfg[k] for k in SHAPE_KEYS[1:] if run_cfg.get(k) is not None}
+    model = cfg.get("encoder") or cfg.get("model")
+    shape = {k: cfg[k] for k in SHAPE_KEYS[1:] if cfg.get(k) is not None}
     return {"model": model, **shape}
+
+
+def stored_model(path: str | Path) -> dict | None:
+    """How the model the weights at ``path`` belong to was built, as recorded beside them;
+    None for foreign files. Keys (each only where recorded):
+
+    - ``file``: the file it was read from;
+    - ``pos_embed``: False if the weights have no position embedding (``--pos_embed none``);
+    - ``nb_classes``: the classifier's classes, 0 for an encoder without a head;
+    - ``global_pool``: the classifier's pooling (``avg`` with ``fc_norm``, or ``token``).
+    """
+    record = _record(path, strict=False)
+    if record is None:
+        return None
+    kind, file, cfg = record
+    if kind == "export":
+        args = cfg.get("model_args", {})
+        out = dict(file=file, pos_embed=args.get("pos_embed") != "none")
+        out["nb_classes"] = cfg.get("num_classes", args.get("num_classes", 0))
+        if out["nb_classes"]:
+            out["global_pool"] = args.get("global_pool", cfg.get("global_pool", "token"))
+        return out
+    out = dict(file=file, pos_embed=cfg.get("pos_embed") != "none")
+    if "mask_ratio" in cfg:  # a pretraining run: encoder (+ decoder), no classifier
+        out["nb_classes"] = 0
+    elif "layer_decay" in cfg:  # a fine-tuning run; nb_classes null: the dataset's
+        if cfg.get("nb_classes"):
+            out["nb_classes"] = cfg["nb_classes"]
+        if cfg.get("global_pool"):
+            out["global_pool"] = cfg["global_pool"]
+    return out
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -107,7 +165,7 @@ def _load_pth(p: Path) -> dict[str, torch.Tensor]:
 
 
 def load_encoder_weights(
-    model: nn.Module, path: str | Path, pos_embed: str
+    model: nn.Module, path: str | Path, pos_embed: str, exact: bool = False
 ) -> dict[str, list[str]]:
     """Load pretrained encoder weights into a timm ViT (with a new head); returns a report.
 
@@ -115,10 +173,20 @@ def load_encoder_weights(
     with average pooling) and nothing unexpected remains. The position embedding is resampled
     to the model's grid; a checkpoint without one (``--pos_embed none`` pretraining) gets
     sin-cos values to start from, as MP3 does.
+
+    ``exact``: the model must be the one the weights were trained as (evaluation, a frozen
+    encoder): every parameter and buffer of the model loads from ``path``, its head and norms
+    included, and nothing is dropped or filled in, position embedding included (it may still
+    be resampled to another grid); ``pos_embed`` "sincos" then keeps the loaded values. Only
+    ``head.*`` of a classifier is ignored when the model has no head (a frozen encoder).
     """
     sd, dropped = read_state_dict(path)
     notes = [f"dropped {len(dropped)} pretraining-only keys"] if dropped else []
     prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    head = model.get_classifier()
+    head_params = dict(head.named_parameters(prefix="head")) if head is not None else {}
+    if exact:
+        _check_exact(model, sd, head_params, path)
     if "pos_embed" in sd and model.pos_embed is None:
         sd.pop("pos_embed")
         notes.append("pos_embed of the checkpoint unused (--pos_embed none)")
@@ -132,9 +200,8 @@ def load_encoder_weights(
         for k in ("norm.weight", "norm.bias"):
             if sd.pop(k, None) is not None:
                 notes.append(f"{k} unused (global_pool avg uses fc_norm)")
-    head = model.get_classifier()
     for k in [k for k in sd if k.startswith("head.")]:
-        target = dict(model.named_parameters()).get(k)
+        target = head_params.get(k)
         if target is None or target.shape != sd[k].shape:
             sd.pop(k)
             notes.append(f"{k} of the checkpoint dropped (new head)")
@@ -143,19 +210,62 @@ def load_encoder_weights(
         missing.remove("pos_embed")
         fill_sincos(model)
         notes.append("pos_embed absent from the checkpoint: initialised with sin-cos")
-    allowed = tuple(n for n, _ in head.named_parameters(prefix="head")) if head is not None else ()
-    allowed += (
-        ("fc_norm.weight", "fc_norm.bias") if not isinstance(model.fc_norm, nn.Identity) else ()
-    )
+    allowed = () if exact else tuple(head_params)
+    if not exact and not isinstance(model.fc_norm, nn.Identity):
+        allowed += ("fc_norm.weight", "fc_norm.bias")
     bad_missing = [k for k in missing if k not in allowed]
     if bad_missing or unexpected:
         raise ValueError(
             f"finetune: {path} does not fit {type(model).__name__}: missing keys "
             f"{bad_missing}, unexpected keys {list(unexpected)}"
         )
-    if pos_embed == "sincos" and model.pos_embed is not None:
+    if pos_embed == "sincos" and model.pos_embed is not None and not exact:
         fill_sincos(model)
     return dict(missing=list(missing), unexpected=list(unexpected), notes=notes)
+
+
+def _check_exact(model: nn.Module, sd: dict, head_params: dict, path) -> None:
+    """Raise, naming ``path`` and the keys, where loading ``sd`` into ``model`` would drop,
+    replace or fill in a weight (see ``load_encoder_weights(exact=True)``)."""
+    problems = []
+    if "pos_embed" in sd and model.pos_embed is None:
+        problems.append(
+            "the weights have a position embedding (pos_embed) that the model, built with "
+            "--pos_embed none, lacks"
+        )
+    if "pos_embed" not in sd and model.pos_embed is not None:
+        problems.append(
+            "the weights have no position embedding (pos_embed: trained with --pos_embed "
+            "none); build the model with --pos_embed none"
+        )
+    norm = [k for k in ("norm.weight", "norm.bias") if k in sd]
+    if norm and isinstance(model.norm, nn.Identity):
+        problems.append(
+            f"the weights have {norm} (global_pool token), which the model with global_pool "
+            "avg has no place for"
+        )
+    missing_head = [k for k in head_params if k not in sd]
+    if missing_head:
+        problems.append(f"the weights have no classifier head: missing {missing_head}")
+    for k in sorted(k for k in sd if k.startswith("head.") and head_params):
+        target = head_params.get(k)
+        if target is None:
+            problems.append(f"{k} of the weights has no place in the model's head")
+        elif target.shape != sd[k].shape:
+            problems.append(
+                f"{k} of the weights has shape {tuple(sd[k].shape)}, the model's "
+                f"{tuple(target.shape)} (another nb_classes)"
+            )
+    fc_norm = [n for n, _ in model.fc_norm.named_parameters(prefix="fc_norm")]
+    if fc_norm and not all(k in sd for k in fc_norm):
+        problems.append(
+            f"the weights lack {fc_norm}, which global_pool avg needs (weights fine-tuned with "
+            "global_pool token have norm.* instead)"
+        )
+    if problems:
+        raise ValueError(
+            f"finetune: {path} does not hold this model as it was trained: " + "; ".join(problems)
+        )
 
 
 def fill_sincos(model: nn.Module) -> None:

@@ -67,6 +67,7 @@ def test_unknown_yaml_key_suggests_the_right_one(tmp_path):
         (["--model", "resnet50"], "model"),
         (["--mixed_precision", "fp8"], "mixed_precision"),
         (["--pos_embed", "rope"], "pos_embed"),
+        (["--pos_embed", "auto"], "pos_embed"),  # auto: fine-tuning and probing only
         (["--compile", "--compile_mode", "fast"], "compile_mode"),
         (["--compile_mode", "reduce-overhead"], "compile_mode"),  # without --compile
     ],
@@ -128,5 +129,12 @@ def test_none_on_the_command_line_is_a_value_for_string_keys():
         FinetuneConfig, ["--model", "vit_tiny_patch16_224", "--dataset", "sample", "--aa", "none"]
     )
     assert ft.aa is None
+    # unset keys of fine-tuning resolve to their documented values (no --eval record here)
+    assert (ft.pos_embed, ft.global_pool, ft.nb_classes) == ("learned", "avg", None)
+    ft = parse_config(
+        FinetuneConfig,
+        ["--model", "vit_tiny_patch16_224", "--dataset", "sample", "--pos_embed", "none"],
+    )
+    assert ft.pos_embed == "none"
     with pytest.raises(ConfigError, match="batch_size: may not be empty"):
         parse_config(PretrainConfig, base + ["--batch_size", "none"])

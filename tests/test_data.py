@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from maepl import data
+from maepl.config import ConfigError
 from maepl.data import (
     FASHION_MNIST_CLASSES,
     ArrayImageDataset,
@@ -20,6 +22,7 @@ from maepl.data import (
     build_transform,
     default_mean_std,
     find_fashion_mnist,
+    load_data,
     read_idx,
 )
 from maepl.loaders import SeededTransformDataset
@@ -185,6 +188,25 @@ def test_imagefolder_missing_and_empty(tmp_path: Path) -> None:
         build_dataset("imagefolder", str(tmp_path / "empty"), train=True)
 
 
+def test_load_splits_refuses_train_and_val_with_other_classes(tmp_path: Path) -> None:
+    from maepl.data import load_splits
+
+    make_tree(tmp_path)
+    cfg = SimpleNamespace(
+        dataset="imagefolder", data_path=str(tmp_path), download=False, in_chans=3, mean=None,
+        std=None,
+    )  # fmt: skip
+    train, val, _, _ = load_splits(cfg)
+    assert train.classes == val.classes == ["cat", "dog"]
+    (tmp_path / "val" / "dog").rename(tmp_path / "val" / "eel")  # same count, other class
+    with pytest.raises(ConfigError) as info:
+        load_splits(cfg)
+    message = str(info.value)
+    assert message.startswith("data_path: ")
+    assert str(tmp_path / "train") in message and str(tmp_path / "val") in message
+    assert "['dog']" in message and "['eel']" in message
+
+
 # ----------------------------------------------------------------------------- transforms
 
 
@@ -325,3 +347,22 @@ def test_sharded_sampler_partitions_and_resumes():
     assert list(resumed) == seen[1][2:] and len(resumed) == 1
     shards[0].set_epoch(5)
     assert list(shards[0]) != seen[0]  # a new permutation each epoch
+
+
+def test_one_mean_value_is_repeated_without_touching_std() -> None:
+    cfg = SimpleNamespace(dataset="sample", data_path=None, download=False, in_chans=3)
+    cfg.mean, cfg.std = [0.5], None
+    raw, mean, std = load_data(cfg)
+    assert mean == [0.5] * 3 and std == [0.3530] * 3  # the default std, once per channel
+    assert build_transform(False, 28, 3, mean, std)(raw[0][0]).shape == (3, 28, 28)
+    cfg.mean, cfg.std = None, [0.25]
+    assert load_data(cfg)[1:] == ([0.2860] * 3, [0.25] * 3)
+
+
+@pytest.mark.parametrize("key", ["mean", "std"])
+def test_mean_or_std_of_another_length_names_the_key(key: str) -> None:
+    cfg = SimpleNamespace(dataset="sample", data_path=None, download=False, in_chans=3)
+    cfg.mean, cfg.std = None, None
+    setattr(cfg, key, [0.5, 0.5])
+    with pytest.raises(ConfigError, match=rf"^{key}: needs 1 or 3 values"):
+        load_data(cfg)

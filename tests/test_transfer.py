@@ -145,6 +145,39 @@ def ft_args(colours, out, *extra):
     ]
 
 
+@pytest.fixture(scope="module")
+def token_classifier(colours, pretrained, tmp_path_factory) -> tuple[Path, dict]:
+    """finetune.py's output folder of a 1-epoch fine-tune with --global_pool token (its
+    export/last holds norm.*, no fc_norm.*, a 3-class head), and its summary."""
+    out = tmp_path_factory.mktemp("ft_token") / "run"
+    args = ["--finetune", str(pretrained / "export" / "encoder"), "--data_path", str(colours)]
+    args += "--global_pool token --epochs 1 --warmup_epochs 0 --blr 5e-2 --aa null".split()
+    args += "--mixup 0 --cutmix 0 --reprob 0 --batch_size 8 --num_workers 0".split()
+    summary = finetune.main(parse_config(FinetuneConfig, args + ["--output_dir", str(out)]))
+    return out, summary
+
+
+def without_pos_embed(export: Path, dest: Path, record: bool = True) -> Path:
+    """``export`` as a --pos_embed none run writes it: no pos_embed tensor and, if ``record``,
+    config.json's model_args saying so (else no config.json: foreign weights)."""
+    dest.mkdir(parents=True)
+    sd = load_file(export / "model.safetensors")
+    del sd["pos_embed"]
+    save_file(sd, dest / "model.safetensors")
+    if record:
+        cfg = json.loads((export / "config.json").read_text())
+        cfg["model_args"]["pos_embed"] = "none"
+        (dest / "config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+def foreign_copy(export: Path, dest: Path) -> Path:
+    """The weights of ``export`` with nothing recorded beside them (as a foreign file)."""
+    dest.mkdir(parents=True)
+    (dest / "weights.safetensors").write_bytes((export / "model.safetensors").read_bytes())
+    return dest / "weights.safetensors"
+
+
 @pytest.mark.parametrize(
     "kind", ["export_dir", "export_file", "mae_full", "checkpoint", "official_pth"]
 )
@@ -304,12 +337,12 @@ def test_finetune_without_model_or_weights_names_the_key(colours):
         parse_config(FinetuneConfig, ["--data_path", str(colours)])
 
 
-def test_distributed_evaluation_counts_each_image_once(colours, tmp_path, pretrained):
+def test_distributed_evaluation_counts_each_image_once(colours, tmp_path, token_classifier):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [
         *torchrun("finetune.py", 29541),
         "--finetune",
-        str(pretrained / "export" / "encoder"),
+        str(token_classifier[0] / "export" / "last"),
         "--data_path",
         str(colours),
         "--eval",
@@ -317,8 +350,6 @@ def test_distributed_evaluation_counts_each_image_once(colours, tmp_path, pretra
         "4",
         "--num_workers",
         "0",
-        "--nb_classes",
-        "3",
         "--output_dir",
         str(tmp_path / "dist"),
     ]
@@ -357,3 +388,142 @@ def test_runs_of_different_precision_follow_each_other_in_one_process(
         parse_config(LinprobeConfig, common + ["--output_dir", str(tmp_path / "lp")])
     )
     assert np.isfinite(ft["loss"]) and lp["n"] == 27
+
+
+def test_eval_takes_pooling_classes_and_pos_embed_from_the_export(
+    colours, token_classifier, tmp_path
+):
+    out, trained = token_classifier
+    args = ["--finetune", str(out / "export" / "last"), "--data_path", str(colours), "--eval"]
+    args += "--batch_size 8 --num_workers 0".split()
+    cfg = parse_config(FinetuneConfig, args + ["--output_dir", str(tmp_path / "ev")])
+    assert (cfg.global_pool, cfg.nb_classes, cfg.pos_embed) == ("token", 3, "learned")
+    top = finetune.main(cfg)
+    assert top["top1"] == pytest.approx(trained["top1"]) and top["n"] == 27
+    # a classifier fine-tuned without position embedding is evaluated without one
+    pe_free = without_pos_embed(out / "export" / "last", tmp_path / "pe_free")
+    args[1] = str(pe_free)
+    cfg = parse_config(FinetuneConfig, args + ["--output_dir", str(tmp_path / "ev2")])
+    assert cfg.pos_embed == "none"
+    model, _ = finetune.build_classifier(cfg, cfg.nb_classes)
+    assert model.vit.pos_embed is None
+
+
+def test_eval_refuses_weights_that_are_not_the_classifier(
+    colours, pretrained, token_classifier, tmp_path
+):
+    export = token_classifier[0] / "export" / "last"
+    base = ["--data_path", str(colours), "--eval", "--output_dir", str(tmp_path / "ev")]
+    encoder = pretrained / "export" / "encoder"
+    with pytest.raises(ConfigError, match=rf"finetune: {encoder} .*without a classifier head"):
+        parse_config(FinetuneConfig, base + ["--finetune", str(encoder)])
+    with pytest.raises(ConfigError, match=r"nb_classes: .*nb_classes 3 .*but 5 was given"):
+        parse_config(FinetuneConfig, base + ["--finetune", str(export), "--nb_classes", "5"])
+    with pytest.raises(ConfigError, match=r"global_pool: .*'token' .*but 'avg' was given"):
+        parse_config(FinetuneConfig, base + ["--finetune", str(export), "--global_pool", "avg"])
+    pe_free = without_pos_embed(export, tmp_path / "pe_free")
+    with pytest.raises(ConfigError, match=r"pos_embed: .*has none .*'learned' was given"):
+        parse_config(FinetuneConfig, base + ["--finetune", str(pe_free), "--pos_embed", "learned"])
+    # foreign weights (nothing recorded): loading checks the head, norms and PE by name
+    weights = foreign_copy(export, tmp_path / "foreign")
+    arch = ["--model", "vit_tiny_patch16_224", *SHAPE, "--in_chans", "3"]
+    cases = [
+        ([], r"norm\.weight.*fc_norm\.weight"),  # default avg pooling
+        (["--global_pool", "token", "--nb_classes", "5"], r"head\.weight .*\(5, 32\)"),
+    ]
+    for extra, names in cases:
+        cfg = parse_config(FinetuneConfig, base + arch + ["--finetune", str(weights), *extra])
+        with pytest.raises(ValueError, match=rf"{weights} .*{names}"):
+            finetune.build_classifier(cfg, cfg.nb_classes or 3)
+    encoder_weights = foreign_copy(encoder, tmp_path / "foreign_encoder")
+    args = base + arch + ["--finetune", str(encoder_weights), "--global_pool", "token"]
+    with pytest.raises(ValueError, match=r"no classifier head: missing \['head\.weight'"):
+        finetune.build_classifier(parse_config(FinetuneConfig, args), 3)
+    pe_free = without_pos_embed(export, tmp_path / "pe_free_foreign", record=False)
+    args = base + arch + ["--finetune", str(pe_free), "--global_pool", "token"]
+    with pytest.raises(ValueError, match=r"no position embedding.*--pos_embed none"):
+        finetune.build_classifier(parse_config(FinetuneConfig, args), 3)
+
+
+def test_linprobe_uses_the_encoder_as_pretrained(colours, pretrained, tmp_path):
+    export = pretrained / "export" / "encoder"
+    base = ["--data_path", str(colours), "--output_dir", str(tmp_path / "lp")]
+    # an encoder pretrained with --pos_embed none gets none (no sin-cos filled in)
+    pe_free = without_pos_embed(export, tmp_path / "pe_free")
+    cfg = parse_config(LinprobeConfig, base + ["--finetune", str(pe_free)])
+    assert cfg.pos_embed == "none"
+    probe, _ = linprobe.build_probe(cfg, 3)
+    assert probe.encoder.pos_embed is None
+    # one with a position embedding keeps its stored values
+    probe, _ = linprobe.build_probe(
+        parse_config(LinprobeConfig, base + ["--finetune", str(export)]), 3
+    )
+    stored = load_file(export / "model.safetensors")["pos_embed"]
+    assert torch.equal(probe.encoder.pos_embed, stored)
+    for given in ("learned", "sincos"):
+        with pytest.raises(ConfigError, match=rf"pos_embed: .*has none .*'{given}' was given"):
+            parse_config(LinprobeConfig, base + ["--finetune", str(pe_free), "--pos_embed", given])
+    with pytest.raises(ConfigError, match=r"pos_embed: .*has a position embedding.*'none'"):
+        parse_config(LinprobeConfig, base + ["--finetune", str(export), "--pos_embed", "none"])
+    # foreign PE-free weights: refused by name unless --pos_embed none is given
+    foreign = without_pos_embed(export, tmp_path / "foreign", record=False)
+    arch = ["--model", "vit_tiny_patch16_224", *SHAPE, "--in_chans", "3"]
+    cfg = parse_config(LinprobeConfig, base + arch + ["--finetune", str(foreign)])
+    with pytest.raises(ValueError, match=rf"{foreign} .*no position embedding"):
+        linprobe.build_probe(cfg, 3)
+    cfg = parse_config(
+        LinprobeConfig, base + arch + ["--finetune", str(foreign), "--pos_embed", "none"]
+    )
+    assert linprobe.build_probe(cfg, 3)[0].encoder.pos_embed is None
+
+
+@pytest.mark.parametrize("script", ["finetune", "linprobe"])
+def test_train_and_val_with_other_class_folders_are_refused(script, tmp_path):
+    for split, names in (("train", ("blue", "green", "red")), ("val", ("blue", "red", "teal"))):
+        for name in names:
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            Image.new("RGB", (16, 16)).save(tmp_path / "data" / split / name / "0.png")
+    mod, cls = (finetune, FinetuneConfig) if script == "finetune" else (linprobe, LinprobeConfig)
+    args = ["--model", "vit_tiny_patch16_224", *SHAPE, "--data_path", str(tmp_path / "data")]
+    cfg = parse_config(cls, args + ["--output_dir", str(tmp_path / "out")])
+    train, val = tmp_path / "data" / "train", tmp_path / "data" / "val"
+    with pytest.raises(ConfigError, match=rf"{train} and {val} .*\['green'\].*\['teal'\]"):
+        mod.main(cfg)
+    assert not (tmp_path / "out").exists()  # refused before the run started
+
+
+def test_finetune_ranks_draw_their_own_noise(colours, tmp_path):
+    """Two processes build the same weights but draw different drop-path masks (torch's RNG
+    state at the first forward differs by rank)."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import sys, torch, finetune\n"
+        "from maepl.config import FinetuneConfig, parse_config\n"
+        "forward = finetune.Classifier.forward\n"
+        "def record(self, x):\n"
+        "    if not hasattr(record, 'done'):\n"
+        "        record.done = True\n"
+        "        rank = torch.distributed.get_rank()\n"
+        "        weights = sum(float(p.double().sum()) for p in self.parameters())\n"
+        "        out = sys.argv[1] + f'/rank{rank}.pt'\n"
+        "        torch.save(dict(rng=torch.get_rng_state(), weights=weights), out)\n"
+        "    return forward(self, x)\n"
+        "finetune.Classifier.forward = record\n"
+        "finetune.main(parse_config(FinetuneConfig, sys.argv[2:]))\n"
+    )
+    extra = "--max_steps 1 --drop_path 0.5 --aa null --mixup 0 --cutmix 0".split()
+    cmd = [*torchrun(str(driver), 29543), str(tmp_path), *ft_args(colours, tmp_path / "o", *extra)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert not torch.equal(ranks[0]["rng"], ranks[1]["rng"])
+
+
+def test_config_json_without_architecture_names_the_file(colours, tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    config = tmp_path / "hf" / "config.json"
+    with pytest.raises(ConfigError, match=rf"finetune: {config} has no 'architecture' entry"):
+        parse_config(FinetuneConfig, ["--finetune", str(tmp_path / "hf"), "--dataset", "sample"])
