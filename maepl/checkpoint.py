@@ -23,9 +23,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .config_io import ConfigError
+
 CKPT_DIR = "checkpoints"
 MARKER = "COMPLETE"
+ABANDONED = "abandoned"  # checkpoints/abandoned/after_step_XXXXXXXX/: a branch left by a resume
 _STEP_RE = re.compile(r"^step_(\d{8})$")
+# a complete checkpoint moved aside while the same step is saved again (``_move_into_place``)
+_REPLACED_RE = re.compile(r"^\.replaced_step_(\d{8})$")
 
 
 def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -115,13 +120,27 @@ def step_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / CKPT_DIR / f"step_{step:08d}"
 
 
+def step_of(path: Path) -> int:
+    """The step of a checkpoint folder found by :func:`complete_checkpoints`."""
+    return int((_STEP_RE.match(path.name) or _REPLACED_RE.match(path.name)).group(1))
+
+
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first; incomplete or foreign folders are ignored."""
+    """Complete checkpoints, oldest first; incomplete or foreign folders are ignored.
+
+    A complete ``.replaced_step_X`` stands for step X while ``step_X`` is not complete: a
+    process killed while it saved step X again finds the earlier save of step X there.
+    """
     root = Path(output_dir) / CKPT_DIR
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _STEP_RE.match(p.name) and (p / MARKER).is_file()]
-    return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
+    found: dict[int, Path] = {}
+    for pattern in (_STEP_RE, _REPLACED_RE):  # step_X first: it wins over .replaced_step_X
+        for p in root.iterdir():
+            m = pattern.match(p.name)
+            if m and (p / MARKER).is_file():
+                found.setdefault(int(m.group(1)), p)
+    return [found[k] for k in sorted(found)]
 
 
 def _unwrap_opt(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -130,6 +149,32 @@ def _unwrap_opt(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 class CheckpointError(RuntimeError):
     """A checkpoint written in the background failed; the previous complete one is intact."""
+
+
+class PeerError(RuntimeError):
+    """Raised on the processes that did not fail when another one did (its error says why)."""
+
+
+def raise_together(accelerator, error: BaseException | None, what: str) -> None:
+    """Collective: every rank calls it at the same point. If any rank passes an error, every
+    rank raises: that rank its own error, the others a :class:`PeerError` naming the failed
+    rank(s), so that no rank is left waiting in a collective the failed one never reaches.
+
+    With one process it only re-raises ``error`` (no collective, nothing else changes).
+    """
+    if accelerator.num_processes == 1:
+        if error is not None:
+            raise error
+        return
+    flag = torch.tensor([float(error is not None)], device=accelerator.device)
+    failed = [r for r, f in enumerate(accelerator.gather(flag).tolist()) if f]
+    if error is not None:
+        raise error
+    if failed:
+        ranks = ", ".join(str(r) for r in failed)
+        raise PeerError(
+            f"{what}: failed on process {ranks} (its error says why); this process stops too"
+        )
 
 
 class CheckpointWriter:
@@ -198,44 +243,51 @@ def save_checkpoint(
     """
     final = step_dir(output_dir, step)
     tmp = final.parent / f".tmp_{final.name}"
+    # an error on one rank is raised on all of them (raise_together) before the next barrier
+    error = None
     if accelerator.is_main_process:
-        if writer is not None:
-            writer.wait()  # the previous save, normally long done; its error is raised here
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        try:
+            if writer is not None:
+                writer.wait()  # the previous save, normally long done; its error is raised here
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        except Exception as err:
+            error = err
+    raise_together(accelerator, error, f"checkpoint {final}")
     accelerator.wait_for_everyone()
     rank = accelerator.process_index
-    save_file(_contiguous(rng_state(generator)), tmp / f"rng_rank{rank}.safetensors")
-    if with_grads:
-        named = accelerator.unwrap_model(model).named_parameters()
-        grads = {n: p.grad for n, p in named if p.grad is not None}
-        save_file(_contiguous(grads), tmp / f"grads_rank{rank}.safetensors")
     job = None
-    if accelerator.is_main_process:
-        # copies in host memory: training may change the live tensors once this returns
-        sd = _contiguous(accelerator.unwrap_model(model).state_dict())
-        assert_finite(sd, f"checkpoint step {step}")
-        opt_tensors, opt_meta = optimizer_to_files(_unwrap_opt(optimizer))
-        opt_tensors = _contiguous(opt_tensors)
-        assert_finite(opt_tensors, f"checkpoint step {step} (optimizer)")
-        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        meta = dict(
-            state, optimizer=opt_meta, scaler=scaler, num_processes=accelerator.num_processes
-        )
-        meta_text = json.dumps(meta, indent=1)
+    try:
+        save_file(_contiguous(rng_state(generator)), tmp / f"rng_rank{rank}.safetensors")
+        if with_grads:
+            named = accelerator.unwrap_model(model).named_parameters()
+            grads = {n: p.grad for n, p in named if p.grad is not None}
+            save_file(_contiguous(grads), tmp / f"grads_rank{rank}.safetensors")
+        if accelerator.is_main_process:
+            # copies in host memory: training may change the live tensors once this returns
+            sd = _contiguous(accelerator.unwrap_model(model).state_dict())
+            assert_finite(sd, f"checkpoint step {step}")
+            opt_tensors, opt_meta = optimizer_to_files(_unwrap_opt(optimizer))
+            opt_tensors = _contiguous(opt_tensors)
+            assert_finite(opt_tensors, f"checkpoint step {step} (optimizer)")
+            scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+            meta = dict(
+                state, optimizer=opt_meta, scaler=scaler, num_processes=accelerator.num_processes
+            )
+            meta_text = json.dumps(meta, indent=1)
 
-        def job() -> None:
-            save_file(sd, tmp / "model.safetensors")
-            save_file(opt_tensors, tmp / "optimizer.safetensors")
-            (tmp / "state.json").write_text(meta_text)
-            if final.exists():  # a stale, incomplete folder of the same step
-                shutil.rmtree(final)
-            tmp.rename(final)
-            (final / MARKER).write_text("ok\n")  # written last: the folder is now complete
-            for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last else []:
-                shutil.rmtree(old, ignore_errors=True)
+            def job() -> None:
+                save_file(sd, tmp / "model.safetensors")
+                save_file(opt_tensors, tmp / "optimizer.safetensors")
+                (tmp / "state.json").write_text(meta_text)
+                _move_into_place(tmp, final)
+                for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last else []:
+                    shutil.rmtree(old, ignore_errors=True)
 
+    except Exception as err:
+        error = err
+    raise_together(accelerator, error, f"checkpoint {final}")
     accelerator.wait_for_everyone()  # every rank's files are in tmp
     if job is not None:
         if writer is None:
@@ -245,6 +297,47 @@ def save_checkpoint(
     if writer is None:
         accelerator.wait_for_everyone()
     return final
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final`` and mark it complete. A complete folder already at ``final``
+    (the same step saved again, e.g. stopped mid-accumulation just after a periodic save) is
+    moved aside first and deleted only once its replacement is complete."""
+    aside = final.parent / f".replaced_{final.name}"
+    if final.exists():
+        if (final / MARKER).is_file():
+            if aside.exists():  # left by a killed save; final is complete
+                shutil.rmtree(aside)
+            final.rename(aside)
+        else:  # a stale, incomplete folder of the same step
+            shutil.rmtree(final)
+    tmp.rename(final)
+    (final / MARKER).write_text("ok\n")  # written last: the folder is now complete
+    if aside.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def set_aside_checkpoints_after(output_dir: str | Path, step: int) -> Path | None:
+    """Move the complete checkpoints of ``output_dir`` beyond ``step`` to
+    ``checkpoints/abandoned/after_step_XXXXXXXX[_n]/`` and return that folder (None if none).
+
+    Called when a run resumes from an older checkpoint than its newest: the later ones belong
+    to the branch it leaves. Left in place, ``--keep_last`` would prune the new branch's
+    checkpoints before them and ``--resume auto`` would continue the old branch. They are
+    kept (not deleted), out of the way of both.
+    """
+    later = [p for p in complete_checkpoints(output_dir) if step_of(p) > step]
+    if not later:
+        return None
+    base = Path(output_dir) / CKPT_DIR / ABANDONED / f"after_step_{step:08d}"
+    dest, n = base, 1
+    while dest.exists():
+        n += 1
+        dest = base.with_name(f"{base.name}_{n}")
+    dest.mkdir(parents=True)
+    for p in later:
+        p.rename(dest / f"step_{step_of(p):08d}")
+    return dest
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
@@ -277,7 +370,14 @@ def load_checkpoint(
     meta = json.loads((path / "state.json").read_text())
     accelerator.unwrap_model(model).load_state_dict(load_file(path / "model.safetensors"))
     opt_state = optimizer_from_files(load_file(path / "optimizer.safetensors"), meta["optimizer"])
-    _unwrap_opt(optimizer).load_state_dict(opt_state)
+    try:
+        _unwrap_opt(optimizer).load_state_dict(opt_state)
+    except ValueError as err:  # torch's message names neither the file nor the cause
+        raise ConfigError(
+            f"resume: the optimizer state in {path} does not fit this run's optimizer ({err}); "
+            "its parameter groups were built under other settings (e.g. layer_decay, "
+            "weight_decay or which parameters train)"
+        ) from err
     if meta.get("scaler") and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(meta["scaler"])
     rank = accelerator.process_index

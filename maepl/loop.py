@@ -28,7 +28,15 @@ from accelerate.state import AcceleratorState
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointWriter, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    CheckpointWriter,
+    load_checkpoint,
+    raise_together,
+    resolve_resume,
+    save_checkpoint,
+    set_aside_checkpoints_after,
+)
 from .config import ConfigError, check_output_dir, dump_config, resolve_precision
 from .guard import StopFlag, ignore_stop_signals
 from .loaders import ShardedSampler, collate_skip_bad
@@ -36,13 +44,40 @@ from .optim import lr_at, set_lr
 from .prefetch import Prefetcher
 from .tracking import Tracker
 
+# what --overwrite deletes in output_dir (a run's outputs; config.yaml is rewritten)
+OVERWRITTEN = ("checkpoints", "tensorboard", "log.jsonl", "export", "vis")
+# settings in whose units a checkpoint counts its position (step, batch_in_epoch)
+SCHEDULE_KEYS = ("batch_size", "accum_iter", "num_processes")
+
+
+def check_overwrite_keeps_sources(cfg) -> None:
+    """Refuse an ``--overwrite`` that would delete the weights this run is asked to load."""
+    if not cfg.overwrite or cfg.resume:  # with --resume nothing is deleted
+        return
+    out = Path(cfg.output_dir).resolve()
+    doomed = [out / name for name in OVERWRITTEN]
+    for key in ("finetune", "resume"):
+        value = getattr(cfg, key, "") or ""
+        if not value or value == "auto" or not Path(value).exists():
+            continue
+        src = Path(value).resolve()
+        for target in doomed:
+            if src == target or target in src.parents:
+                raise ConfigError(
+                    f"{key}: {value} lies in {target}, which --overwrite deletes before the "
+                    f"weights are read; copy them out of {out} first, or choose another "
+                    "--output_dir"
+                )
+
 
 class Run:
     """One training run: call order is ``Run(cfg)``, ``plan()``, ``prepare()``, ``resume()``,
     then the loop, then ``finish()``."""
 
     def __init__(self, cfg, desc: str):
+        # on every rank, before rank 0 writes config.yaml (after the barrier below)
         check_output_dir(cfg)
+        check_overwrite_keeps_sources(cfg)
         self.cfg, self.desc = cfg, desc
         self.precision = resolve_precision(cfg.mixed_precision)
         # Accelerate keeps one precision per process; a second run in the same process (a
@@ -60,16 +95,24 @@ class Run:
         self.device, self.rank, self.world = acc.device, acc.process_index, acc.num_processes
         self.main = acc.is_main_process
         self.out = Path(cfg.output_dir)
+        self._resume_from = resolve_resume(cfg.resume, self.out)
+        if self._resume_from is not None and not getattr(cfg, "eval", False):
+            self._check_schedule(self._resume_from)
+        # every rank has checked output_dir before rank 0 changes it: without this barrier a
+        # late rank would find our config.yaml (or a half-deleted run) and refuse to start
+        acc.wait_for_everyone()
         if self.main:
             if cfg.overwrite and not cfg.resume:
-                for stale in ("checkpoints", "tensorboard", "log.jsonl", "export", "vis"):
+                for stale in OVERWRITTEN:
                     p = self.out / stale
                     shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
             self.out.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.out / "config.yaml")
+        acc.wait_for_everyone()  # ... and none goes on before it is done
         self.step = self.epoch = self.batch_in_epoch = 0
         self.nonfinite_total = self.nonfinite_run = self.bad_images = 0
         self.last_saved, self.stopped, self.last_log = -1, False, {}
+        self._saved_at: tuple[int, int, int] | None = None  # (step, epoch, batch_in_epoch)
         self.generator: torch.Generator | None = None
         self.extra_state: dict = {}  # script counters to checkpoint (e.g. best accuracy)
         self.tracker: Tracker | None = None
@@ -88,6 +131,9 @@ class Run:
             dataset,
             batch_size=cfg.batch_size,
             sampler=sampler,
+            # each iterator draws its workers' base seed from this generator: from the global
+            # CPU RNG it would shift drop path and other draws after a resume (exact resume)
+            generator=torch.Generator().manual_seed(self._loader_seed(0)),
             num_workers=cfg.num_workers,
             pin_memory=cfg.pin_mem and self.device.type == "cuda",
             drop_last=True,
@@ -97,6 +143,10 @@ class Run:
         )
         self.plan(len(sampler))
         return loader, sampler
+
+    def _loader_seed(self, epoch: int) -> int:
+        """The seed of the training loader's own generator in ``epoch`` (per rank)."""
+        return (self.cfg.seed * 1000 + self.rank) * 100_003 + epoch
 
     def plan(self, samples_per_rank: int) -> None:
         """Steps per epoch from this rank's share of the data; lr from MAE's scaling rule."""
@@ -141,6 +191,40 @@ class Run:
         )
         return self.model, self.optimizer
 
+    def _schedule(self) -> dict[str, int]:
+        return dict(
+            batch_size=self.cfg.batch_size, accum_iter=self.cfg.accum_iter, num_processes=self.world
+        )
+
+    def _check_schedule(self, ckpt: Path) -> None:
+        """A checkpoint counts its place (step, batch_in_epoch) in micro-batches of one rank:
+        refuse a resume under another batch size, accumulation or number of processes, which
+        would shift the schedule and skip or repeat data."""
+        meta = json.loads((ckpt / "state.json").read_text())
+        saved = meta.get("schedule")
+        if saved is None:  # written before maepl recorded it: from its config, if there
+            conf = meta.get("config", {})
+            saved = dict(
+                batch_size=conf.get("batch_size"),
+                accum_iter=conf.get("accum_iter"),
+                num_processes=meta.get("num_processes"),
+            )
+        now = self._schedule()
+        changed = [k for k in SCHEDULE_KEYS if saved.get(k) is not None and saved[k] != now[k]]
+        if changed:
+            raise ConfigError(
+                f"resume: {ckpt} was written under other settings: "
+                + ", ".join(f"{k} {saved[k]} (now {now[k]})" for k in changed)
+                + "; its step and data position count batches of those sizes, so the schedule "
+                "and data order would not continue. Resume with the saved values, or start a "
+                "new run (another --output_dir, or --overwrite)"
+            )
+        missing = [k for k in SCHEDULE_KEYS if saved.get(k) is None]
+        if missing:
+            self.accelerator.print(
+                f"note: resume: {ckpt} does not record {', '.join(missing)}; not checked"
+            )
+
     @property
     def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
@@ -148,7 +232,7 @@ class Run:
     def resume(self, arch_keys: tuple[str, ...]) -> None:
         """Continue from ``cfg.resume`` (auto: the newest complete checkpoint, if any)."""
         cfg = self.cfg
-        ckpt = resolve_resume(cfg.resume, self.out)
+        ckpt = self._resume_from
         if ckpt is not None:
             saved = json.loads((ckpt / "state.json").read_text()).get("config", {})
             changed = [k for k in arch_keys if saved.get(k) != getattr(cfg, k)]
@@ -171,7 +255,17 @@ class Run:
                 setattr(self, key, meta[key])
             self.extra_state = meta.get("extra", {})
             self.last_saved = self.step
+            self._saved_at = (self.step, self.epoch, self.batch_in_epoch)
             self.accelerator.print(f"resumed from {ckpt} at step {self.step} (epoch {self.epoch})")
+            if self.main and not getattr(cfg, "eval", False):
+                # resumed from an older checkpoint: the later ones belong to the branch left
+                aside = set_aside_checkpoints_after(self.out, self.step)
+                if aside is not None:
+                    print(
+                        f"note: checkpoints after step {self.step} belong to the run this one "
+                        f"branches from; moved to {aside} (not pruned, not resumed by auto)",
+                        flush=True,
+                    )
         self.tracker = Tracker(
             self.out, enabled=self.main, resume_step=self.step if ckpt is not None else None
         )
@@ -204,6 +298,7 @@ class Run:
             bad_images=self.bad_images,
             extra=self.extra_state,
             config=dataclasses.asdict(self.cfg),
+            schedule=self._schedule(),
         )
         save_checkpoint(
             self.accelerator,
@@ -218,6 +313,7 @@ class Run:
             writer=self.writer,
         )
         self.last_saved = self.step
+        self._saved_at = (self.step, self.epoch, self.batch_in_epoch)
 
     # ------------------------------------------------------------------ the loop
     def batches(
@@ -249,6 +345,9 @@ class Run:
         while self.step < self.stop_step and self.epoch < cfg.epochs and not self.stopped:
             sampler.set_epoch(self.epoch, start=self.batch_in_epoch * cfg.batch_size)
             self.accelerator.step = self.batch_in_epoch  # Accelerate's micro-step counter
+            if isinstance(getattr(loader, "generator", None), torch.Generator):
+                # worker seeds from (seed, rank, epoch), however the run was interrupted
+                loader.generator.manual_seed(self._loader_seed(self.epoch))
             epoch_batches = contextlib.nullcontext(loader)
             if augment is not None:  # augmented ahead in a thread, seeded by the batch's place
                 left = self.micro_per_epoch - self.batch_in_epoch
@@ -369,12 +468,15 @@ class Run:
             if cfg.save_every_steps and self.step % cfg.save_every_steps == 0:
                 self.save()
         if self.stop.agreed():  # a signal on any rank: save here, mid-accumulation included
-            self.save(with_grads=not self.sync)
+            # unless this very place was just saved (save_every_steps): saving the same step
+            # again would only replace a complete checkpoint while the kill may be near
+            if self._saved_at != (self.step, self.epoch, self.batch_in_epoch):
+                self.save(with_grads=not self.sync)
             self.stopped = True
 
     def _write_log(self) -> None:
         if self.writer is not None:  # a checkpoint written in the background failed: stop now
-            self.writer.poll()
+            self._writer_done(self.writer.poll)
         # one host sync per log line: averages over finite micro-batches of all ranks
         self._settle()
         keys = list(self._sums)
@@ -441,12 +543,22 @@ class Run:
         """Collective: returns once the last checkpoint is complete on disk (``--async_save``
         writes it in a thread); raises if writing it failed."""
         if self.writer is not None:
-            self.writer.wait()
+            self._writer_done(self.writer.wait)
         self.accelerator.wait_for_everyone()
+
+    def _writer_done(self, check: Callable[[], None]) -> None:
+        """``check`` (the writer's poll or wait) raises on the main process only: every rank
+        raises with it, none is left waiting in the next collective."""
+        error = None
+        try:
+            check()
+        except CheckpointError as err:
+            error = err
+        raise_together(self.accelerator, error, "a checkpoint written in the background")
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.wait()
+            self._writer_done(self.writer.wait)
         if self.tracker is not None:
             self.tracker.close()
         self.accelerator.wait_for_everyone()

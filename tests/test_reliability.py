@@ -3,6 +3,8 @@
 import json
 import os
 import pickle
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +20,7 @@ from safetensors.torch import load_file
 
 import maepl.loop
 import pretrain
-from maepl.checkpoint import complete_checkpoints, export_encoder, resolve_resume
+from maepl.checkpoint import complete_checkpoints, export_encoder, resolve_resume, step_of
 from maepl.config import ConfigError, PretrainConfig, parse_config
 from maepl.data import build_dataset, build_transform
 from maepl.guard import StopFlag
@@ -284,6 +286,180 @@ def test_a_failed_background_write_stops_the_run_and_names_the_checkpoint(tmp_pa
     assert not (out / "checkpoints" / "step_00000006").exists()
 
 
+def saved_steps(monkeypatch) -> list[int]:
+    """The steps of the checkpoints the loop saves, in order."""
+    real, steps = maepl.loop.save_checkpoint, []
+
+    def recorded(accelerator, output_dir, step, *args, **kwargs):
+        steps.append(step)
+        return real(accelerator, output_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(maepl.loop, "save_checkpoint", recorded)
+    return steps
+
+
+def test_a_stop_at_a_step_just_saved_does_not_save_it_again(tmp_path, monkeypatch):
+    """A signal acted on at the step that --save_every_steps has just saved: that checkpoint
+    is the stop's checkpoint; writing it again would only put it at risk."""
+    steps = saved_steps(monkeypatch)
+    StopAtMicroStep.k = 4  # accumulation 1: the end of step 4, saved every 2 steps
+    monkeypatch.setattr(maepl.loop, "StopFlag", StopAtMicroStep)
+    args = [*TINY, "--batch_size", "16", "--max_steps", "10", "--save_every_steps", "2"]
+    args += ["--num_workers", "0", "--output_dir", str(tmp_path / "run")]
+    summary = pretrain.main(parse_config(PretrainConfig, args))
+    assert summary["stopped_by_signal"] and summary["step"] == 4
+    assert steps == [2, 4]
+    assert resolve_resume("auto", tmp_path / "run").name == "step_00000004"
+
+
+def test_saving_a_step_again_replaces_its_checkpoint_only_once_the_new_one_is_in_place(
+    tmp_path, monkeypatch
+):
+    """Stopped mid-accumulation right after a periodic save: the same step is saved again (now
+    with the partial gradients). With --keep_last 1 the earlier save of that step is the only
+    complete checkpoint: it is moved aside and deleted only after its replacement is complete,
+    and a process killed between the two renames still finds it."""
+    out = tmp_path / "run"
+    early_deletes = []
+    real_rmtree = shutil.rmtree
+
+    def checked_rmtree(path, *args, **kwargs):
+        path = Path(path)
+        if (path / "COMPLETE").is_file():  # allowed only with a complete successor in place
+            others = [p for p in complete_checkpoints(out) if p != path]
+            if not any(step_of(p) >= step_of(path) for p in others):
+                early_deletes.append(path.name)
+        real_rmtree(path, *args, **kwargs)
+
+    steps = saved_steps(monkeypatch)
+    monkeypatch.setattr(shutil, "rmtree", checked_rmtree)
+    StopAtMicroStep.k = 5  # accumulation 2: step 2 ends at micro-batch 4 (saved), stop at 5
+    monkeypatch.setattr(maepl.loop, "StopFlag", StopAtMicroStep)
+    args = [*TINY, "--batch_size", "16", "--accum_iter", "2", "--max_steps", "10"]
+    args += ["--save_every_steps", "2", "--keep_last", "1", "--num_workers", "0"]
+    summary = pretrain.main(parse_config(PretrainConfig, args + ["--output_dir", str(out)]))
+    assert summary["stopped_by_signal"] and steps == [2, 2]
+    assert early_deletes == []
+    ckpt = out / "checkpoints" / "step_00000002"
+    assert [p.name for p in complete_checkpoints(out)] == [ckpt.name]
+    assert json.loads((ckpt / "state.json").read_text())["batch_in_epoch"] == 5
+    assert (ckpt / "grads_rank0.safetensors").is_file()  # the second save's
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [ckpt.name]
+    # killed between the renames: the earlier save, moved aside, is the one auto resumes
+    ckpt.rename(out / "checkpoints" / ".replaced_step_00000002")
+    (out / "checkpoints" / ".tmp_step_00000002").mkdir()
+    assert resolve_resume("auto", out) == out / "checkpoints" / ".replaced_step_00000002"
+
+
+def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, capsys):
+    """--resume <older step>: the later checkpoints belong to the abandoned branch. They must
+    not outlive the new branch's under --keep_last, nor be what --resume auto continues."""
+    out = tmp_path / "run"
+    args = [*TINY, "--batch_size", "16", "--save_every_steps", "2", "--num_workers", "0"]
+    args += ["--output_dir", str(out)]
+    pretrain.main(parse_config(PretrainConfig, args + ["--max_steps", "6", "--keep_last", "3"]))
+    ckroot = out / "checkpoints"
+    assert [p.name for p in complete_checkpoints(out)] == [f"step_0000000{i}" for i in (2, 4, 6)]
+    old_model = (ckroot / "step_00000006" / "model.safetensors").read_bytes()
+    resumed = ["--max_steps", "4", "--keep_last", "2", "--resume", str(ckroot / "step_00000002")]
+    capsys.readouterr()
+    assert pretrain.main(parse_config(PretrainConfig, args + resumed))["step"] == 4
+    assert "moved to" in capsys.readouterr().out
+    assert [p.name for p in complete_checkpoints(out)] == ["step_00000002", "step_00000004"]
+    assert resolve_resume("auto", out) == ckroot / "step_00000004"
+    aside = ckroot / "abandoned" / "after_step_00000002"
+    assert sorted(p.name for p in aside.iterdir()) == ["step_00000004", "step_00000006"]
+    assert (aside / "step_00000006" / "model.safetensors").read_bytes() == old_model  # kept
+    assert (aside / "step_00000006" / "COMPLETE").is_file()
+
+
+def launch_two(code: str, args: list[str], port: int, timeout: float = 120) -> list[tuple]:
+    """Two processes of one distributed run, each launched on its own (no torchrun agent
+    that would kill the other when one fails): (returncode, stderr) per rank; a rank that
+    does not end within ``timeout`` fails the test."""
+    procs = []
+    for rank in (0, 1):
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code, *args],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    results = []
+    try:
+        for rank, proc in enumerate(procs):
+            try:
+                results.append((proc.wait(timeout=timeout), proc.stderr.read()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"rank {rank} still runs {timeout} s on: stuck in a collective")
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.stderr.close()
+    return results
+
+
+FAIL_ON_THE_MAIN_PROCESS = """
+import sys
+sys.path.insert(0, {root!r})
+import maepl.checkpoint as ck, pretrain
+from maepl.config import PretrainConfig, parse_config
+where = {where!r}
+real_save, real_finite = ck.save_file, ck.assert_finite
+def save(tensors, path, *a, **k):  # model.safetensors: written by the main process only
+    if where == "background" and "step_00000004" in str(path) and path.name == "model.safetensors":
+        raise OSError(28, "No space left on device")
+    real_save(tensors, path, *a, **k)
+def finite(sd, what):  # checked by the main process only
+    if where == "finite" and what == "checkpoint step 4":
+        raise FloatingPointError(what + ": tensor 'w' holds non-finite values; not written")
+    real_finite(sd, what)
+ck.save_file, ck.assert_finite = save, finite
+pretrain.main(parse_config(PretrainConfig, sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(
+    "where, flags, error",
+    [
+        ("background", ["--log_every", "100"], "CheckpointError: .*step_00000004 was not"),
+        ("background", ["--log_every", "1"], "CheckpointError: .*step_00000004 was not"),
+        ("finite", ["--log_every", "100"], "FloatingPointError: checkpoint step 4: tensor"),
+    ],
+    ids=[
+        "background write, seen at the next save",
+        "background write, seen at the next log line",
+        "non-finite tensor",
+    ],
+)
+def test_an_error_on_the_main_process_stops_every_process(tmp_path, where, flags, error):
+    """A checkpoint error that only the main process sees (its background write failed, a
+    non-finite tensor in the state it copies) is raised on every process: the others do not
+    wait in a collective the main one never reaches (under NCCL: until its timeout)."""
+    out = tmp_path / "run"
+    args = [*TINY, "--batch_size", "8", "--max_steps", "8", "--save_every_steps", "2"]
+    args += ["--num_workers", "0", "--output_dir", str(out), *flags]
+    code = FAIL_ON_THE_MAIN_PROCESS.format(root=ROOT, where=where)
+    (rc0, err0), (rc1, err1) = launch_two(code, args, 29551)
+    assert rc0 != 0 and re.search(error, err0), err0[-3000:]
+    assert rc1 != 0 and "PeerError" in err1 and "failed on process 0" in err1, err1[-3000:]
+    assert resolve_resume("auto", out) == out / "checkpoints" / "step_00000002"
+
+
 # ---------------------------------------------------------------------------- 3. preemption
 def test_sigterm_on_one_rank_stops_both_cleanly_and_resumes(tmp_path):
     out = tmp_path / "dist"
@@ -346,6 +522,38 @@ def test_sigterm_on_one_rank_stops_both_cleanly_and_resumes(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == stopped_at + 4 and summary["ranks_in_sync"] is True
+
+
+LATE_RANK = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import maepl.loop, pretrain
+from maepl.config import PretrainConfig, parse_config
+real_check = maepl.loop.check_output_dir
+def late_check(cfg):  # rank 1 reaches the output_dir check long after rank 0
+    if os.environ["RANK"] == "1":
+        time.sleep(4)
+    real_check(cfg)
+maepl.loop.check_output_dir = late_check
+pretrain.main(parse_config(PretrainConfig, sys.argv[1:]))
+"""
+
+
+def test_a_late_rank_does_not_find_the_new_run_in_a_fresh_output_dir(tmp_path):
+    """Rank 0 writes config.yaml only once every rank has checked output_dir. The lazily
+    connected gloo group stands in for NCCL, whose Accelerator() does not wait for the other
+    ranks: rank 0 would otherwise write it before rank 1 looked."""
+    out = tmp_path / "fresh"
+    script = tmp_path / "late_rank.py"
+    script.write_text(LATE_RANK.format(root=ROOT))
+    cmd = [*torchrun(str(script), 29553), *TINY, "--batch_size", "8", "--max_steps", "2"]
+    cmd += ["--num_workers", "0", "--output_dir", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_GLOO_LAZY_INIT="1")
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "already holds a run" not in r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 2 and summary["ranks_in_sync"] is True
 
 
 # ---------------------------------------------------------------------------- 4. non-finite
@@ -529,6 +737,74 @@ def test_resume_under_another_architecture_is_refused(tiny_cfg):
         pretrain.main(tiny_cfg(max_steps=4, embed_dim=24, resume="auto"))
 
 
+def test_resume_under_another_batch_size_accumulation_or_process_count_is_refused(tiny_cfg, capsys):
+    """step and batch_in_epoch count micro-batches of one process: under another batch_size,
+    accum_iter or number of processes the schedule would jump and data be skipped or seen
+    twice. The error names each changed value, before anything in output_dir is changed."""
+    cfg = tiny_cfg(max_steps=2)
+    pretrain.main(cfg)
+    out = Path(cfg.output_dir)
+    config_yaml = (out / "config.yaml").read_text()
+    state_file = out / "checkpoints" / "step_00000002" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["schedule"] == {"batch_size": 32, "accum_iter": 1, "num_processes": 1}
+    with pytest.raises(ConfigError, match=r"batch_size 32 \(now 16\)") as e:
+        pretrain.main(tiny_cfg(max_steps=4, batch_size=16, resume="auto"))
+    assert "accum_iter" not in str(e.value) and "step_00000002" in str(e.value)
+    with pytest.raises(ConfigError, match=r"batch_size 32 \(now 16\), accum_iter 1 \(now 2\)"):
+        pretrain.main(tiny_cfg(max_steps=4, batch_size=16, accum_iter=2, resume="auto"))
+    state["schedule"]["num_processes"] = 2  # as if written by a 2-process run
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match=r"num_processes 2 \(now 1\)"):
+        pretrain.main(tiny_cfg(max_steps=4, resume="auto"))
+    assert (out / "config.yaml").read_text() == config_yaml  # refused before it was rewritten
+    # a checkpoint of older code: no "schedule"; its config still tells the batch size
+    del state["schedule"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match=r"batch_size 32 \(now 16\)"):
+        pretrain.main(tiny_cfg(max_steps=4, batch_size=16, resume="auto"))
+    for key in ("batch_size", "accum_iter"):  # nothing recorded: accepted, with a note
+        del state["config"][key]
+    del state["num_processes"]
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert pretrain.main(tiny_cfg(max_steps=4, resume="auto"))["step"] == 4
+    assert "does not record batch_size, accum_iter, num_processes" in capsys.readouterr().out
+
+
+def test_an_optimizer_that_does_not_fit_the_checkpoint_names_it(tiny_cfg):
+    cfg = tiny_cfg(max_steps=2)
+    pretrain.main(cfg)
+    ckpt = Path(cfg.output_dir) / "checkpoints" / "step_00000002"
+    state = json.loads((ckpt / "state.json").read_text())
+    state["optimizer"]["param_groups"] = state["optimizer"]["param_groups"][:1]
+    (ckpt / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match=f"optimizer state in {re.escape(str(ckpt))}"):
+        pretrain.main(tiny_cfg(max_steps=4, resume="auto"))
+
+
+def test_overwrite_refuses_to_delete_the_weights_it_is_asked_to_load(tmp_path):
+    """--overwrite deletes export/ and checkpoints/ of output_dir before the weights are
+    read: a --finetune source in there is refused, and left as it was."""
+    import finetune
+    from maepl.config import FinetuneConfig
+
+    out = tmp_path / "ft"
+    best = out / "export" / "best"
+    best.mkdir(parents=True)
+    (best / "model.safetensors").write_bytes(b"weights")
+    (out / "config.yaml").write_text("earlier run\n")
+    args = ["--model", "vit_tiny_patch16_224", "--dataset", "sample", "--input_size", "28"]
+    args += ["--patch_size", "7", "--in_chans", "1", "--embed_dim", "24", "--depth", "1"]
+    args += ["--num_heads", "2", "--num_workers", "0", "--output_dir", str(out), "--overwrite"]
+    for source in (best, out / "export", best / "model.safetensors"):
+        cfg = parse_config(FinetuneConfig, args + ["--finetune", str(source)])
+        with pytest.raises(ConfigError, match=f"finetune: {re.escape(str(source))} lies in"):
+            finetune.main(cfg)
+    assert (best / "model.safetensors").read_bytes() == b"weights"
+    assert (out / "config.yaml").read_text() == "earlier run\n"
+
+
 # ---------------------------------------------------------------------------- 7. untrusted files
 class RunsCode:
     def __init__(self, marker):
@@ -619,7 +895,9 @@ def test_exact_resume_of_finetune_and_linprobe(script, monkeypatch, tmp_path):
     from maepl.config import FinetuneConfig, LinprobeConfig
 
     mod, cls = (finetune, FinetuneConfig) if script == "finetune" else (linprobe, LinprobeConfig)
-    # finetune: mixup/cutmix draw from NumPy's RNG in the main process; accumulation of 2
+    # finetune: mixup/cutmix draw from NumPy's RNG in the main process, drop path (depth 2: the
+    # second block's rate is nonzero) from torch's global CPU RNG, which creating a DataLoader
+    # iterator must not draw from; accumulation of 2
     args = [
         "--model",
         "vit_tiny_patch16_224",
@@ -634,7 +912,7 @@ def test_exact_resume_of_finetune_and_linprobe(script, monkeypatch, tmp_path):
         "--embed_dim",
         "24",
         "--depth",
-        "1",
+        "2",
         "--num_heads",
         "2",
         "--batch_size",
@@ -650,6 +928,8 @@ def test_exact_resume_of_finetune_and_linprobe(script, monkeypatch, tmp_path):
         "--warmup_epochs",
         "0.01",
     ]
+    if script == "finetune":
+        args += ["--drop_path", "0.2"]
 
     def run(out, *extra):
         return mod.main(parse_config(cls, args + ["--output_dir", str(tmp_path / out), *extra]))
