@@ -44,8 +44,13 @@ GRAPHS_ONLY=${GRAPHS_ONLY:-plain,plain_bf16w}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 log() { echo "=== $(date +%T) $*"; }
-# cap WANT seconds by what BUDGET_S leaves (minus a margin for copying results)
-cap() { local left=$((BUDGET_S - SECONDS - 30)); echo $(($1 < left ? $1 : left)); }
+# cap WANT seconds by what BUDGET_S leaves (minus a margin for copying results); never below
+# 1 s: `timeout 0` would mean no limit at all, and a negative one is an error
+cap() {
+  local left=$((BUDGET_S - SECONDS - 30))
+  left=$(($1 < left ? $1 : left))
+  echo $((left < 1 ? 1 : left))
+}
 
 log versions
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -126,7 +131,7 @@ sec_pipeline() {
 }
 sec_e2e() {
   if [ ! -d /tmp/jpegs/train ]; then
-    python -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks')
+    timeout -k 10 "$(cap 120)" python -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks')
 from data_pipeline import write_synthetic
 n = int(sys.argv[1]); print('wrote', n, 'JPEGs,', write_synthetic(Path('/tmp/jpegs'), n, int(sys.argv[2])) // n // 1024, 'KiB mean')" \
         "${E2E_IMAGES:-16000}" "$(nproc)"
