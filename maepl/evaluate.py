@@ -75,7 +75,9 @@ def feature_probe(
     xtr, xte = ((train_f - mean) / std).to(device), ((test_f - mean) / std).to(device)
     ytr, yte = train_y.to(device), test_y.to(device)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    head = nn.Linear(xtr.shape[1], num_classes).to(device)
+    with torch.random.fork_rng(devices=[]):  # the head's initial weights from ``seed`` too,
+        torch.manual_seed(seed)  # without moving the caller's global RNG
+        head = nn.Linear(xtr.shape[1], num_classes).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(xtr) / batch_size)
     total = epochs * steps_per_epoch
