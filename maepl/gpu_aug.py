@@ -179,15 +179,17 @@ def nvjpeg_decodable(data: torch.Tensor | np.ndarray | bytes) -> bool:
     says Huffman-coded (baseline, extended or progressive), 8-bit, with 1 or 3 components.
 
     False for anything else, so that it is decoded on the CPU: CMYK and YCCK JPEGs (4
-    components; torchvision does not turn on nvJPEG's CMYK conversion. ImageNet-1k has a few
-    hundred), 12-bit, lossless and arithmetic-coded JPEGs, other formats, and headers that do
-    not parse. Reads only the segment headers up to the frame header (no copy of the file).
+    components; torchvision does not turn on nvJPEG's CMYK conversion; the ILSVRC-2012 training
+    set has 22), 12-bit, lossless and arithmetic-coded JPEGs, other formats, headers that do not
+    parse, and files that do not end with the end-of-image marker (truncated ones: the CPU path
+    refuses them, and nvJPEG might decode what is there, so they go where the verdict is
+    known). Reads only the segment headers up to the frame header (no copy of the file).
     """
     if isinstance(data, torch.Tensor):
         data = data.numpy()
     mv = memoryview(data).cast("B") if not isinstance(data, bytes) else data
     n = len(mv)
-    if n < 4 or mv[0] != 0xFF or mv[1] != 0xD8:
+    if n < 4 or mv[0] != 0xFF or mv[1] != 0xD8 or mv[n - 2] != 0xFF or mv[n - 1] != 0xD9:
         return False
     pos = 2
     while pos + 4 <= n:

@@ -306,7 +306,8 @@ def test_only_what_nvjpeg_decodes_right_goes_to_the_batched_decode(tmp_path, mon
     data["12bit"] = head[: sof + 4] + b"\x0c" + head[sof + 5 :]
     data["cut_header"] = head[: sof + 6]
     decodable = {k for k, v in data.items() if nvjpeg_decodable(v)}
-    assert decodable == {"444", "gray", "progressive", "truncated", "tiny"} | {
+    # a truncated file (no end-of-image marker) goes to the CPU, which refuses it
+    assert decodable == {"444", "gray", "progressive", "tiny"} | {
         f"good{i}" for i in range(6)
     }
     tensor = {k: torch.frombuffer(bytearray(v), dtype=torch.uint8) for k, v in data.items() if v}
