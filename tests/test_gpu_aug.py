@@ -307,9 +307,7 @@ def test_only_what_nvjpeg_decodes_right_goes_to_the_batched_decode(tmp_path, mon
     data["cut_header"] = head[: sof + 6]
     decodable = {k for k, v in data.items() if nvjpeg_decodable(v)}
     # a truncated file (no end-of-image marker) goes to the CPU, which refuses it
-    assert decodable == {"444", "gray", "progressive", "tiny"} | {
-        f"good{i}" for i in range(6)
-    }
+    assert decodable == {"444", "gray", "progressive", "tiny"} | {f"good{i}" for i in range(6)}
     tensor = {k: torch.frombuffer(bytearray(v), dtype=torch.uint8) for k, v in data.items() if v}
     assert all(nvjpeg_decodable(t) == (k in decodable) for k, t in tensor.items())
     batched = []
