@@ -269,6 +269,9 @@ class Run:
         self.tracker = Tracker(
             self.out, enabled=self.main, resume_step=self.step if ckpt is not None else None
         )
+        # until this run logs: the last values logged before the checkpoint (a run resumed at
+        # its last step reports its final losses, not none)
+        self.last_log = dict(self.tracker.last_values)
         self.stop = StopFlag()
         self.bar = tqdm(
             total=self.stop_step,

@@ -25,6 +25,9 @@ class Tracker:
         self.enabled = enabled
         self.writer = None
         self._log = None
+        # the values of the last training row kept from an earlier run (``resume_step``), so
+        # that a run resumed at its end still reports its final losses
+        self.last_values: dict = {}
         if not enabled:
             return
         out = Path(output_dir)
@@ -39,6 +42,11 @@ class Tracker:
                 tmp = path.with_suffix(".jsonl.tmp")
                 tmp.write_text("".join(kept))
                 tmp.replace(path)
+            train_rows = [row for row in map(json.loads, kept) if "loss" in row]
+            if train_rows:
+                self.last_values = {
+                    k: v for k, v in train_rows[-1].items() if k not in ("step", "time")
+                }
         self._log = open(path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -83,6 +83,11 @@ def test_resume_reaches_the_same_weights(tiny_cfg, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [r["step"] for r in read_log(tmp_path / "part")]
     assert steps == [5, 8] or steps[-1] == 8
+    # resumed once more at its last step: nothing to train, the final losses still reported
+    again = pretrain.main(resumed)
+    assert again["step"] == 8 and again["mae_loss"] == summary["mae_loss"] > 0
+    on_disk = json.loads((tmp_path / "part" / "summary.json").read_text())
+    assert on_disk["mae_loss"] == summary["mae_loss"]
 
 
 def test_two_process_cpu_run_keeps_ranks_identical(tmp_path):
