@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -527,3 +528,22 @@ def test_config_json_without_architecture_names_the_file(colours, tmp_path):
     config = tmp_path / "hf" / "config.json"
     with pytest.raises(ConfigError, match=rf"finetune: {config} has no 'architecture' entry"):
         parse_config(FinetuneConfig, ["--finetune", str(tmp_path / "hf"), "--dataset", "sample"])
+
+
+def test_crop_probe_runs_and_every_export_sees_the_same_crops(pretrained, tmp_path):
+    """benchmarks/crop_probe.py: the feature probe on clean images, on crops for training, and
+    on crops for testing; the crops are seeded per image, so the same export twice (here under
+    a second name) gives the same three figures."""
+    export = pretrained / "export" / "encoder"
+    same = tmp_path / "same"
+    same.symlink_to(export, target_is_directory=True)
+    out = tmp_path / "crop.json"
+    cmd = [sys.executable, "benchmarks/crop_probe.py", str(export), str(same), "--dataset"]
+    cmd += ["sample", "--epochs", "2", "--workers", "0", "--json", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(json.loads(out.read_text()).values())
+    keys = ("clean", "crop_train", "crop_test")
+    assert len(rows) == 2 and all(0 <= row[k] <= 100 for row in rows for k in keys)
+    assert [rows[0][k] for k in keys] == [rows[1][k] for k in keys]
