@@ -111,8 +111,8 @@ class Run:
         acc.wait_for_everyone()  # ... and none goes on before it is done
         self.step = self.epoch = self.batch_in_epoch = 0
         self.nonfinite_total = self.nonfinite_run = self.bad_images = 0
-        self.last_saved, self.stopped, self.last_log = -1, False, {}
-        self._saved_at: tuple[int, int, int] | None = None  # (step, epoch, batch_in_epoch)
+        self.stopped, self.last_log = False, {}
+        self.saved_at = (-1, -1, -1)  # place() of the last checkpoint saved or resumed from
         self.generator: torch.Generator | None = None
         self.extra_state: dict = {}  # script counters to checkpoint (e.g. best accuracy)
         self.tracker: Tracker | None = None
@@ -132,8 +132,9 @@ class Run:
             batch_size=cfg.batch_size,
             sampler=sampler,
             # each iterator draws its workers' base seed from this generator: from the global
-            # CPU RNG it would shift drop path and other draws after a resume (exact resume)
-            generator=torch.Generator().manual_seed(self._loader_seed(0)),
+            # CPU RNG it would shift drop path and other draws after a resume (exact resume).
+            # The base seed itself is unused: augmentations are seeded per sample.
+            generator=torch.Generator().manual_seed(cfg.seed * 1000 + self.rank),
             num_workers=cfg.num_workers,
             pin_memory=cfg.pin_mem and self.device.type == "cuda",
             drop_last=True,
@@ -143,10 +144,6 @@ class Run:
         )
         self.plan(len(sampler))
         return loader, sampler
-
-    def _loader_seed(self, epoch: int) -> int:
-        """The seed of the training loader's own generator in ``epoch`` (per rank)."""
-        return (self.cfg.seed * 1000 + self.rank) * 100_003 + epoch
 
     def plan(self, samples_per_rank: int) -> None:
         """Steps per epoch from this rank's share of the data; lr from MAE's scaling rule."""
@@ -225,6 +222,15 @@ class Run:
                 f"note: resume: {ckpt} does not record {', '.join(missing)}; not checked"
             )
 
+    def place(self) -> tuple[int, int, int]:
+        """Where the run is: (step, epoch, batch_in_epoch)."""
+        return self.step, self.epoch, self.batch_in_epoch
+
+    @property
+    def last_saved(self) -> int:
+        """The step of the last checkpoint saved or resumed from (-1: none yet)."""
+        return self.saved_at[0]
+
     @property
     def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
@@ -254,8 +260,7 @@ class Run:
             ):
                 setattr(self, key, meta[key])
             self.extra_state = meta.get("extra", {})
-            self.last_saved = self.step
-            self._saved_at = (self.step, self.epoch, self.batch_in_epoch)
+            self.saved_at = self.place()
             self.accelerator.print(f"resumed from {ckpt} at step {self.step} (epoch {self.epoch})")
             if self.main and not getattr(cfg, "eval", False):
                 # resumed from an older checkpoint: the later ones belong to the branch left
@@ -315,8 +320,7 @@ class Run:
             with_grads=with_grads,
             writer=self.writer,
         )
-        self.last_saved = self.step
-        self._saved_at = (self.step, self.epoch, self.batch_in_epoch)
+        self.saved_at = self.place()
 
     # ------------------------------------------------------------------ the loop
     def batches(
@@ -348,9 +352,6 @@ class Run:
         while self.step < self.stop_step and self.epoch < cfg.epochs and not self.stopped:
             sampler.set_epoch(self.epoch, start=self.batch_in_epoch * cfg.batch_size)
             self.accelerator.step = self.batch_in_epoch  # Accelerate's micro-step counter
-            if isinstance(getattr(loader, "generator", None), torch.Generator):
-                # worker seeds from (seed, rank, epoch), however the run was interrupted
-                loader.generator.manual_seed(self._loader_seed(self.epoch))
             epoch_batches = contextlib.nullcontext(loader)
             if augment is not None:  # augmented ahead in a thread, seeded by the batch's place
                 left = self.micro_per_epoch - self.batch_in_epoch
@@ -473,7 +474,7 @@ class Run:
         if self.stop.agreed():  # a signal on any rank: save here, mid-accumulation included
             # unless this very place was just saved (save_every_steps): saving the same step
             # again would only replace a complete checkpoint while the kill may be near
-            if self._saved_at != (self.step, self.epoch, self.batch_in_epoch):
+            if self.saved_at != self.place():
                 self.save(with_grads=not self.sync)
             self.stopped = True
 
