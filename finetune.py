@@ -156,8 +156,9 @@ def main(cfg: FinetuneConfig) -> dict:
     run.resume(FT_ARCH_KEYS)
     best = run.extra_state.get("best_top1", -1.0)
 
-    def export(name: str, top: dict) -> None:
-        if run.main:
+    def export(name: str, top: dict) -> None:  # written by the main process; an error
+        # there stops every process (run.on_main)
+        def write() -> None:
             export_encoder(
                 clf.vit,
                 run.out / "export" / name,
@@ -184,6 +185,8 @@ def main(cfg: FinetuneConfig) -> dict:
                 num_classes=nb_classes,
             )
 
+        run.on_main(str(run.out / "export" / name), write)
+
     if cfg.eval:
         top = evaluate(run, clf.vit, raw_val, val_tf, cfg)
         run.accelerator.print(
@@ -195,7 +198,7 @@ def main(cfg: FinetuneConfig) -> dict:
     def on_epoch_end() -> None:
         nonlocal best
         top = evaluate(run, clf.vit, raw_val, val_tf, cfg)
-        run.tracker.log(run.step, {f"val_{k}": v for k, v in top.items()})
+        run.log({f"val_{k}": v for k, v in top.items()})
         run.accelerator.print(
             f"epoch {run.epoch}: val top1 {top['top1']:.2f} "
             f"top5 {top['top5']:.2f} ({top['n']} images)"

@@ -125,7 +125,7 @@ def main(cfg: LinprobeConfig) -> dict:
 
     def on_epoch_end() -> None:
         top = evaluate(run, probe, raw_val, val_tf, cfg)
-        run.tracker.log(run.step, {f"val_{k}": v for k, v in top.items()})
+        run.log({f"val_{k}": v for k, v in top.items()})
         run.accelerator.print(
             f"epoch {run.epoch}: val top1 {top['top1']:.2f} top5 {top['top5']:.2f}"
         )
@@ -153,7 +153,8 @@ def main(cfg: LinprobeConfig) -> dict:
 def knn_probe(run: Run, model: Probe, raw_train, raw_val, transform, cfg) -> float:
     """kNN top-1 (%) on frozen features; computed on the main process, broadcast to all."""
     result = torch.zeros(1, device=run.device)
-    if run.main:
+
+    def compute() -> None:  # main process; an error there stops every process (on_main)
         model.to(run.device).eval()
         feats = []
         for raw in (raw_train, raw_val):
@@ -166,6 +167,8 @@ def knn_probe(run: Run, model: Probe, raw_train, raw_val, transform, cfg) -> flo
             feats.append((torch.cat(xs), torch.cat(ys)))
         (tr_f, tr_y), (te_f, te_y) = feats
         result[0] = knn_accuracy(tr_f, tr_y, te_f, te_y, k=cfg.knn_k, temperature=cfg.knn_t)
+
+    run.on_main("the kNN probe", compute)
     return float(run.accelerator.reduce(result, "sum").item())
 
 

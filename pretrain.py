@@ -62,13 +62,16 @@ def main(cfg: PretrainConfig) -> dict:
     )
     run.resume(ARCH_KEYS)
 
-    def visualise() -> None:
-        if run.main and (run.epoch % cfg.vis_every == 0 or run.step >= run.stop_step):
-            imgs = torch.stack([transform_eval(img) for img in readable_images(raw, 8)])
-            grid = reconstruction_grid(mae, imgs.to(run.device), mean, std, seed=cfg.seed)
-            (run.out / "vis").mkdir(exist_ok=True)
-            save_image(grid, run.out / "vis" / f"epoch_{run.epoch:04d}.png")
-            run.tracker.image("reconstruction", grid, run.step)
+    def draw() -> None:  # main process only
+        imgs = torch.stack([transform_eval(img) for img in readable_images(raw, 8)])
+        grid = reconstruction_grid(mae, imgs.to(run.device), mean, std, seed=cfg.seed)
+        (run.out / "vis").mkdir(exist_ok=True)
+        save_image(grid, run.out / "vis" / f"epoch_{run.epoch:04d}.png")
+        run.tracker.image("reconstruction", grid, run.step)
+
+    def visualise() -> None:  # on_main: an error there stops every process, not only it
+        if run.epoch % cfg.vis_every == 0 or run.step >= run.stop_step:
+            run.on_main(str(run.out / "vis"), draw)
 
     # ------------------------------------------------------------------ train
     model.train()
@@ -94,10 +97,7 @@ def main(cfg: PretrainConfig) -> dict:
         )
 
     # ------------------------------------------------------------------ finish, export
-    summary = run.finish()
-    if not run.stopped:
-        visualise()
-    if run.main and not run.stopped:
+    def export() -> None:  # main process only
         enc_dir = export_encoder(
             mae.encoder,
             run.out / "export" / "encoder",
@@ -125,6 +125,11 @@ def main(cfg: PretrainConfig) -> dict:
             f"  reconstructions: {run.out / 'vis'}  logs: {run.out / 'log.jsonl'}, "
             f"tensorboard --logdir {run.out / 'tensorboard'}"
         )
+
+    summary = run.finish()
+    if not run.stopped:
+        visualise()
+        run.on_main(str(run.out / "export"), export)
     run.close()
     return summary
 

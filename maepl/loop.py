@@ -502,7 +502,7 @@ class Run:
             self._prefetch_logged = busy
         row.update(nonfinite_steps=self.nonfinite_total, bad_images=self.bad_images)
         self.last_log = row
-        self.tracker.log(self.step, row)
+        self.log(row)
         if "loss" in row:
             self.bar.set_postfix(loss=f"{row['loss']:.4f}")
         self._sums = {}
@@ -538,10 +538,26 @@ class Run:
         return out
 
     def write_summary(self, summary: dict) -> None:
-        """``<output_dir>/summary.json`` (main process); scripts call it again once they have
-        evaluated, so that the file holds the final accuracy too."""
+        """Collective: ``<output_dir>/summary.json`` (main process); scripts call it again once
+        they have evaluated, so that the file holds the final accuracy too."""
+        path = self.out / "summary.json"
+        self.on_main(str(path), lambda: path.write_text(json.dumps(summary, indent=1)))
+
+    def log(self, values: dict) -> None:
+        """Collective: a row of ``log.jsonl`` and TensorBoard at the current step."""
+        self.on_main(str(self.out / "log.jsonl"), lambda: self.tracker.log(self.step, values))
+
+    def on_main(self, what: str, write: Callable[[], object]) -> None:
+        """Collective: ``write()`` (a file the main process writes: a log line, an image, an
+        export) runs on the main process. If it raises there, every process raises (the others
+        a :class:`PeerError` naming ``what``) instead of waiting in the next collective."""
+        error = None
         if self.main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            try:
+                write()
+            except Exception as err:  # re-raised on this rank by raise_together
+                error = err
+        raise_together(self.accelerator, error, what)
 
     def wait_for_checkpoint(self) -> None:
         """Collective: returns once the last checkpoint is complete on disk (``--async_save``

@@ -416,14 +416,21 @@ def launch_two(code: str, args: list[str], port: int, timeout: float = 120) -> l
 FAIL_ON_THE_MAIN_PROCESS = """
 import sys
 sys.path.insert(0, {root!r})
-import maepl.checkpoint as ck, pretrain
+import maepl.checkpoint as ck, maepl.tracking as tr, pretrain
 from maepl.config import PretrainConfig, parse_config
 where = {where!r}
-real_save, real_finite = ck.save_file, ck.assert_finite
+real_save, real_finite, real_log = ck.save_file, ck.assert_finite, tr.Tracker.log
 def save(tensors, path, *a, **k):  # model.safetensors: written by the main process only
     if where == "background" and "step_00000004" in str(path) and path.name == "model.safetensors":
         raise OSError(28, "No space left on device")
+    if where == "export" and path.parent.name == "encoder":
+        raise OSError(28, "No space left on device: " + str(path))
     real_save(tensors, path, *a, **k)
+def log(self, step, values):  # log.jsonl: written by the main process only
+    if where == "log" and step == 4:
+        raise OSError(28, "No space left on device: log.jsonl")
+    real_log(self, step, values)
+tr.Tracker.log = log
 def finite(sd, what):  # checked by the main process only
     if where == "finite" and what == "checkpoint step 4":
         raise FloatingPointError(what + ": tensor 'w' holds non-finite values; not written")
@@ -434,22 +441,27 @@ pretrain.main(parse_config(PretrainConfig, sys.argv[1:]))
 
 
 @pytest.mark.parametrize(
-    "where, flags, error",
+    "where, flags, error, last",
     [
-        ("background", ["--log_every", "100"], "CheckpointError: .*step_00000004 was not"),
-        ("background", ["--log_every", "1"], "CheckpointError: .*step_00000004 was not"),
-        ("finite", ["--log_every", "100"], "FloatingPointError: checkpoint step 4: tensor"),
+        ("background", ["--log_every", "100"], "CheckpointError: .*step_00000004 was not", 2),
+        ("background", ["--log_every", "1"], "CheckpointError: .*step_00000004 was not", 2),
+        ("finite", ["--log_every", "100"], "FloatingPointError: checkpoint step 4: tensor", 2),
+        ("log", ["--log_every", "2"], "OSError: .*No space left on device: log.jsonl", 2),
+        ("export", ["--log_every", "100"], "OSError: .*export/encoder/model.safetensors", 8),
     ],
     ids=[
         "background write, seen at the next save",
         "background write, seen at the next log line",
         "non-finite tensor",
+        "log line",
+        "final export",
     ],
 )
-def test_an_error_on_the_main_process_stops_every_process(tmp_path, where, flags, error):
-    """A checkpoint error that only the main process sees (its background write failed, a
-    non-finite tensor in the state it copies) is raised on every process: the others do not
-    wait in a collective the main one never reaches (under NCCL: until its timeout)."""
+def test_an_error_on_the_main_process_stops_every_process(tmp_path, where, flags, error, last):
+    """An error that only the main process sees (its background checkpoint write failed, a
+    non-finite tensor in the state it copies, a log line or the export it writes) is raised on
+    every process: the others do not wait in a collective the main one never reaches (under
+    NCCL: until its timeout). The checkpoints already written stay resumable."""
     out = tmp_path / "run"
     args = [*TINY, "--batch_size", "8", "--max_steps", "8", "--save_every_steps", "2"]
     args += ["--num_workers", "0", "--output_dir", str(out), *flags]
@@ -457,7 +469,7 @@ def test_an_error_on_the_main_process_stops_every_process(tmp_path, where, flags
     (rc0, err0), (rc1, err1) = launch_two(code, args, 29551)
     assert rc0 != 0 and re.search(error, err0), err0[-3000:]
     assert rc1 != 0 and "PeerError" in err1 and "failed on process 0" in err1, err1[-3000:]
-    assert resolve_resume("auto", out) == out / "checkpoints" / "step_00000002"
+    assert resolve_resume("auto", out) == out / "checkpoints" / f"step_{last:08d}"
 
 
 # ---------------------------------------------------------------------------- 3. preemption
