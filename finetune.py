@@ -23,9 +23,9 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
-from maepl.checkpoint import export_encoder
 from maepl.config import SHAPE_KEYS, ConfigError, FinetuneConfig, parse_config
 from maepl.data import build_finetune_transform, build_transform, load_splits
+from maepl.export import export_encoder
 from maepl.loaders import SeededTransformDataset, chain_seed, eval_loader
 from maepl.loop import Run
 from maepl.models.encoder import encoder_from_config, encoder_model_args

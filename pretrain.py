@@ -18,9 +18,9 @@ import torch
 from accelerate.utils import set_seed
 from torchvision.utils import save_image
 
-from maepl.checkpoint import export_encoder, export_full
 from maepl.config import ARCH_KEYS, ConfigError, PretrainConfig, parse_config
 from maepl.data import build_transform, load_train_data, readable_images
+from maepl.export import export_encoder, export_full
 from maepl.gpu_aug import GpuAugment, raw_dataset
 from maepl.loaders import SeededTransformDataset
 from maepl.loop import Run

@@ -1,4 +1,4 @@
-"""Step-named training checkpoints (safetensors + JSON, nothing pickled) and timm exports.
+"""Step-named training checkpoints (safetensors + JSON, nothing pickled); exports: export.py.
 
 A checkpoint is ``<output_dir>/checkpoints/step_XXXXXXXX/``: written into a hidden temporary
 folder, renamed into place, then marked complete by a ``COMPLETE`` file written last, so a
@@ -396,81 +396,3 @@ def load_checkpoint(
             if n in grads:
                 p.grad = grads[n].to(p.device)
     return meta
-
-
-# ---------------------------------------------------------------------------- exports
-MODEL_CARD = """---
-library_name: timm
-license: {license}
-tags: [maepl, mae]
----
-# {name}
-
-{description}
-
-- architecture: `{arch}` with {model_args}
-- training: {dataset}, {steps} optimizer steps
-- input: {input_size} px, mean {mean}, std {std}
-
-```python
-import timm
-model = timm.create_model("local-dir:<this folder>", pretrained=True)
-```
-"""
-
-
-def export_encoder(
-    encoder: nn.Module,
-    folder: str | Path,
-    architecture: str,
-    model_args: dict,
-    data_cfg: dict,
-    card: dict,
-    num_classes: int = 0,
-) -> Path:
-    """Write a timm ``local-dir`` folder: model.safetensors, config.json, README.md.
-
-    We write config.json ourselves instead of timm's save_for_hf: that copies the timm
-    architecture's default pretrained_cfg (hub id, 0.5 mean/std of another checkpoint), which
-    would describe the wrong weights.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    sd = _contiguous(encoder.state_dict())
-    assert_finite(sd, f"export {folder}")
-    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
-    cfg = {
-        "architecture": architecture,
-        "num_classes": num_classes,
-        "num_features": model_args["embed_dim"],
-        "global_pool": model_args.get("global_pool", "token"),
-        "model_args": model_args,
-        "pretrained_cfg": dict(
-            num_classes=num_classes,
-            classifier="head",
-            first_conv="patch_embed.proj",
-            fixed_input_size=True,
-            license=card.get("license", "apache-2.0"),
-            **data_cfg,
-        ),
-    }
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-    (folder / "README.md").write_text(
-        MODEL_CARD.format(
-            arch=architecture,
-            model_args=model_args,
-            license=cfg["pretrained_cfg"]["license"],
-            **card,
-            **data_cfg,
-        )
-    )
-    return folder
-
-
-def export_full(model: nn.Module, path: str | Path, config: dict) -> None:
-    """Encoder + decoder + position head (``mae.safetensors``) and its config (``mae.json``)."""
-    path = Path(path)
-    sd = _contiguous(model.state_dict())
-    assert_finite(sd, f"export {path}")
-    save_file(sd, path, metadata={"format": "pt"})
-    path.with_suffix(".json").write_text(json.dumps(config, indent=1))

@@ -20,9 +20,10 @@ from safetensors.torch import load_file
 
 import maepl.loop
 import pretrain
-from maepl.checkpoint import complete_checkpoints, export_encoder, resolve_resume, step_of
+from maepl.checkpoint import complete_checkpoints, resolve_resume, step_of
 from maepl.config import ConfigError, PretrainConfig, parse_config
 from maepl.data import build_dataset, build_transform
+from maepl.export import export_encoder
 from maepl.guard import StopFlag
 from maepl.loaders import BadImageError, SeededTransformDataset, collate_skip_bad
 
@@ -416,14 +417,14 @@ def launch_two(code: str, args: list[str], port: int, timeout: float = 120) -> l
 FAIL_ON_THE_MAIN_PROCESS = """
 import sys
 sys.path.insert(0, {root!r})
-import maepl.checkpoint as ck, maepl.tracking as tr, pretrain
+import maepl.checkpoint as ck, maepl.export as ex, maepl.tracking as tr, pretrain
 from maepl.config import PretrainConfig, parse_config
 where = {where!r}
 real_save, real_finite, real_log = ck.save_file, ck.assert_finite, tr.Tracker.log
 def save(tensors, path, *a, **k):  # model.safetensors: written by the main process only
     if where == "background" and "step_00000004" in str(path) and path.name == "model.safetensors":
         raise OSError(28, "No space left on device")
-    if where == "export" and path.parent.name == "encoder":
+    if where == "export" and path.parent.name.endswith("encoder"):
         raise OSError(28, "No space left on device: " + str(path))
     real_save(tensors, path, *a, **k)
 def log(self, step, values):  # log.jsonl: written by the main process only
@@ -435,7 +436,7 @@ def finite(sd, what):  # checked by the main process only
     if where == "finite" and what == "checkpoint step 4":
         raise FloatingPointError(what + ": tensor 'w' holds non-finite values; not written")
     real_finite(sd, what)
-ck.save_file, ck.assert_finite = save, finite
+ck.save_file, ex.save_file, ck.assert_finite = save, save, finite
 pretrain.main(parse_config(PretrainConfig, sys.argv[1:]))
 """
 
@@ -447,7 +448,7 @@ pretrain.main(parse_config(PretrainConfig, sys.argv[1:]))
         ("background", ["--log_every", "1"], "CheckpointError: .*step_00000004 was not", 2),
         ("finite", ["--log_every", "100"], "FloatingPointError: checkpoint step 4: tensor", 2),
         ("log", ["--log_every", "2"], "OSError: .*No space left on device: log.jsonl", 2),
-        ("export", ["--log_every", "100"], "OSError: .*export/encoder/model.safetensors", 8),
+        ("export", ["--log_every", "100"], "OSError: .*export/.tmp_encoder/model.safetensors", 8),
     ],
     ids=[
         "background write, seen at the next save",
@@ -625,6 +626,70 @@ def test_nothing_nonfinite_is_exported(tmp_path):
     with pytest.raises(FloatingPointError, match="'weight'"):
         export_encoder(enc, tmp_path / "e", "vit_tiny_patch16_224", {"embed_dim": 2}, {}, {})
     assert not (tmp_path / "e" / "model.safetensors").exists()
+
+
+def test_a_failed_export_leaves_the_previous_export_whole(tmp_path, monkeypatch):
+    """An export replaces the earlier one only once it is completely written: one that fails
+    half-way (disk full after part of the weights) leaves the earlier folder as it was, loadable
+    by timm, and no temporary files; one killed between its two renames is completed by the
+    next export."""
+    import timm
+
+    import maepl.export as ex
+
+    args = dict(img_size=28, patch_size=4, embed_dim=24, depth=1, num_heads=2, in_chans=1)
+    data_cfg = dict(input_size=[1, 28, 28], mean=[0.5], std=[0.5], crop_pct=1.0)
+    card = dict(name="t", description="t", dataset="sample", steps=1)
+    enc = timm.create_model("vit_tiny_patch16_224", num_classes=0, **args)
+    folder = tmp_path / "export" / "encoder"
+    full = tmp_path / "export" / "mae.safetensors"
+
+    def export(tag: str) -> None:
+        ex.export_encoder(
+            enc, folder, "vit_tiny_patch16_224", args, data_cfg, {**card, "steps": tag}
+        )
+        ex.export_full(enc, full, {"tag": tag})
+
+    export("first")
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    files = {p.name: p.read_bytes() for p in [*folder.iterdir(), full, full.with_suffix(".json")]}
+    with torch.no_grad():
+        enc.cls_token.add_(1.0)
+
+    real_save = ex.save_file
+
+    def full_disk(tensors, path, *a, **k):  # part of the weights, then the disk is full
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, f"No space left on device: {path}")
+
+    monkeypatch.setattr(ex, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        ex.export_encoder(enc, folder, "vit_tiny_patch16_224", args, data_cfg, card)
+    with pytest.raises(OSError, match="No space left"):
+        ex.export_full(enc, full, {"tag": "second"})
+    after = {p.name: p.read_bytes() for p in [*folder.iterdir(), full, full.with_suffix(".json")]}
+    assert after == files
+    assert sorted(p.name for p in folder.parent.iterdir()) == [
+        "encoder",
+        "mae.json",
+        "mae.safetensors",
+    ]
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    assert torch.equal(loaded.cls_token, before["cls_token"])
+
+    # killed between the renames: the earlier export is aside, the folder missing
+    monkeypatch.setattr(ex, "save_file", real_save)
+    folder.rename(folder.with_name(".replaced_encoder"))
+    export("second")
+    assert sorted(p.name for p in folder.parent.iterdir()) == [
+        "encoder",
+        "mae.json",
+        "mae.safetensors",
+    ]
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    assert torch.equal(loaded.cls_token, before["cls_token"] + 1.0)
+    assert "second" in (folder / "README.md").read_text()
+    assert json.loads(full.with_suffix(".json").read_text()) == {"tag": "second"}
 
 
 # ---------------------------------------------------------------------------- 5. bad images
