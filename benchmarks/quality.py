@@ -232,7 +232,7 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace, out
     # pretraining seconds over all the sessions of a resumed run
     spent = run_dir / "pretrain_seconds.txt"
     earlier = float(spent.read_text()) if args.resume and spent.exists() else 0.0
-    spent.write_text(str(earlier + t1 - t0))
+    write_atomic(spent, str(earlier + t1 - t0))
     if summary["stopped_by_signal"]:
         sys.exit(f"{name} seed {seed}: stopped at step {summary['step']}; rerun with --resume")
     row = dict(
@@ -336,6 +336,14 @@ def row_path(out: Path, name: str, seed: int) -> Path:
     return out / "rows" / f"{name}_s{seed}.json"
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Rows and results of a study that spans sessions: a process killed while writing one
+    leaves the earlier file, never a truncated one that the next ``--resume`` cannot read."""
+    tmp = path.with_name(f".tmp_{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int]], out: Path) -> list[str]:
     """Run jobs (in this process, or as subprocesses: ``--parallel`` of them sharing the device,
     and always under ``--time_limit`` so that a run can be killed at the deadline), each writing
@@ -347,7 +355,7 @@ def run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int]], out: Path) -
             name, seed = pending.pop(0)
             if args.parallel == 1 and not args.time_limit:  # a limit needs killable runs
                 row = run_one(name, JOBS[name], seed, args, out)
-                row_path(out, name, seed).write_text(json.dumps(row))
+                write_atomic(row_path(out, name, seed), json.dumps(row))
                 continue
             cmd = [sys.executable, __file__, "--budget", args.budget, "--job", f"{name}:{seed}"]
             cmd += ["--out", str(out)]
@@ -363,7 +371,10 @@ def run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int]], out: Path) -
                 cmd += ["--epochs", str(args.epochs)]
             if args.resume:
                 cmd += ["--resume"]
-            log = open(out / "logs" / f"{name}_s{seed}.log", "w")
+            # appended: a resumed job's log keeps the attempts before it
+            log = open(out / "logs" / f"{name}_s{seed}.log", "a")
+            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+            log.flush()
             # share the cores: N runs with all cores' worth of threads each oversubscribe them
             threads = str(max(1, (os.cpu_count() or 1) // args.parallel))
             env = {**os.environ, "OMP_NUM_THREADS": threads}
@@ -433,7 +444,7 @@ def fill_linprobe(args: argparse.Namespace, jobs: list, done: dict, out: Path) -
                 args.mixed_precision or budget["pre"].get("mixed_precision", "auto"),
             )
         )
-        saved.write_text(json.dumps(row))
+        write_atomic(saved, json.dumps(row))
         print(f"--fill_lp: {name} seed {seed} lp_cls {row['lp_cls']:.2f} ({export})", flush=True)
 
 
@@ -537,7 +548,7 @@ def main() -> None:
     if args.job:
         name, seed = args.job.rsplit(":", 1)
         row = run_one(name, JOBS[name], int(seed), args, out)
-        row_path(out, name, int(seed)).write_text(json.dumps(row))
+        write_atomic(row_path(out, name, int(seed)), json.dumps(row))
         return
 
     epochs = args.epochs or BUDGETS[args.budget]["pre"]["epochs"]
@@ -586,7 +597,7 @@ def main() -> None:
         parallel=args.parallel,
         not_run=not_run,
     )
-    (out / "results.json").write_text(json.dumps(dict(**meta, rows=rows, sweeps=sweeps), indent=1))
+    write_atomic(out / "results.json", json.dumps(dict(**meta, rows=rows, sweeps=sweeps), indent=1))
     cols = ["seeds", *keys]
     lines = ["| variant | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += [
@@ -602,7 +613,7 @@ def main() -> None:
         ]
     if not_run:
         lines.append(f"\nnot run (time limit or failure): {', '.join(not_run)}")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_atomic(out / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     if sweeps:
         base = done.get(("apl_drop", 0))

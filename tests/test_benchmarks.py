@@ -296,6 +296,30 @@ def test_quality_time_limit_lets_a_resumable_run_save_first(tmp_path, monkeypatc
     )
     assert quality.run_jobs(args, [("mae", 0)], tmp_path) == ["mae_s0"]  # not finished
     assert marker.exists() == resume
+    # the next session's attempt is appended to the job's log, after the first one's
+    quality.run_jobs(args, [("mae", 0)], tmp_path)
+    log = (tmp_path / "logs" / "mae_s0.log").read_text()
+    assert log.count("=== ") == 2 and log.count("--job mae:0") == 2
+
+
+def test_quality_rows_are_replaced_whole(tmp_path, monkeypatch):
+    """A study's rows span sessions: a write that fails half-way leaves the earlier row."""
+    from pathlib import Path
+
+    quality = load_script("quality")
+    row = tmp_path / "mae_s0.json"
+    quality.write_atomic(row, json.dumps({"probe_cls": 85.5}))
+    real_write = Path.write_text
+
+    def half_then_full_disk(self, text, *a, **k):
+        real_write(self, text[: len(text) // 2], *a, **k)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_full_disk)
+    with pytest.raises(OSError):
+        quality.write_atomic(row, json.dumps({"probe_cls": 86.0, "lp_cls": 78.1}))
+    monkeypatch.undo()
+    assert json.loads(row.read_text()) == {"probe_cls": 85.5}
 
 
 def test_quality_table_has_no_position_columns_for_plain_mae():
