@@ -31,6 +31,20 @@ def test_sincos_values_match_mae_layout():
         assert torch.allclose(e[row], torch.tensor(values, dtype=torch.float32), atol=1e-6), row
 
 
+def test_a_pos_embed_that_does_not_match_the_encoder_is_refused():
+    # "none" over an encoder with a PE would add it to every token and label them all
+    with_pe = build_encoder("vit_tiny_patch16_224", 16, 4, 3, 32, 2, 2, "sincos")
+    with pytest.raises(
+        ValueError, match="pos_embed 'none' does not match the encoder, which has a"
+    ):
+        MaskedAutoencoder(with_pe, "none", 16, 1, 2, pos_label="abs", pos_drop_ratio=0.75)
+    without = build_encoder("vit_tiny_patch16_224", 16, 4, 3, 32, 2, 2, "none")
+    with pytest.raises(
+        ValueError, match="pos_embed 'sincos' does not match the encoder, which has no"
+    ):
+        MaskedAutoencoder(without, "sincos", 16, 1, 2)
+
+
 def test_encoder_and_decoder_pe_are_fixed_sincos():
     mae = make_mae()
     assert torch.equal(mae.encoder.pos_embed[0], sincos_2d(32, 4, 4, cls_token=True))

@@ -113,6 +113,7 @@ def _loss_and_grads(lab: PositionLabeler, z, pos, sigma, noise):
     lab.zero_grad()
     z = z.clone().requires_grad_(True)
     loss, acc = lab(z, pos, sigma=sigma, pair_noise=noise)
+    assert not acc.requires_grad  # a metric, detached in both paths
     loss.backward()
     grads = {n: p.grad.clone() for n, p in lab.named_parameters()}
     return loss.detach(), acc, z.grad, grads

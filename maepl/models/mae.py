@@ -68,6 +68,12 @@ class MaskedAutoencoder(nn.Module):
         dim = encoder.embed_dim
 
         has_pe = pos_embed != "none"
+        if has_pe != (encoder.pos_embed is not None):
+            # "none" over an encoder with a PE would add it to every token and label them all
+            raise ValueError(
+                f"pos_embed {pos_embed!r} does not match the encoder, which has "
+                f"{'a' if encoder.pos_embed is not None else 'no'} position embedding"
+            )
         # PE dropping exists for the position task: plain MAE (pos_label none) never drops
         dropping = has_pe and pos_label != "none"
         self.num_drop = int(self.len_keep * pos_drop_ratio) if dropping else 0

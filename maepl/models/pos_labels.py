@@ -122,8 +122,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_b += g.sum(0)
         grad_w, grad_b = grad_w.mul_(1.0 / n), grad_b.mul_(1.0 / n)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), grad_b.to(bias.dtype))
-        ctx.mark_non_differentiable(correct)
-        return loss / n, correct / n
+        acc = correct / n
+        ctx.mark_non_differentiable(acc)
+        return loss / n, acc
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_acc):
