@@ -24,7 +24,7 @@ from timm.optim import param_groups_layer_decay
 from torch import nn
 
 from maepl.config import SHAPE_KEYS, ConfigError, FinetuneConfig, parse_config
-from maepl.data import build_finetune_transform, build_transform, load_splits
+from maepl.data import build_finetune_transform, build_transform, default_crop_pct, load_splits
 from maepl.export import export_encoder
 from maepl.loaders import SeededTransformDataset, chain_seed, eval_loader
 from maepl.loop import Run
@@ -113,22 +113,28 @@ def main(cfg: FinetuneConfig) -> dict:
     # ------------------------------------------------------------------ data (checked first)
     raw_train, raw_val, mean, std = load_splits(cfg)  # with the same classes
     nb_classes = cfg.nb_classes or len(raw_train.classes)
-    crop_pct = cfg.crop_pct or (1.0 if cfg.input_size <= 32 else 0.875)
+    crop_pct = cfg.crop_pct or default_crop_pct(cfg.input_size)
     val_tf = build_transform(False, cfg.input_size, cfg.in_chans, mean, std, crop_pct=crop_pct)
     train_tf = build_finetune_transform(
-        cfg.input_size, cfg.in_chans, mean, std, cfg.aa, cfg.reprob, cfg.remode, cfg.recount
+        cfg.input_size,
+        cfg.in_chans,
+        mean,
+        std,
+        cfg.aa,
+        cfg.reprob,
+        cfg.remode,
+        cfg.recount,
+        cfg.color_jitter,
     )
     dataset = SeededTransformDataset(raw_train, train_tf, cfg.seed, strict=cfg.strict_data)
     mixup_on = cfg.mixup > 0 or cfg.cutmix > 0
-    if mixup_on and cfg.batch_size % 2:
-        raise ConfigError("batch_size: mixup/cutmix need an even batch size")
-
-    run = Run(cfg, "finetune")
-    loader, sampler = run.train_loader(dataset)
 
     # ------------------------------------------------------------------ model
+    # built and loaded before Run writes anything: weights that do not fit leave no run behind
     set_seed(cfg.seed)  # identical initial weights on every rank
     model, report = build_classifier(cfg, nb_classes)
+    run = Run(cfg, "finetune")
+    loader, sampler = run.train_loader(dataset)
     # From here on each rank draws its own drop-path masks and pair noise from torch's global
     # RNG (MAE seeds seed + rank); a resume then restores each rank's saved state.
     torch.manual_seed(chain_seed(cfg.seed, run.rank))

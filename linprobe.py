@@ -22,7 +22,7 @@ from torch import nn
 
 from finetune import evaluate
 from maepl.config import SHAPE_KEYS, ConfigError, LinprobeConfig, parse_config
-from maepl.data import build_transform, load_splits
+from maepl.data import build_transform, default_crop_pct, load_splits
 from maepl.evaluate import knn_accuracy
 from maepl.loaders import SeededTransformDataset, eval_loader
 from maepl.loop import Run
@@ -76,7 +76,11 @@ def lars_groups(head: nn.Module, weight_decay: float) -> list[dict]:
 def build_probe(cfg: LinprobeConfig, nb_classes: int) -> tuple[Probe, dict]:
     """The probe on the encoder exactly as pretrained: its position embedding (or none) as
     stored, never replaced or filled in."""
-    encoder = encoder_from_config(cfg, cfg.pos_embed, global_pool="token")
+    # the encoder keeps its final norm (timm's avg pooling would swap it for fc_norm); the
+    # probe pools itself. A model without a class token cannot be built for token pooling.
+    no_cls = cfg.global_pool == "avg" and encoder_from_config(cfg, device="meta").cls_token is None
+    pool = dict(global_pool="avg", fc_norm=False) if no_cls else dict(global_pool="token")
+    encoder = encoder_from_config(cfg, cfg.pos_embed, **pool)
     report = {"notes": ["random init"]}
     if cfg.finetune:
         report = load_encoder_weights(encoder, cfg.finetune, cfg.pos_embed, exact=True)
@@ -87,18 +91,18 @@ def main(cfg: LinprobeConfig) -> dict:
     # ------------------------------------------------------------------ data (checked first)
     raw_train, raw_val, mean, std = load_splits(cfg)  # with the same classes
     nb_classes = cfg.nb_classes or len(raw_train.classes)
-    crop_pct = cfg.crop_pct or (1.0 if cfg.input_size <= 32 else 0.875)
+    crop_pct = cfg.crop_pct or default_crop_pct(cfg.input_size)
     val_tf = build_transform(False, cfg.input_size, cfg.in_chans, mean, std, crop_pct=crop_pct)
     # MAE's linear-probe augmentation: RandomResizedCrop (scale 0.08-1) + flip
     train_tf = build_transform(True, cfg.input_size, cfg.in_chans, mean, std, (0.08, 1.0))
     dataset = SeededTransformDataset(raw_train, train_tf, cfg.seed, strict=cfg.strict_data)
 
-    run = Run(cfg, "linprobe")
-    loader, sampler = run.train_loader(dataset)
-
     # ------------------------------------------------------------------ model
+    # built and loaded before Run writes anything: weights that do not fit leave no run behind
     set_seed(cfg.seed)
     model, report = build_probe(cfg, nb_classes)
+    run = Run(cfg, "linprobe")
+    loader, sampler = run.train_loader(dataset)
     if cfg.finetune:
         run.accelerator.print(f"encoder from {cfg.finetune}: " + "; ".join(report["notes"]))
 

@@ -276,6 +276,9 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace, out
             mixup=0.0,
             cutmix=0.0,
             aa=None,
+            # timm's default jitter, which aa=None left on until session 8: the rows of every
+            # session keep one protocol
+            color_jitter=0.4,
             reprob=0.0,
             seed=seed,
             batch_size=budget["ft_batch"],

@@ -7,6 +7,7 @@ Every key is checked: an unknown key, a value of the wrong type or out of range 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -149,10 +150,14 @@ class FinetuneConfig(TrainConfig):
     mixup_switch_prob: float = 0.5
     mixup_mode: str = "batch"
     aa: str | None = "rand-m9-mstd0.5-inc1"  # RandAugment policy (timm), null: none
+    # colour jitter factor, used only without aa (as MAE's --color_jitter; timm's own default
+    # would be 0.4)
+    color_jitter: float | None = None
     reprob: float = 0.25
     remode: str = "pixel"
     recount: int = 1
-    crop_pct: float | None = None  # eval resize = input_size / crop_pct; None: 0.875, 1 for 28 px
+    # eval resize = input_size / crop_pct; None: 1 up to 32 px, 0.875 up to 224, 1 above (MAE)
+    crop_pct: float | None = None
     # --- supervised positional labels: L = L_cls + pos_weight * L_pos on all patch tokens
     pos_label: str = "none"
     pos_weight: float = 0.5
@@ -229,6 +234,11 @@ def resolve_model(cfg: TrainConfig, need_cls: bool = True) -> TrainConfig:
             f"model: {cfg.encoder!r} cannot be pretrained here: MAE needs a plain timm "
             "VisionTransformer with a class token and no register tokens"
         )
+    if getattr(cfg, "global_pool", None) == "token" and enc.cls_token is None:
+        raise ConfigError(
+            f"global_pool: token pooling needs a class token, which {cfg.encoder!r} has none "
+            "of; use --global_pool avg"
+        )
     return dataclasses.replace(
         cfg,
         input_size=enc.patch_embed.img_size[0],
@@ -268,6 +278,10 @@ def _validate_common(cfg: TrainConfig) -> None:
     ):
         _check(getattr(cfg, key) >= 0, key, f"must be >= 0, got {getattr(cfg, key)}")
     _check(cfg.lr is None or cfg.lr > 0, "lr", "must be > 0")
+    # set_seed seeds NumPy, which takes 0 <= seed < 2**32; seed * 1000 + rank seeds generators
+    _check(
+        0 <= cfg.seed < 2**32 // 1000, "seed", f"must be in [0, {2**32 // 1000}), got {cfg.seed}"
+    )
     _check(
         not (cfg.profile_steps and cfg.max_steps)
         or cfg.profile_start + cfg.profile_steps <= cfg.max_steps,
@@ -289,6 +303,8 @@ def _validate_resolved(cfg: TrainConfig) -> None:
     for key in ("mean", "std"):
         v = getattr(cfg, key)
         _check(v is None or len(v) in (1, cfg.in_chans), key, f"needs {cfg.in_chans} values")
+        _check(v is None or all(math.isfinite(x) for x in v), key, f"must be finite, got {v}")
+    _check(cfg.std is None or min(cfg.std) > 0, "std", f"must be > 0, got {cfg.std}")
     _check(
         cfg.embed_dim % 4 == 0 or cfg.pos_embed == "none",
         "pos_embed",
@@ -400,12 +416,21 @@ def _as_recorded(cfg, keys: tuple[str, ...]):
 
 def validate_finetune(cfg: FinetuneConfig) -> FinetuneConfig:
     _validate_common(cfg)
+    _check(
+        not cfg.eval or bool(cfg.finetune or cfg.resume),
+        "eval",
+        "needs the weights to evaluate: --finetune <export or checkpoint> or --resume",
+    )
     if cfg.eval:  # the classifier as it was trained: head, pooling, position embedding
         cfg = _as_recorded(cfg, ("nb_classes", "global_pool"))
     pos_embed = "learned" if cfg.pos_embed == "auto" else cfg.pos_embed
     cfg = dataclasses.replace(cfg, pos_embed=pos_embed, global_pool=cfg.global_pool or "avg")
     _choice("global_pool", cfg.global_pool, ("avg", "token"))
     _choice("mixup_mode", cfg.mixup_mode, ("batch", "pair", "elem"))
+    _choice("remode", cfg.remode, ("pixel", "rand", "const"))
+    if cfg.aa is not None and cfg.aa.lower() in ("none", "null", ""):  # YAML: aa: none
+        cfg = dataclasses.replace(cfg, aa=None)
+    _check(cfg.color_jitter is None or cfg.color_jitter >= 0, "color_jitter", "must be >= 0")
     for key in (
         "drop_path",
         "smoothing",
@@ -417,17 +442,54 @@ def validate_finetune(cfg: FinetuneConfig) -> FinetuneConfig:
     ):
         _check(getattr(cfg, key) >= 0, key, "must be >= 0")
     _check(0 < cfg.layer_decay <= 1, "layer_decay", "must be in (0, 1]")
+    _check(
+        not ((cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2),
+        "batch_size",
+        f"mixup/cutmix need an even batch size, got {cfg.batch_size}",
+    )
     _check(cfg.crop_pct is None or 0 < cfg.crop_pct <= 1, "crop_pct", "must be in (0, 1]")
     _check(cfg.nb_classes is None or cfg.nb_classes >= 2, "nb_classes", "must be >= 2")
     cfg = _from_checkpoint(cfg)
     _validate_resolved(cfg)
+    _check_augmentation(cfg)
     grid = cfg.input_size // cfg.patch_size
     _validate_pos_label(cfg, grid * grid)
     return cfg
 
 
+def _check_augmentation(cfg: FinetuneConfig) -> None:
+    """Build the training transform once (cheap, no data): timm refuses an unknown RandAugment
+    policy with a bare AssertionError, which would otherwise come after the datasets load."""
+    from .data import build_finetune_transform
+
+    c = cfg.in_chans
+    try:
+        build_finetune_transform(
+            cfg.input_size,
+            c,
+            [0.5] * c,
+            [0.5] * c,
+            cfg.aa,
+            cfg.reprob,
+            cfg.remode,
+            cfg.recount,
+            cfg.color_jitter,
+        )
+    except (AssertionError, ValueError, KeyError, IndexError) as e:
+        raise ConfigError(
+            f"aa: timm cannot build the augmentation policy {cfg.aa!r} ({type(e).__name__}: "
+            f"{e}); e.g. rand-m9-mstd0.5-inc1, or null for none"
+        ) from None
+
+
 def validate_linprobe(cfg: LinprobeConfig) -> LinprobeConfig:
     _validate_common(cfg)
+    _check(
+        not cfg.eval or bool(cfg.resume),
+        "eval",
+        "needs --resume <linprobe checkpoint, or auto>: the probe's head is saved only in "
+        "linprobe.py's checkpoints (an encoder export has none)",
+    )
     cfg = _as_recorded(cfg, ())  # the frozen encoder as pretrained
     if cfg.pos_embed == "auto":  # no --finetune, or foreign weights: loading checks the PE
         cfg = dataclasses.replace(cfg, pos_embed="learned")

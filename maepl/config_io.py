@@ -61,13 +61,19 @@ def _coerce(key: str, value: Any, tp: Any, from_text: bool) -> Any:
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
         elif inner is float:
-            if from_text:
+            # YAML 1.1 reads 1e-4 (no decimal point) as a string; the command line takes it
+            if from_text or isinstance(value, str):
                 return float(value)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
         elif inner is str:
             if isinstance(value, str):
                 return value
+            if isinstance(value, bool):  # YAML 1.1 reads no/off/yes/on as booleans
+                raise ConfigError(
+                    f"{key}: expected {_type_name(tp)}, got {value!r} (YAML reads an unquoted "
+                    f'no, off, yes or on as a boolean): quote it, e.g. {key}: "no"'
+                )
         elif typing.get_origin(inner) is list:
             items = value.split(",") if from_text and isinstance(value, str) else value
             if isinstance(items, (list, tuple)):

@@ -151,19 +151,17 @@ def _load_fmnist_split(folder: Path, train: bool) -> ArrayImageDataset:
 
 def _fmnist_candidates(data_path: str | None) -> list[Path]:
     """Folders searched for Fashion-MNIST, in priority order."""
-    dirs = []
-    if data_path:
-        dirs += [Path(data_path), Path(data_path) / "FashionMNIST" / "raw"]
+    if data_path:  # only there: another idx dataset with a typo must not become Fashion-MNIST
+        return [Path(data_path), Path(data_path) / "FashionMNIST" / "raw"]
     # Read the module global at call time so tests (and users) can redirect it.
-    dirs.append(Path(DEBIAN_FMNIST_DIR))
-    return dirs
+    return [Path(DEBIAN_FMNIST_DIR)]
 
 
 def find_fashion_mnist(data_path: str | None) -> Path | None:
     """Return the first folder holding all four Fashion-MNIST idx files, or ``None``.
 
-    Searched in order: ``data_path``, ``data_path/FashionMNIST/raw`` (torchvision's layout),
-    then :data:`DEBIAN_FMNIST_DIR`. Each file may be gzip-compressed or not.
+    Searched: ``data_path``, then ``data_path/FashionMNIST/raw`` (torchvision's layout); without
+    ``data_path``, :data:`DEBIAN_FMNIST_DIR`. Each file may be gzip-compressed or not.
     """
     stems = [stem for pair in _FMNIST_STEMS.values() for stem in pair]
     for folder in _fmnist_candidates(data_path):
@@ -324,6 +322,12 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
     return ImageOps.posterize(img, bits_to_keep)
 
 
+def default_crop_pct(input_size: int) -> float:
+    """Evaluation crop: MAE's 224/256 up to 224 px and 1.0 above (its main_finetune.py); 1.0
+    for images of 32 px or less too, whose borders hold the object (Fashion-MNIST's 28 px)."""
+    return 0.875 if 32 < input_size <= 224 else 1.0
+
+
 def build_finetune_transform(
     input_size: int,
     in_chans: int,
@@ -333,9 +337,11 @@ def build_finetune_transform(
     reprob: float,
     remode: str,
     recount: int,
+    color_jitter: float | None = None,
 ) -> Transform:
     """MAE's fine-tuning augmentation through timm: random resized crop (0.08-1, bicubic),
-    flip, RandAugment ``aa``, random erasing ``reprob``."""
+    flip, RandAugment ``aa``, random erasing ``reprob``; colour jitter only if ``color_jitter``
+    is set and ``aa`` is not (timm's default would add 0.4 whenever ``aa`` is null)."""
     import timm.data.auto_augment as timm_aa
     from timm.data import create_transform
 
@@ -346,6 +352,7 @@ def build_finetune_transform(
         input_size,
         is_training=True,
         auto_augment=aa,
+        color_jitter=color_jitter,
         interpolation="bicubic",
         re_prob=reprob,
         re_mode=remode,

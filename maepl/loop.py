@@ -75,9 +75,13 @@ class Run:
     then the loop, then ``finish()``."""
 
     def __init__(self, cfg, desc: str):
+        # --eval reads weights and writes nothing in output_dir: not its config.yaml, log,
+        # TensorBoard events or checkpoints (evaluating a run's checkpoint leaves the run as it was)
+        self.read_only = bool(getattr(cfg, "eval", False))
         # on every rank, before rank 0 writes config.yaml (after the barrier below)
-        check_output_dir(cfg)
-        check_overwrite_keeps_sources(cfg)
+        if not self.read_only:
+            check_output_dir(cfg)
+            check_overwrite_keeps_sources(cfg)
         self.cfg, self.desc = cfg, desc
         self.precision = resolve_precision(cfg.mixed_precision)
         # Accelerate keeps one precision per process; a second run in the same process (a
@@ -96,12 +100,17 @@ class Run:
         self.main = acc.is_main_process
         self.out = Path(cfg.output_dir)
         self._resume_from = resolve_resume(cfg.resume, self.out)
-        if self._resume_from is not None and not getattr(cfg, "eval", False):
+        if self.read_only and cfg.resume and self._resume_from is None:
+            raise ConfigError(
+                f"resume: --eval --resume {cfg.resume} found no complete checkpoint under "
+                f"{self.out}; nothing trained to evaluate"
+            )
+        if self._resume_from is not None and not self.read_only:
             self._check_schedule(self._resume_from)
         # every rank has checked output_dir before rank 0 changes it: without this barrier a
         # late rank would find our config.yaml (or a half-deleted run) and refuse to start
         acc.wait_for_everyone()
-        if self.main:
+        if self.main and not self.read_only:
             if cfg.overwrite and not cfg.resume:
                 for stale in OVERWRITTEN:
                     p = self.out / stale
@@ -262,7 +271,7 @@ class Run:
             self.extra_state = meta.get("extra", {})
             self.saved_at = self.place()
             self.accelerator.print(f"resumed from {ckpt} at step {self.step} (epoch {self.epoch})")
-            if self.main and not getattr(cfg, "eval", False):
+            if self.main and not self.read_only:
                 # resumed from an older checkpoint: the later ones belong to the branch left
                 aside = set_aside_checkpoints_after(self.out, self.step)
                 if aside is not None:
@@ -272,7 +281,9 @@ class Run:
                         flush=True,
                     )
         self.tracker = Tracker(
-            self.out, enabled=self.main, resume_step=self.step if ckpt is not None else None
+            self.out,
+            enabled=self.main and not self.read_only,
+            resume_step=self.step if ckpt is not None else None,
         )
         # until this run logs: the last values logged before the checkpoint (a run resumed at
         # its last step reports its final losses, not none)

@@ -19,6 +19,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from .config import SHAPE_KEYS
+from .config_io import ConfigError
 from .models.pos_embed import sincos_2d
 
 # keys of MAE training that are not part of the encoder
@@ -34,8 +35,6 @@ def _record(path: str | Path, strict: bool = True) -> tuple[str, Path, dict] | N
     local-dir export) or ("run", file, the run config of mae.json / a checkpoint's state.json);
     None for foreign files. A config.json without ``architecture`` (a Hugging Face folder, say)
     is a ConfigError naming it if ``strict``, else read as foreign."""
-    from .config import ConfigError
-
     p = Path(path)
     folder = p if p.is_dir() else p.parent
     if (folder / "config.json").is_file():  # encoder / classifier export (timm layout)
@@ -147,18 +146,20 @@ def _load_pth(p: Path) -> dict[str, torch.Tensor]:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError) as e:
-        raise ValueError(
+    except (pickle.UnpicklingError, AttributeError) as e:  # what weights_only refuses
+        raise ConfigError(
             f"finetune: {p} needs more than tensors and plain containers to unpickle, so it was "
             f"refused (maepl reads .pth files only with torch.load(weights_only=True)): {e}"
         ) from None
+    except (RuntimeError, EOFError, OSError) as e:  # a truncated or corrupted file
+        raise ConfigError(f"finetune: {p} cannot be read as a torch file (damaged?): {e}") from None
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise ValueError(
+        raise ConfigError(
             f"finetune: {p} holds no state dict (expected tensors, or a 'model' entry)"
         )
     return obj
@@ -192,8 +193,12 @@ def load_encoder_weights(
         notes.append("pos_embed of the checkpoint unused (--pos_embed none)")
     elif "pos_embed" in sd and sd["pos_embed"].shape != model.pos_embed.shape:
         old = sd["pos_embed"].shape
+        # antialias off: MAE's interpolate_pos_embed (bicubic, no antialiasing), same values
         sd["pos_embed"] = resample_abs_pos_embed(
-            sd["pos_embed"], new_size=model.patch_embed.grid_size, num_prefix_tokens=prefix
+            sd["pos_embed"],
+            new_size=model.patch_embed.grid_size,
+            num_prefix_tokens=prefix,
+            antialias=False,
         )
         notes.append(f"pos_embed resampled {tuple(old)} -> {tuple(sd['pos_embed'].shape)}")
     if isinstance(model.norm, nn.Identity):  # average pooling: fc_norm replaces norm
@@ -215,12 +220,16 @@ def load_encoder_weights(
         allowed += ("fc_norm.weight", "fc_norm.bias")
     bad_missing = [k for k in missing if k not in allowed]
     if bad_missing or unexpected:
-        raise ValueError(
+        raise ConfigError(
             f"finetune: {path} does not fit {type(model).__name__}: missing keys "
             f"{bad_missing}, unexpected keys {list(unexpected)}"
         )
     if pos_embed == "sincos" and model.pos_embed is not None and not exact:
         fill_sincos(model)
+        if "pos_embed" in sd:
+            notes.append(
+                "pos_embed of the checkpoint replaced by fixed sin-cos (--pos_embed sincos)"
+            )
     return dict(missing=list(missing), unexpected=list(unexpected), notes=notes)
 
 
@@ -263,7 +272,7 @@ def _check_exact(model: nn.Module, sd: dict, head_params: dict, path) -> None:
             "global_pool token have norm.* instead)"
         )
     if problems:
-        raise ValueError(
+        raise ConfigError(
             f"finetune: {path} does not hold this model as it was trained: " + "; ".join(problems)
         )
 

@@ -70,6 +70,9 @@ def test_unknown_yaml_key_suggests_the_right_one(tmp_path):
         (["--pos_embed", "auto"], "pos_embed"),  # auto: fine-tuning and probing only
         (["--compile", "--compile_mode", "fast"], "compile_mode"),
         (["--compile_mode", "reduce-overhead"], "compile_mode"),  # without --compile
+        (["--seed", "-1"], "seed"),  # NumPy's seed range: set_seed would fail after output_dir
+        (["--std", "0"], "std: must be > 0"),
+        (["--mean", "nan"], "mean: must be finite"),
     ],
 )
 def test_bad_values_are_rejected_with_the_key(flags, key):
@@ -138,3 +141,50 @@ def test_none_on_the_command_line_is_a_value_for_string_keys():
     assert ft.pos_embed == "none"
     with pytest.raises(ConfigError, match="batch_size: may not be empty"):
         parse_config(PretrainConfig, base + ["--batch_size", "none"])
+
+
+FT = ["--model", "vit_tiny_patch16_224", "--dataset", "sample"]
+
+
+@pytest.mark.parametrize(
+    "flags, key",
+    [
+        (["--aa", "randaug-m9"], "aa: timm cannot build"),
+        (["--aa", "autoaug"], "aa: timm cannot build"),
+        (["--remode", "pixl"], "remode"),
+        (["--color_jitter", "-0.1"], "color_jitter"),
+        (["--batch_size", "7"], "batch_size: mixup/cutmix need an even"),
+    ],
+)
+def test_bad_finetune_augmentation_is_named_before_any_data(flags, key):
+    with pytest.raises(ConfigError, match=key):
+        parse_config(FinetuneConfig, FT + flags)
+    assert parse_config(FinetuneConfig, FT + ["--batch_size", "7", "--mixup", "0", "--cutmix", "0"])
+
+
+def test_yaml_spellings_the_command_line_accepts(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("dataset: sample\nblr: 1e-4\naa: none\n")  # YAML 1.1: 1e-4 is a string
+    cfg = parse_config(FinetuneConfig, ["--config", str(y), "--model", "vit_tiny_patch16_224"])
+    assert cfg.blr == 1e-4 and cfg.aa is None
+    y.write_text("dataset: sample\nmixed_precision: no\n")  # YAML 1.1: no is False
+    with pytest.raises(
+        ConfigError, match='mixed_precision: .*quote it, e.g. mixed_precision: "no"'
+    ):
+        parse_config(FinetuneConfig, ["--config", str(y), "--model", "vit_tiny_patch16_224"])
+
+
+def test_finetune_colour_jitter_only_when_asked_as_in_mae():
+    from torchvision import transforms
+
+    from maepl.data import build_finetune_transform, default_crop_pct
+
+    def jitters(**kw):
+        tf = build_finetune_transform(28, 1, [0.5], [0.5], None, 0.0, "pixel", 1, **kw)
+        return [t for t in tf.transforms[1].transforms if isinstance(t, transforms.ColorJitter)]
+
+    assert jitters() == [] and jitters(color_jitter=None) == []  # timm alone would add 0.4
+    (cj,) = jitters(color_jitter=0.4)
+    assert cj.brightness == (0.6, 1.4)
+    # MAE's evaluation crop: 224/256 up to 224 px, 1.0 above; 1.0 for small images
+    assert [default_crop_pct(s) for s in (28, 32, 64, 224, 384)] == [1.0, 1.0, 0.875, 0.875, 1.0]

@@ -127,12 +127,26 @@ def test_fashion_mnist_missing_mentions_download(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(data, "DEBIAN_FMNIST_DIR", str(tmp_path / "no-debian"))
-    assert find_fashion_mnist(str(tmp_path)) is None
+    assert find_fashion_mnist(None) is None
     with pytest.raises(FileNotFoundError) as info:
-        build_dataset("fashion-mnist", str(tmp_path), train=True)
+        build_dataset("fashion-mnist", None, train=True)
     msg = str(info.value)
     assert "--download" in msg and "apt-get install dataset-fashion-mnist" in msg
-    assert str(tmp_path / "FashionMNIST" / "raw") in msg and "no-debian" in msg
+    assert "no-debian" in msg
+
+
+def test_a_data_path_without_the_files_does_not_fall_back_to_the_system_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a mistyped data_path (other idx data: MNIST, KMNIST) must not silently become Fashion-MNIST
+    tiny_fmnist(tmp_path / "system", compress=True)
+    monkeypatch.setattr(data, "DEBIAN_FMNIST_DIR", str(tmp_path / "system"))
+    assert find_fashion_mnist(None) == tmp_path / "system"
+    assert find_fashion_mnist(str(tmp_path / "typo")) is None
+    with pytest.raises(FileNotFoundError) as info:
+        build_dataset("fashion-mnist", str(tmp_path / "typo"), train=True)
+    msg = str(info.value)
+    assert str(tmp_path / "typo" / "FashionMNIST" / "raw") in msg and "system" not in msg
 
 
 def test_unknown_dataset() -> None:

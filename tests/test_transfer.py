@@ -547,3 +547,83 @@ def test_crop_probe_runs_and_every_export_sees_the_same_crops(pretrained, tmp_pa
     keys = ("clean", "crop_train", "crop_test")
     assert len(rows) == 2 and all(0 <= row[k] <= 100 for row in rows for k in keys)
     assert [rows[0][k] for k in keys] == [rows[1][k] for k in keys]
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_eval_of_a_checkpoint_leaves_its_run_as_it_was(colours, token_classifier, tmp_path):
+    """--eval --resume <checkpoint> in the run's own output_dir reads it and writes nothing:
+    before session 8 it cut log.jsonl back to the checkpoint's step, purged TensorBoard events
+    and replaced config.yaml with the evaluation's."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(token_classifier[0], run)
+    before = files_of(run)
+    (ckpt,) = sorted((run / "checkpoints").glob("step_*"))[:1]
+    args = ["--resume", str(ckpt), "--eval", "--global_pool", "token"]
+    top = finetune.main(parse_config(FinetuneConfig, ft_args(colours, run, *args)))
+    assert top["n"] > 0 and 0 <= top["top1"] <= 100
+    assert files_of(run) == before
+    # and --eval with nothing to evaluate is refused, for both scripts
+    with pytest.raises(ConfigError, match="eval: needs the weights"):
+        parse_config(FinetuneConfig, ft_args(colours, tmp_path / "x", "--eval"))
+    args = ["--finetune", str(token_classifier[0] / "export" / "last"), "--eval"]
+    with pytest.raises(ConfigError, match="eval: needs --resume"):
+        parse_config(LinprobeConfig, args + ["--data_path", str(colours)])
+    cfg = parse_config(
+        FinetuneConfig, ft_args(colours, tmp_path / "empty", "--eval", "--resume", "auto")
+    )
+    with pytest.raises(ConfigError, match="resume: --eval --resume auto found no complete"):
+        finetune.main(cfg)
+
+
+def test_weights_that_do_not_fit_leave_no_run_behind(colours, pretrained, tmp_path):
+    """Loading fails before Run writes config.yaml, so the corrected command can use the same
+    output_dir (before session 8 it was refused: 'already holds a run')."""
+    sd = load_file(pretrained / "export" / "encoder" / "model.safetensors")
+    del sd["blocks.1.attn.qkv.weight"]
+    save_file(sd, tmp_path / "broken.safetensors")
+    out = tmp_path / "ft"
+    args = ["--finetune", str(tmp_path / "broken.safetensors"), "--epochs", "1"]
+    cfg = parse_config(FinetuneConfig, ft_args(colours, out, *args))
+    with pytest.raises(ConfigError, match=r"blocks\.1\.attn\.qkv\.weight"):
+        finetune.main(cfg)
+    assert not out.exists()
+
+
+def test_loading_reports_replaced_pe_resamples_as_mae_and_names_damaged_files(pretrained, tmp_path):
+    import torch.nn.functional as F
+
+    export = pretrained / "export" / "encoder"
+    model = tiny_vit(img_size=16, num_classes=3)
+    report = load_encoder_weights(model, export, "sincos")
+    assert any("replaced by fixed sin-cos" in n for n in report["notes"])
+    # another grid: the values of MAE's interpolate_pos_embed (bicubic, no antialiasing)
+    model = tiny_vit(img_size=28, num_classes=3)
+    load_encoder_weights(model, export, "learned")
+    pe = load_file(export / "model.safetensors")["pos_embed"]
+    grid = pe[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, size=(7, 7), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(model.pos_embed[:, 1:], want.permute(0, 2, 3, 1).reshape(1, 49, 32))
+    # a truncated .pth is called damaged, not refused as unsafe
+    torch.save({"model": load_file(export / "model.safetensors")}, tmp_path / "w.pth")
+    data = (tmp_path / "w.pth").read_bytes()
+    (tmp_path / "trunc.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError, match="cannot be read as a torch file"):
+        read_state_dict(tmp_path / "trunc.pth")
+
+
+def test_linprobe_of_a_vit_without_class_token(tmp_path):
+    # token pooling is refused by name before any data; average pooling keeps the final norm
+    base = ["--model", "vit_medium_patch16_gap_256", "--input_size", "32", "--patch_size", "16"]
+    base += ["--embed_dim", "32", "--depth", "1", "--num_heads", "2", "--dataset", "sample"]
+    base += ["--output_dir", str(tmp_path / "lp")]
+    with pytest.raises(ConfigError, match="global_pool: token pooling needs a class token"):
+        parse_config(LinprobeConfig, base)
+    cfg = parse_config(LinprobeConfig, base + ["--global_pool", "avg"])
+    probe, _ = linprobe.build_probe(cfg, 10)
+    assert probe.encoder.cls_token is None and isinstance(probe.encoder.norm, torch.nn.LayerNorm)
+    assert probe.features(torch.randn(2, 3, 32, 32)).shape == (2, 32)
