@@ -35,6 +35,7 @@ import contextlib
 import gc
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -200,6 +201,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [c for c in args.only if c not in CONFIGS]
     if unknown or not args.only:
         p.error(f"--only: unknown config(s) {unknown}; choose from {', '.join(CONFIGS)}")
+    stream = [c for c in args.only if c in BF16_STREAM]
+    if stream and args.precision != "bf16":
+        p.error(f"--only {','.join(stream)}: a bf16 residual stream needs --precision bf16")
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0 or args.windows < 1:
         p.error("--batch_size and --steps must be >= 1, --warmup >= 0, --windows >= 1")
     return args
@@ -475,8 +479,12 @@ def report_line(r: dict) -> None:
     )
 
 
-def run_sequential(args: argparse.Namespace, shape: dict, imgs: torch.Tensor) -> list[dict]:
-    """Each config alone: build, warm up, time its windows, free it, then the next."""
+def run_sequential(
+    args: argparse.Namespace, shape: dict, imgs: torch.Tensor, done=lambda results: None
+) -> list[dict]:
+    """Each config alone: build, warm up, time its windows, free it, then the next; ``done``
+    gets the results so far after each (``--json`` is rewritten, so a run cut short by a time
+    limit keeps the configurations it finished)."""
     results = []
     for name in args.only:
         if args.compile:
@@ -487,6 +495,7 @@ def run_sequential(args: argparse.Namespace, shape: dict, imgs: torch.Tensor) ->
             runner.run(size, timed=True)
         results.append(runner.result(args.batch_size))
         report_line(results[-1])
+        done(results)
         if args.profile:
             print(runner.profile(args.profile), flush=True)
         del runner
@@ -494,7 +503,9 @@ def run_sequential(args: argparse.Namespace, shape: dict, imgs: torch.Tensor) ->
     return results
 
 
-def run_interleaved(args: argparse.Namespace, shape: dict, imgs: torch.Tensor) -> list[dict]:
+def run_interleaved(
+    args: argparse.Namespace, shape: dict, imgs: torch.Tensor, done=lambda results: None
+) -> list[dict]:
     """All configs resident; each warmed up, then one timed window per config per round, the
     order rotating every round, so slow drifts of the machine hit every config alike."""
     runners = []
@@ -578,9 +589,37 @@ def main(argv: list[str] | None = None) -> int:
     imgs = torch.randn(
         args.batch_size, shape["in_chans"], shape["input_size"], shape["input_size"], device=device
     )
+    arch = {k: v for k, v in shape.items() if k not in ("batch_size", "steps", "warmup")}
+    meta = dict(
+        device=device_name,
+        torch=torch.__version__,
+        timm=timm.__version__,
+        transformers=transformers.__version__ if transformers else None,
+        preset=args.preset,
+        shape=arch,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        compile=args.compile,
+        compile_mode=args.compile_mode,
+        sdpa=args.sdpa,
+        warmup=args.warmup,
+        steps=args.steps,
+        windows=min(args.windows, args.steps),
+        schedule=args.schedule,
+        seed=args.seed,
+    )
+
+    def write_json(results: list[dict], ratio: float | None = None, complete: bool = False):
+        if args.json:
+            tmp = f"{args.json}.tmp"
+            with open(tmp, "w") as f:
+                out = dict(meta=meta, results=results, ratio_vs_hf=ratio, complete=complete)
+                json.dump(out, f, indent=2)
+            os.replace(tmp, args.json)
+
     t_all = time.perf_counter()
     run = run_sequential if args.schedule == "sequential" else run_interleaved
-    results = run(args, shape, imgs)
+    results = run(args, shape, imgs, write_json)
     total_s = time.perf_counter() - t_all
 
     print()
@@ -607,28 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     hf = by_name.get("hf")
     ratio = plain["img_per_s"] / hf["img_per_s"] if plain and hf else float("nan")
     if args.json:
-        arch = {k: v for k, v in shape.items() if k not in ("batch_size", "steps", "warmup")}
-        meta = dict(
-            device=device_name,
-            torch=torch.__version__,
-            timm=timm.__version__,
-            transformers=transformers.__version__ if transformers else None,
-            preset=args.preset,
-            shape=arch,
-            batch_size=args.batch_size,
-            precision=args.precision,
-            compile=args.compile,
-            compile_mode=args.compile_mode,
-            sdpa=args.sdpa,
-            warmup=args.warmup,
-            steps=args.steps,
-            windows=min(args.windows, args.steps),
-            schedule=args.schedule,
-            seed=args.seed,
-        )
-        with open(args.json, "w") as f:
-            ratio_json = ratio if math.isfinite(ratio) else None
-            json.dump(dict(meta=meta, results=results, ratio_vs_hf=ratio_json), f, indent=2)
+        write_json(results, ratio if math.isfinite(ratio) else None, complete=True)
         print(f"wrote {args.json}")
     print(f"ratio_vs_hf={ratio:.3f}")
     return 0

@@ -66,12 +66,48 @@ def test_quality_smoke_budget(tmp_path):
     assert f"({sum(x > 0 for x in d)}/2 up)" in gains
 
 
-def test_throughput_prints_its_ratio_last():
+def test_throughput_prints_its_ratio_last(tmp_path, monkeypatch):
     r = run("benchmarks/throughput.py", "--only", "plain,apl", "--steps", "2", "--warmup", "1")
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
     assert lines[-1] == "ratio_vs_hf=nan"  # hf not run
     assert any(line.strip().startswith("apl") and "img/s" in line for line in lines)
+    # a bf16 residual stream without bf16 autocast is refused by name, before any work
+    r = run("benchmarks/throughput.py", "--only", "plain,apl_bf16s", "--precision", "no")
+    assert r.returncode == 2 and "apl_bf16s: a bf16 residual stream needs" in r.stderr
+    # sequential: the JSON is rewritten after each configuration, so a cut run keeps them
+    throughput = load_script("throughput")
+    seen = []
+    monkeypatch.setattr(
+        throughput,
+        "report_line",
+        lambda res: seen.append(
+            json.loads((tmp_path / "t.json").read_text())["results"]
+            if (tmp_path / "t.json").exists()
+            else []
+        ),
+    )
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "throughput.py",
+            "--only",
+            "plain,apl",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--schedule",
+            "sequential",
+            "--json",
+            str(tmp_path / "t.json"),
+        ],
+    )
+    assert throughput.main() == 0
+    assert [len(s) for s in seen] == [0, 1]  # before each config's line: the ones before it
+    final = json.loads((tmp_path / "t.json").read_text())
+    assert final["complete"] and [r["name"] for r in final["results"]] == ["plain", "apl"]
 
 
 def test_throughput_bf16_levers_train_like_autocast():
