@@ -27,7 +27,7 @@ from maepl.config import SHAPE_KEYS, ConfigError, FinetuneConfig, parse_config
 from maepl.data import build_finetune_transform, build_transform, default_crop_pct, load_splits
 from maepl.export import export_encoder
 from maepl.loaders import SeededTransformDataset, chain_seed, eval_loader
-from maepl.loop import Run
+from maepl.loop import Run, check_run_dir
 from maepl.models.encoder import encoder_from_config, encoder_model_args
 from maepl.models.pos_labels import PositionLabeler
 from maepl.optim import build_adamw, param_groups_weight_decay
@@ -131,6 +131,7 @@ def main(cfg: FinetuneConfig) -> dict:
 
     # ------------------------------------------------------------------ model
     # built and loaded before Run writes anything: weights that do not fit leave no run behind
+    check_run_dir(cfg)  # (and an --overwrite that would delete them is refused before reading)
     set_seed(cfg.seed)  # identical initial weights on every rank
     model, report = build_classifier(cfg, nb_classes)
     run = Run(cfg, "finetune")

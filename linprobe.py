@@ -25,7 +25,7 @@ from maepl.config import SHAPE_KEYS, ConfigError, LinprobeConfig, parse_config
 from maepl.data import build_transform, default_crop_pct, load_splits
 from maepl.evaluate import knn_accuracy
 from maepl.loaders import SeededTransformDataset, eval_loader
-from maepl.loop import Run
+from maepl.loop import Run, check_run_dir
 from maepl.models.encoder import encoder_from_config
 from maepl.weights import load_encoder_weights
 
@@ -99,6 +99,7 @@ def main(cfg: LinprobeConfig) -> dict:
 
     # ------------------------------------------------------------------ model
     # built and loaded before Run writes anything: weights that do not fit leave no run behind
+    check_run_dir(cfg)  # (and an --overwrite that would delete them is refused before reading)
     set_seed(cfg.seed)
     model, report = build_probe(cfg, nb_classes)
     run = Run(cfg, "linprobe")

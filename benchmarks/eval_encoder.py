@@ -30,7 +30,11 @@ def main() -> None:
     p.add_argument("encoder", help="an export folder (export/encoder) holding config.json")
     p.add_argument("--dataset", default="fashion-mnist", choices=["sample", "fashion-mnist"])
     p.add_argument("--data_path", default=None)
-    p.add_argument("--random_init", action="store_true", help="same architecture, untrained")
+    p.add_argument(
+        "--random_init",
+        action="store_true",
+        help="same architecture, untrained (timm init, learned PE: not MAE's sin-cos random init)",
+    )
     p.add_argument("--probe_epochs", type=int, default=100)
     p.add_argument("--batch_size", type=int, default=512)
     p.add_argument("--num_workers", type=int, default=4)

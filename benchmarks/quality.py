@@ -226,6 +226,19 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace, out
             "resume": "auto" if args.resume else "",
         }
     ).validate()
+    if args.resume:  # a study's run continues only under the settings it was started with
+        from maepl.checkpoint import resolve_resume
+        from maepl.loop import changed_settings
+
+        ckpt = resolve_resume("auto", run_dir)
+        if ckpt is not None:
+            saved = json.loads((ckpt / "state.json").read_text()).get("config", {})
+            if changed := changed_settings(saved, cfg):
+                sys.exit(
+                    f"{name} seed {seed}: {ckpt} was trained with other settings ("
+                    + ", ".join(f"{k}: {a!r}, now {b!r}" for k, (a, b) in changed.items())
+                    + "); rerun with the same flags, or without --resume to start over"
+                )
     t0 = time.perf_counter()
     summary = pretrain.main(cfg)
     t1 = time.perf_counter()
@@ -309,7 +322,8 @@ def aggregate(rows: list[dict], keys: list[str]) -> dict[str, dict[str, str]]:
 
 
 def paired_gains(rows: list[dict], keys: list[str]) -> dict[str, dict[str, str]]:
-    """Each variant minus plain MAE of the same seed (same data order and initial encoder):
+    """Each variant minus plain MAE of the same seed (same data order and augmentations; the
+    initial weights and masks differ, since the variants' heads draw from the same RNG first):
     mean ± sd of the per-seed differences, and how many seeds gained."""
     mae = {r["seed"]: r for r in rows if r["variant"] == "mae"}
     table = {}

@@ -8,7 +8,9 @@ import threading
 import torch
 import torch.distributed as dist
 
-WORKER_GRACE_S = 30
+# long enough for a stop save written synchronously (a large model on slow storage); the
+# main process shuts its workers down itself once it has saved
+WORKER_GRACE_S = 600
 
 
 def _worker_sigterm(_signum, _frame) -> None:
@@ -18,7 +20,7 @@ def _worker_sigterm(_signum, _frame) -> None:
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGINT and outlive SIGTERM by 30 s.
+    """DataLoader ``worker_init_fn``: workers ignore SIGINT and outlive SIGTERM by 10 min.
 
     A scheduler signals the whole process group; workers that died at once would make the
     main process fail with "DataLoader worker exited unexpectedly" before it could save. The
@@ -68,9 +70,15 @@ class StopFlag:
         self._pending = (dist.all_reduce(value, group=self.group, async_op=True), value)
         return result
 
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    def settle(self) -> None:
+        """Collective: complete the all-reduce in flight (the loop has ended)."""
         if self._pending is not None:
             self._pending[0].wait()
             self._pending = None
+
+    def restore(self) -> None:
+        """Put the previous handlers back (the run is over: saved, exported, closed)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+        self.settle()

@@ -48,6 +48,24 @@ from .tracking import Tracker
 OVERWRITTEN = ("checkpoints", "tensorboard", "log.jsonl", "export", "vis")
 # settings in whose units a checkpoint counts its position (step, batch_in_epoch)
 SCHEDULE_KEYS = ("batch_size", "accum_iter", "num_processes")
+# keys a resume may change without changing what is trained (I/O, logging, the launch)
+RUN_KEYS = frozenset(
+    "config resume overwrite output_dir num_workers pin_mem log_every save_every "
+    "save_every_steps keep_last async_save profile_steps profile_start vis_every strict_data "
+    "download data_path compile compile_mode max_nonfinite eval max_steps".split()
+)
+
+
+def changed_settings(saved: dict, cfg) -> dict[str, tuple]:
+    """Training settings of ``cfg`` that differ from a checkpoint's recorded config ``saved``:
+    {key: (recorded, now)}. A resume may change them on purpose (``--epochs`` to extend a
+    schedule, as MAE users do); it is told, and ``benchmarks/quality.py`` refuses it."""
+    now = dataclasses.asdict(cfg)
+    return {
+        k: (saved[k], now[k])
+        for k in now
+        if k in saved and k not in RUN_KEYS and k not in SCHEDULE_KEYS and saved[k] != now[k]
+    }
 
 
 def check_overwrite_keeps_sources(cfg) -> None:
@@ -70,6 +88,14 @@ def check_overwrite_keeps_sources(cfg) -> None:
                 )
 
 
+def check_run_dir(cfg) -> None:
+    """What ``Run`` checks of ``output_dir`` before writing in it (nothing with ``--eval``,
+    which writes nothing); scripts that read weights before creating the Run call it first."""
+    if not getattr(cfg, "eval", False):
+        check_output_dir(cfg)
+        check_overwrite_keeps_sources(cfg)
+
+
 class Run:
     """One training run: call order is ``Run(cfg)``, ``plan()``, ``prepare()``, ``resume()``,
     then the loop, then ``finish()``."""
@@ -78,10 +104,7 @@ class Run:
         # --eval reads weights and writes nothing in output_dir: not its config.yaml, log,
         # TensorBoard events or checkpoints (evaluating a run's checkpoint leaves the run as it was)
         self.read_only = bool(getattr(cfg, "eval", False))
-        # on every rank, before rank 0 writes config.yaml (after the barrier below)
-        if not self.read_only:
-            check_output_dir(cfg)
-            check_overwrite_keeps_sources(cfg)
+        check_run_dir(cfg)  # on every rank, before rank 0 writes config.yaml (barrier below)
         self.cfg, self.desc = cfg, desc
         self.precision = resolve_precision(cfg.mixed_precision)
         # Accelerate keeps one precision per process; a second run in the same process (a
@@ -120,10 +143,13 @@ class Run:
         acc.wait_for_everyone()  # ... and none goes on before it is done
         self.step = self.epoch = self.batch_in_epoch = 0
         self.nonfinite_total = self.nonfinite_run = self.bad_images = 0
+        # bad_images counts all ranks: the count a checkpoint recorded + each rank's since
+        self._bad_base = self._bad_new = 0
         self.stopped, self.last_log = False, {}
         self.saved_at = (-1, -1, -1)  # place() of the last checkpoint saved or resumed from
         self.generator: torch.Generator | None = None
         self.extra_state: dict = {}  # script counters to checkpoint (e.g. best accuracy)
+        self.changed: dict[str, tuple] = {}  # training settings a resume changed (note, event)
         self.tracker: Tracker | None = None
         # on every rank (only the main one writes in it): save_checkpoint syncs ranks alike
         self.writer = CheckpointWriter() if cfg.async_save else None
@@ -256,6 +282,13 @@ class Run:
                     f"resume: {ckpt} was trained with other values of {', '.join(changed)} "
                     f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)})"
                 )
+            self.changed = changed_settings(saved, cfg)
+            if self.changed:
+                what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in self.changed.items())
+                self.accelerator.print(
+                    f"note: resuming {ckpt} with other training settings than it was trained "
+                    f"with: {what}"
+                )
             meta = load_checkpoint(
                 ckpt, self.accelerator, self.model, self.optimizer, self.generator
             )
@@ -268,6 +301,7 @@ class Run:
                 "bad_images",
             ):
                 setattr(self, key, meta[key])
+            self._bad_base = self.bad_images
             self.extra_state = meta.get("extra", {})
             self.saved_at = self.place()
             self.accelerator.print(f"resumed from {ckpt} at step {self.step} (epoch {self.epoch})")
@@ -283,8 +317,11 @@ class Run:
         self.tracker = Tracker(
             self.out,
             enabled=self.main and not self.read_only,
-            resume_step=self.step if ckpt is not None else None,
+            # --resume with no checkpoint found starts at step 0: a killed run's rows go
+            resume_step=self.step if ckpt is not None else (-1 if self.cfg.resume else None),
         )
+        if self.changed:  # the log keeps the record (config.yaml holds this launch's values)
+            self.tracker.event(self.step, "resumed_with_changed_settings", changed=self.changed)
         # until this run logs: the last values logged before the checkpoint (a run resumed at
         # its last step reports its final losses, not none)
         self.last_log = dict(self.tracker.last_values)
@@ -306,8 +343,16 @@ class Run:
         self._prefetcher = None
         self.profiler = Profiler(self) if self.cfg.profile_steps else None  # --profile_steps
 
+    def _count_bad(self, new_on_all_ranks: float | None = None) -> None:
+        """``bad_images`` over all ranks (collective unless the sum is given)."""
+        if new_on_all_ranks is None:
+            mine = torch.tensor([float(self._bad_new)], device=self.device)
+            new_on_all_ranks = self.accelerator.reduce(mine, "sum").item()
+        self.bad_images = self._bad_base + int(new_on_all_ranks)
+
     def save(self, with_grads: bool = False) -> None:
         self._settle()  # the counters below must be current
+        self._count_bad()
         state = dict(
             step=self.step,
             epoch=self.epoch,
@@ -351,12 +396,17 @@ class Run:
         """
         try:
             yield from self._batches(loader, sampler, on_epoch_end, augment)
+        except BaseException:
+            self.stop.restore()
+            raise
         finally:
             # persistent workers live on the loader: stop them now, also when the loop raised
             # (left to interpreter exit, their shutdown can stall)
             loader._iterator = None
             self.bar.close()
-            self.stop.restore()
+            # the handlers stay until close(): a SIGTERM during the final save or the exports
+            # (a scheduler signalling the group twice, say) only sets the flag
+            self.stop.settle()
 
     def _batches(self, loader, sampler, on_epoch_end, augment) -> Iterator:
         cfg = self.cfg
@@ -383,10 +433,11 @@ class Run:
                     if self.batch_in_epoch >= self.micro_per_epoch or self.step >= self.stop_step:
                         break
                     if bad:  # unreadable files, replaced in the batch by a readable one
-                        self.bad_images += len(bad)
+                        self._bad_new += len(bad)
                         msg = f"[rank {self.rank}] skipped unreadable images: {bad}"
                         print(msg, file=sys.stderr)
-                        self.tracker.event(self.step, "bad_images", files=bad)
+                        # the step this micro-batch belongs to (dropped on a resume before it)
+                        self.tracker.event(self.step + 1, "bad_images", files=bad)
                     # non_blocking: a blocking copy would make the host wait for the GPU every
                     # step (cudaStreamSynchronize), so it could not queue the next step ahead
                     yield (
@@ -495,8 +546,10 @@ class Run:
         # one host sync per log line: averages over finite micro-batches of all ranks
         self._settle()
         keys = list(self._sums)
-        packed = torch.stack([self._sums[k] for k in keys] + [self._finite])
+        bad = torch.full((), float(self._bad_new), device=self.device)
+        packed = torch.stack([self._sums[k] for k in keys] + [self._finite, bad])
         tot = self.accelerator.reduce(packed, "sum").tolist()
+        self._count_bad(tot.pop())
         dt = time.perf_counter() - self._t_log
         group = self.optimizer.param_groups[0]
         row = {k: v / max(tot[-1], 1.0) for k, v in zip(keys, tot[:-1], strict=True)}
@@ -590,6 +643,8 @@ class Run:
     def close(self) -> None:
         if self.writer is not None:
             self._writer_done(self.writer.wait)
+        if getattr(self, "stop", None) is not None:
+            self.stop.restore()
         if self.tracker is not None:
             self.tracker.close()
         self.accelerator.wait_for_everyone()

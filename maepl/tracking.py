@@ -9,6 +9,14 @@ from pathlib import Path
 import torch
 
 
+def _step_of(row: str) -> int | None:
+    """A log row's step; None for a row cut short (a kill or a full disk while writing)."""
+    try:
+        return json.loads(row).get("step", 0) if row.strip() else None
+    except ValueError:
+        return None
+
+
 class Tracker:
     """Writes ``log.jsonl`` (one JSON object per log step) and TensorBoard events.
 
@@ -37,7 +45,7 @@ class Tracker:
             # rows written after the checkpoint we resume from are replayed by this run:
             # keep the log a single, increasing history
             rows = path.read_text().splitlines(keepends=True)
-            kept = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= resume_step]
+            kept = [r for r in rows if (step := _step_of(r)) is not None and step <= resume_step]
             if len(kept) != len(rows):
                 tmp = path.with_suffix(".jsonl.tmp")
                 tmp.write_text("".join(kept))
@@ -52,7 +60,7 @@ class Tracker:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step hides events past the checkpoint that an interrupted run had written
-            purge = resume_step + 1 if resume_step is not None else None
+            purge = max(resume_step + 1, 0) if resume_step is not None else None
             self.writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=purge)
 
     def event(self, step: int, kind: str, **fields) -> None:

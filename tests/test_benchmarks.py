@@ -286,6 +286,9 @@ def test_quality_resume_continues_a_run_from_its_own_checkpoint(tmp_path):
     assert "resumed from" in r.stdout and "at step 3" in r.stdout
     second = json.loads((tmp_path / "rows" / "mae_s0.json").read_text())
     assert second["pretrain_s"] >= first["pretrain_s"]  # seconds add up over sessions
+    # a session with other training settings is refused by name: its row would mix two runs
+    r = run(*args, "--out", str(tmp_path), "--epochs", "2")
+    assert r.returncode != 0 and "was trained with other settings (epochs: 1, now 2)" in r.stderr
     assert second["probe_cls"] == first["probe_cls"]  # the same weights, read the same way
     # the study itself with --resume: the finished run is taken, not run again
     r = run(*SMOKE_MAE, "--resume", "--out", str(tmp_path))

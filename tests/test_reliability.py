@@ -1,5 +1,6 @@
 """The promises of docs/reliability.md, one test (or more) each."""
 
+import dataclasses
 import json
 import os
 import pickle
@@ -784,6 +785,94 @@ def test_pretraining_over_bad_images_logs_them(tmp_path):
     assert len(files) == 2 and any("empty.JPEG" in f for f in files)
     with pytest.raises(BadImageError):
         pretrain.main(parse_config(PretrainConfig, args + ["--strict_data", "--overwrite"]))
+
+
+def test_bad_images_of_every_process_are_counted(tmp_path):
+    """bad_images is the count over all ranks (each rank reads its own share of the files),
+    the same as one process counts (before session 8: rank 0's share only)."""
+    make_messy_folder(tmp_path / "data")
+    args = TINY[:4] + TINY[6:] + ["--dataset", "imagefolder", "--data_path", str(tmp_path / "data")]
+    args += ["--input_size", "16", "--batch_size", "2", "--epochs", "2", "--num_workers", "0"]
+    one = pretrain.main(parse_config(PretrainConfig, args + ["--output_dir", str(tmp_path / "1")]))
+    code = f"import sys; sys.path.insert(0, {ROOT!r})\n" + (
+        "import pretrain\nfrom maepl.config import PretrainConfig, parse_config\n"
+        "pretrain.main(parse_config(PretrainConfig, sys.argv[1:]))\n"
+    )
+    (rc0, err0), (rc1, err1) = launch_two(code, args + ["--output_dir", str(tmp_path / "2")], 29563)
+    assert rc0 == 0 and rc1 == 0, (err0 + err1)[-3000:]
+    two = json.loads((tmp_path / "2" / "summary.json").read_text())
+    assert one["bad_images"] == two["bad_images"] == 4  # 2 unreadable files x 2 epochs
+
+
+SIGTERM_IN_FINISH = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import maepl.loop as loop, pretrain
+from maepl.config import PretrainConfig, parse_config
+real_finish = loop.Run.finish
+def finish(self, *a, **k):  # a scheduler's second SIGTERM, as the run ends
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real_finish(self, *a, **k)
+loop.Run.finish = finish
+pretrain.main(parse_config(PretrainConfig, sys.argv[1:]))
+"""
+
+
+def test_a_signal_while_the_run_ends_still_saves_and_exports(tmp_path):
+    """The stop handlers stay until the run is closed: a SIGTERM during the final save and the
+    exports no longer kills the process there (before session 8: rc 143, no final checkpoint,
+    no exports)."""
+    out = tmp_path / "run"
+    args = [*TINY, "--batch_size", "8", "--max_steps", "8", "--save_every_steps", "5"]
+    args += ["--num_workers", "0", "--output_dir", str(out)]
+    r = subprocess.run(
+        [sys.executable, "-c", SIGTERM_IN_FINISH.format(root=ROOT), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert resolve_resume("auto", out) == out / "checkpoints" / "step_00000008"
+    assert (out / "export" / "encoder" / "model.safetensors").is_file()
+    assert json.loads((out / "summary.json").read_text())["step"] == 8
+
+
+def test_a_resume_with_other_training_settings_says_so(tmp_path, tiny_cfg, capsys):
+    """Changing --epochs (or blr, precision, ...) on resume is allowed, as in MAE, but printed
+    and recorded in log.jsonl; I/O settings (workers, logging) are not reported."""
+    cfg = tiny_cfg(max_steps=2)
+    pretrain.main(cfg)
+    capsys.readouterr()
+    more = dataclasses.replace(cfg, resume="auto", max_steps=4, epochs=3, blr=2e-3, num_workers=1)
+    pretrain.main(more)
+    out = capsys.readouterr().out
+    assert (
+        "other training settings than it was trained with: epochs 2 -> 3, blr 0.0015 -> 0.002"
+        in out
+    )
+    events = [json.loads(r) for r in (Path(cfg.output_dir) / "log.jsonl").read_text().splitlines()]
+    (ev,) = [e for e in events if e.get("event") == "resumed_with_changed_settings"]
+    assert ev["step"] == 2 and ev["changed"] == {"epochs": [2, 3], "blr": [0.0015, 0.002]}
+
+
+def test_a_resume_drops_log_rows_it_will_replay_or_cannot_read(tmp_path, tiny_cfg):
+    """--resume auto with no checkpoint yet (killed before the first save) starts at step 0:
+    the killed run's rows go. A row cut short (a kill or a full disk while writing) is
+    dropped instead of stopping every later resume."""
+    cfg = tiny_cfg(max_steps=4, log_every=1)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True)
+    stale = [{"step": s, "loss": 9.0} for s in (1, 2, 3)]
+    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale))
+    pretrain.main(dataclasses.replace(cfg, resume="auto"))
+    rows = scalar_rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["loss"] != 9.0 for r in rows)
+    with (out / "log.jsonl").open("a") as f:
+        f.write('{"step": 5, "time": 17')  # cut short
+    pretrain.main(dataclasses.replace(cfg, resume="auto", max_steps=6))
+    assert [r["step"] for r in scalar_rows(out)] == [1, 2, 3, 4, 5, 6]
 
 
 # ---------------------------------------------------------------------------- 6. configs, paths
