@@ -55,7 +55,9 @@ cap() {
 log versions
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, torchvision, timm, accelerate; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'accelerate', accelerate.__version__)"
-echo "cores $(OMP_NUM_THREADS= nproc); MPS control: $(command -v nvidia-cuda-mps-control || echo absent)"
+# the machine's cores (GNU nproc would report OMP_NUM_THREADS instead, if it is set)
+CORES=$(OMP_NUM_THREADS= nproc)
+echo "cores $CORES; MPS control: $(command -v nvidia-cuda-mps-control || echo absent)"
 
 sec_gputests() {
   log "the CUDA-only tests (skipped on CPU machines)"
@@ -134,7 +136,7 @@ sec_e2e() {
     timeout -k 10 "$(cap 120)" python -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks')
 from data_pipeline import write_synthetic
 n = int(sys.argv[1]); print('wrote', n, 'JPEGs,', write_synthetic(Path('/tmp/jpegs'), n, int(sys.argv[2])) // n // 1024, 'KiB mean')" \
-        "${E2E_IMAGES:-16000}" "$(OMP_NUM_THREADS= nproc)"
+        "${E2E_IMAGES:-16000}" "$CORES"
   fi
   # a small model first: its step is far faster than 6,000 img/s, so it shows what the input
   # pipeline delivers; then ViT-B/16, the real training speed
@@ -143,7 +145,7 @@ n = int(sys.argv[1]); print('wrote', n, 'JPEGs,', write_synthetic(Path('/tmp/jpe
   for model in ${E2E_MODELS:-vit_small_patch16_224 mae_vit_base_patch16}; do
     log "end to end: pretrain.py $model + APL 0.75, compiled, --data_pipeline gpu, batch 256"
     timeout -k 20 "$(cap 200)" python pretrain.py --model "$model" --data_path /tmp/jpegs \
-        --data_pipeline gpu --num_workers "$(($(OMP_NUM_THREADS= nproc) - 2))" --batch_size 256 --compile \
+        --data_pipeline gpu --num_workers "$((CORES - 2))" --batch_size 256 --compile \
         --max_steps "$steps" --log_every 10 --vis_every 100000 --pos_label abs \
         --pos_drop_ratio 0.75 --output_dir "/tmp/e2e_$model" --overwrite true \
         --profile_steps 4 --profile_start "$pstart" > "$OUT/e2e_$model.txt" 2>&1

@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 import finetune  # noqa: E402
 import linprobe  # noqa: E402
 import pretrain  # noqa: E402
+from maepl.checkpoint import write_text_atomic  # noqa: E402  (a study spans sessions)
 from maepl.config import (  # noqa: E402
     FinetuneConfig,
     LinprobeConfig,
@@ -245,7 +246,7 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace, out
     # pretraining seconds over all the sessions of a resumed run
     spent = run_dir / "pretrain_seconds.txt"
     earlier = float(spent.read_text()) if args.resume and spent.exists() else 0.0
-    write_atomic(spent, str(earlier + t1 - t0))
+    write_text_atomic(spent, str(earlier + t1 - t0))
     if summary["stopped_by_signal"]:
         sys.exit(f"{name} seed {seed}: stopped at step {summary['step']}; rerun with --resume")
     row = dict(
@@ -353,14 +354,6 @@ def row_path(out: Path, name: str, seed: int) -> Path:
     return out / "rows" / f"{name}_s{seed}.json"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Rows and results of a study that spans sessions: a process killed while writing one
-    leaves the earlier file, never a truncated one that the next ``--resume`` cannot read."""
-    tmp = path.with_name(f".tmp_{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int]], out: Path) -> list[str]:
     """Run jobs (in this process, or as subprocesses: ``--parallel`` of them sharing the device,
     and always under ``--time_limit`` so that a run can be killed at the deadline), each writing
@@ -372,7 +365,7 @@ def run_jobs(args: argparse.Namespace, jobs: list[tuple[str, int]], out: Path) -
             name, seed = pending.pop(0)
             if args.parallel == 1 and not args.time_limit:  # a limit needs killable runs
                 row = run_one(name, JOBS[name], seed, args, out)
-                write_atomic(row_path(out, name, seed), json.dumps(row))
+                write_text_atomic(row_path(out, name, seed), json.dumps(row))
                 continue
             cmd = [sys.executable, __file__, "--budget", args.budget, "--job", f"{name}:{seed}"]
             cmd += ["--out", str(out)]
@@ -461,7 +454,7 @@ def fill_linprobe(args: argparse.Namespace, jobs: list, done: dict, out: Path) -
                 args.mixed_precision or budget["pre"].get("mixed_precision", "auto"),
             )
         )
-        write_atomic(saved, json.dumps(row))
+        write_text_atomic(saved, json.dumps(row))
         print(f"--fill_lp: {name} seed {seed} lp_cls {row['lp_cls']:.2f} ({export})", flush=True)
 
 
@@ -565,7 +558,7 @@ def main() -> None:
     if args.job:
         name, seed = args.job.rsplit(":", 1)
         row = run_one(name, JOBS[name], int(seed), args, out)
-        write_atomic(row_path(out, name, int(seed)), json.dumps(row))
+        write_text_atomic(row_path(out, name, int(seed)), json.dumps(row))
         return
 
     epochs = args.epochs or BUDGETS[args.budget]["pre"]["epochs"]
@@ -614,7 +607,9 @@ def main() -> None:
         parallel=args.parallel,
         not_run=not_run,
     )
-    write_atomic(out / "results.json", json.dumps(dict(**meta, rows=rows, sweeps=sweeps), indent=1))
+    write_text_atomic(
+        out / "results.json", json.dumps(dict(**meta, rows=rows, sweeps=sweeps), indent=1)
+    )
     cols = ["seeds", *keys]
     lines = ["| variant | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += [
@@ -630,7 +625,7 @@ def main() -> None:
         ]
     if not_run:
         lines.append(f"\nnot run (time limit or failure): {', '.join(not_run)}")
-    write_atomic(out / "results.md", "\n".join(lines) + "\n")
+    write_text_atomic(out / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     if sweeps:
         base = done.get(("apl_drop", 0))

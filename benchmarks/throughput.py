@@ -35,7 +35,6 @@ import contextlib
 import gc
 import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -49,6 +48,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
 
+from maepl.checkpoint import write_text_atomic  # noqa: E402
 from maepl.models.encoder import build_encoder  # noqa: E402
 from maepl.models.mae import MaskedAutoencoder  # noqa: E402
 from maepl.optim import build_adamw, param_groups_weight_decay  # noqa: E402
@@ -519,6 +519,7 @@ def run_interleaved(
     results = [r.result(args.batch_size) for r in runners]
     for r in results:
         report_line(r)
+    done(results)
     for runner in runners if args.profile else []:
         print(runner.profile(args.profile), flush=True)
     del runners
@@ -611,11 +612,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def write_json(results: list[dict], ratio: float | None = None, complete: bool = False):
         if args.json:
-            tmp = f"{args.json}.tmp"
-            with open(tmp, "w") as f:
-                out = dict(meta=meta, results=results, ratio_vs_hf=ratio, complete=complete)
-                json.dump(out, f, indent=2)
-            os.replace(tmp, args.json)
+            out = dict(meta=meta, results=results, ratio_vs_hf=ratio, complete=complete)
+            write_text_atomic(args.json, json.dumps(out, indent=2))
 
     t_all = time.perf_counter()
     run = run_sequential if args.schedule == "sequential" else run_interleaved

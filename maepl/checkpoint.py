@@ -33,6 +33,15 @@ _STEP_RE = re.compile(r"^step_(\d{8})$")
 _REPLACED_RE = re.compile(r"^\.replaced_step_(\d{8})$")
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: a kill or
+    a full disk mid-write leaves the earlier file, never a truncated one."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp_{path.name}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses shared or non-contiguous storage; clone keeps the values exact
     return {k: v.detach().contiguous().clone().cpu() for k, v in sd.items()}

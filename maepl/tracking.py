@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import write_text_atomic
+
 
 def _step_of(row: str) -> int | None:
     """A log row's step; None for a row cut short (a kill or a full disk while writing)."""
@@ -47,9 +49,7 @@ class Tracker:
             rows = path.read_text().splitlines(keepends=True)
             kept = [r for r in rows if (step := _step_of(r)) is not None and step <= resume_step]
             if len(kept) != len(rows):
-                tmp = path.with_suffix(".jsonl.tmp")
-                tmp.write_text("".join(kept))
-                tmp.replace(path)
+                write_text_atomic(path, "".join(kept))
             train_rows = [row for row in map(json.loads, kept) if "loss" in row]
             if train_rows:
                 self.last_values = {

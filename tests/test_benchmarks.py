@@ -347,7 +347,7 @@ def test_quality_rows_are_replaced_whole(tmp_path, monkeypatch):
 
     quality = load_script("quality")
     row = tmp_path / "mae_s0.json"
-    quality.write_atomic(row, json.dumps({"probe_cls": 85.5}))
+    quality.write_text_atomic(row, json.dumps({"probe_cls": 85.5}))
     real_write = Path.write_text
 
     def half_then_full_disk(self, text, *a, **k):
@@ -356,7 +356,7 @@ def test_quality_rows_are_replaced_whole(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "write_text", half_then_full_disk)
     with pytest.raises(OSError):
-        quality.write_atomic(row, json.dumps({"probe_cls": 86.0, "lp_cls": 78.1}))
+        quality.write_text_atomic(row, json.dumps({"probe_cls": 86.0, "lp_cls": 78.1}))
     monkeypatch.undo()
     assert json.loads(row.read_text()) == {"probe_cls": 85.5}
 
