@@ -10,6 +10,7 @@
 #               once (MPS=1 starts NVIDIA MPS first so that they share the GPU instead of
 #               time-slicing it), merged with earlier sessions' rows (REUSE);
 #               QUALITY_MODE=reduce-overhead compiles them with CUDA graphs
+#   crops       gpu_crops.py: the GPU resize per image vs all crops of a batch at once
 #   throughput  pos_loss.py (the position loss alone, plain vs fused), then throughput.py
 #               ViT-B/16 compiled, THROUGHPUT_ONLY's configurations, each profiled (3 steps)
 #   pipeline    data_pipeline.py: cpu vs gpu (prefetched) vs gpu:inline, with a simulated step
@@ -20,7 +21,8 @@
 #               E2E_MODELS (ViT-S/16: what the pipeline feeds; ViT-B/16: the real speed): img/s
 #               per log window, to hold against throughput.py's synthetic-input figure
 #   sdpa        throughput.py plain, compiled, with each attention kernel forced (SDPA_KERNELS;
-#               auto picked cuDNN on the H100 with torch 2.11)
+#               auto picked cuDNN on the H100 with torch 2.11), compile caches off (a cached graph
+#               keeps the kernel it was traced with), 3 steps profiled: the kernels that ran
 #   graphs      throughput.py again with CUDA graphs (--compile_mode reduce-overhead), GRAPHS_ONLY
 # Sections run in the order SECTIONS lists them. BUDGET_S (seconds, whole script) caps every
 # section's timeout by the time left, and a section with under 40 s left is skipped, so the
@@ -40,7 +42,7 @@ VARIANTS=${VARIANTS:-mae,apl_drop,apl_no_pe,apl_pe_kept,apl_drop_smooth,rpl_drop
 REUSE=${REUSE:-benchmarks/results/quality_gpu.json}
 BUDGET_S=${BUDGET_S:-100000}
 THROUGHPUT_ONLY=${THROUGHPUT_ONLY:-plain,plain_bf16s,apl_bf16s,rpl,plain_bf16w,hf}
-GRAPHS_ONLY=${GRAPHS_ONLY:-plain,plain_bf16w}
+GRAPHS_ONLY=${GRAPHS_ONLY:-plain,plain_bf16s,apl_bf16s}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 log() { echo "=== $(date +%T) $*"; }
@@ -115,6 +117,11 @@ sec_quality() {
   done
 }
 
+sec_crops() {
+  log "the GPU resize alone: one interpolate per image vs the batched products (batch 256)"
+  timeout -k 20 "$(cap 90)" python benchmarks/gpu_crops.py --json "$OUT/gpu_crops.json" 2>&1 | tail -5
+}
+
 sec_throughput() {
   log "position loss alone (ViT-B/16 shapes): plain vs fused chunked cross-entropy, eager"
   timeout -k 20 "$(cap 90)" python benchmarks/pos_loss.py --json "$OUT/pos_loss.json" 2>&1 | tail -6
@@ -159,9 +166,12 @@ n = int(sys.argv[1]); print('wrote', n, 'JPEGs,', write_synthetic(Path('/tmp/jpe
 sec_sdpa() {
   for k in ${SDPA_KERNELS:-flash efficient}; do
     log "throughput: ViT-B/16 plain, compiled, attention kernel $k"
-    timeout -k 20 "$(cap 150)" python benchmarks/throughput.py --preset vit_base --compile --steps 15 \
-        --warmup 5 --only plain --sdpa "$k" > "/tmp/sdpa_$k.txt" 2>&1
+    TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 timeout -k 20 "$(cap 150)" python benchmarks/throughput.py \
+        --preset vit_base --compile --steps 15 --warmup 5 --only plain --sdpa "$k" --profile 3 \
+        > "/tmp/sdpa_$k.txt" 2>&1
     grep -E "^ *plain |Error" "/tmp/sdpa_$k.txt" | tail -2
+    # which attention kernels ran (cuDNN: cudnn..sdpa; flash: flash_fwd/bwd; efficient: fmha)
+    grep -i -E "sdpa|flash|fmha|attention" "/tmp/sdpa_$k.txt" | grep -v -E "^ *plain |^batch " | cut -c1-70 | sort -u | head -6
   done
 }
 
@@ -175,7 +185,7 @@ sec_graphs() {
 
 for section in ${SECTIONS//,/ }; do
   if ! declare -F "sec_$section" > /dev/null; then
-    echo "unknown section '$section' (gputests, calib, quality, throughput, pipeline, e2e, sdpa, graphs)"
+    echo "unknown section '$section' (gputests, calib, quality, crops, throughput, pipeline, e2e, sdpa, graphs)"
   elif [ $((BUDGET_S - SECONDS)) -lt 40 ]; then
     log "skipped $section: $((BUDGET_S - SECONDS)) s of BUDGET_S left"
   else

@@ -421,3 +421,18 @@ def test_quality_epochs_reach_every_run_and_reuse_checks_them(tmp_path):
     r = run(*SMOKE_MAE, "--reuse", str(tmp_path / "none.json"), "--out", str(tmp_path / "o"))
     assert r.returncode != 0 and "none.json: no such file" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_gpu_crops_times_both_resizes_and_they_agree(tmp_path):
+    out = tmp_path / "crops.json"
+    r = run(
+        "benchmarks/gpu_crops.py",
+        *("--device", "cpu", "--batch_size", "6", "--batches", "2", "--warmup", "1"),
+        *("--min_px", "40", "--max_px", "90", "--size", "32", "--json", str(out)),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1].startswith("batched_vs_per_image_wall=")
+    res = json.loads(out.read_text())
+    assert [x["name"] for x in res["results"]] == ["per_image", "batched"]
+    assert all(x["wall_ms"] > 0 and x["host_ms"] > 0 for x in res["results"])
+    assert res["max_diff"] < 0.02  # steps of 255, before rounding

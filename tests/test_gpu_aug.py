@@ -34,6 +34,8 @@ from maepl.gpu_aug import (
     nvjpeg_decodable,
     raw_dataset,
     resized_crop_batch,
+    resized_crop_one,
+    resized_crops,
 )
 from maepl.loaders import BadImageError, SeededTransformDataset
 
@@ -158,6 +160,53 @@ def test_grid_sample_crop_matches_torchvision_resized_crop(box):
     assert inside.sum() > out * out / 3
     torch.testing.assert_close(y[0][:, inside], ref[0][:, inside], atol=2e-3, rtol=0)
     torch.testing.assert_close(y[1], y[0].flip(-1), atol=0, rtol=0)  # a flip mirrors the output
+
+
+@pytest.mark.parametrize("luma", [False, True])
+@pytest.mark.parametrize("size", [24, 64])
+def test_batched_crops_equal_one_interpolate_per_image(size, luma):
+    """resized_crops (CUDA's path: crops on a canvas, two batched products) gives what
+    antialiased ``interpolate`` of each crop, then its flip, gives: downsampled and upsampled
+    crops, odd sizes, a 1-pixel crop, luma; one group, several, one crop per group. torch
+    computes the sampling positions in float32, resized_crops in float64: 0.02 of a step."""
+    gen = torch.Generator().manual_seed(size + luma)
+    shapes = [(h, w) for h, w in torch.randint(1, 130, (23, 2), generator=gen).tolist()]
+    imgs = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen) for h, w in shapes]
+    u = draw_uniforms(len(imgs), gen)
+    boxes, flip = crop_boxes(torch.tensor(shapes), u, (0.08, 1.0)), flips(u)
+    boxes[0] = torch.tensor([0, 0, 1, 1])  # a single pixel (when the first image is smaller)
+    assert flip.any() and not flip.all()
+    pairs = zip(imgs, boxes.tolist(), strict=True)
+    ref = torch.stack([resized_crop_one(im, b, size, luma) for im, b in pairs])
+    ref = torch.where(flip.view(-1, 1, 1, 1), ref.flip(-1), ref)
+    assert ref.shape == (23, 1 if luma else 3, size, size)
+    whole = resized_crops(imgs, boxes, flip, size, luma)
+    torch.testing.assert_close(whole, ref, atol=0.02, rtol=0)
+    for budget in (3 * 64 * 64, 1):  # several groups; one crop per group (over the budget)
+        torch.testing.assert_close(
+            resized_crops(imgs, boxes, flip, size, luma, canvas_elems=budget),
+            whole,
+            atol=1e-3,
+            rtol=0,
+        )
+
+
+def test_batched_resize_in_the_augmentation_keeps_crops_flips_and_bad_images(tmp_path):
+    """GpuAugment with the batched resize (CUDA's default) equals its per-image resize (the
+    CPU's) to one step of 255 after rounding, the unreadable files replaced alike."""
+    make_messy_folder(tmp_path / "data")
+    jpeg_folder(tmp_path / "data", 6)
+    raw = build_dataset("imagefolder", str(tmp_path / "data"), train=True)
+    batch = EncodedImages.collate_fn([raw_dataset(raw)[k] for k in range(len(raw))])[0]
+    for chans in (3, 1):
+        aug = GpuAugment(32, chans, (0.5,) * chans, (0.5,) * chans, 0.2, 0, 0, "cpu")
+        assert not aug.batched_resize
+        x, bad = aug(batch, 1, 2)
+        aug.batched_resize = True
+        y, bad_y = aug(batch, 1, 2)
+        assert bad_y == bad and len(bad) == 2
+        steps = ((y - x) * 0.5 * 255).abs()  # normalised with std 0.5: back to steps of 255
+        assert steps.max() <= 1 + 1e-4 and steps.mean() < 0.01, (steps.max(), steps.mean())
 
 
 def smooth_image(h: int, w: int, seed: int) -> np.ndarray:
@@ -497,6 +546,28 @@ def test_cuda_augment_equals_cpu_augment(tmp_path, monkeypatch):
     d = (levels(x_geo) - levels(x_cpu)).abs()
     assert bad_geo == bad_cpu
     assert d.max() <= 1.0 + 1e-6 and d.mean() < 0.05, f"max {d.max():.2f}, mean {d.mean():.3f}"
+
+
+@cuda
+@pytest.mark.parametrize("tf32", [False, True])
+def test_cuda_batched_crops_equal_the_cpu_per_image_resize(tf32, monkeypatch):
+    """On CUDA, with TF32 products allowed or not (then the products run in float64), the
+    batched resize gives the CPU's per-image ``interpolate`` to 0.02 of a step."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    gen = torch.Generator().manual_seed(5)
+    shapes = torch.randint(40, 400, (40, 2), generator=gen)
+    imgs = [
+        torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen)
+        for h, w in shapes.tolist()
+    ]
+    u = draw_uniforms(len(imgs), gen)
+    boxes, flip = crop_boxes(shapes, u, (0.2, 1.0)), flips(u)
+    ref = torch.stack(
+        [resized_crop_one(im, b, 224) for im, b in zip(imgs, boxes.tolist(), strict=True)]
+    )
+    ref = torch.where(flip.view(-1, 1, 1, 1), ref.flip(-1), ref)
+    y = resized_crops([im.cuda() for im in imgs], boxes, flip, 224)
+    torch.testing.assert_close(y.cpu(), ref, atol=0.02, rtol=0)
 
 
 def test_augment_decoded_is_the_call_after_decoding(tmp_path):

@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""The resize of ``--data_pipeline gpu`` alone: one antialiased ``interpolate`` per image (the
+CPU's path, and CUDA's before session 9) vs all crops of a batch at once
+(``maepl.gpu_aug.resized_crops``: crops on a canvas, two batched products).
+
+    python benchmarks/gpu_crops.py                        # batch 256 of 256-384 px images -> 224
+    python benchmarks/gpu_crops.py --device cpu --batch_size 32 --batches 3
+
+Decoded uint8 RGB images of random sizes (``--min_px``..``--max_px`` a side) wait on the device;
+each batch draws RandomResizedCrop boxes (scale 0.2-1) and flips as ``GpuAugment`` does. Per
+batch: host ms (the Python and launch work of one call, what the prefetch thread spends) and
+wall ms (calls back to back, synchronised at the end: the device's time where it is the
+slower one). Also prints the largest difference between the two outputs, in steps of 255.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from maepl.gpu_aug import crop_boxes, draw_uniforms, flips, resized_crop_one, resized_crops  # noqa: E402
+
+
+def per_image(imgs, boxes, flip, size):
+    x = torch.stack(
+        [resized_crop_one(im, b, size) for im, b in zip(imgs, boxes.tolist(), strict=True)]
+    )
+    return torch.where(flip.to(x.device, non_blocking=True).view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def batched(imgs, boxes, flip, size):
+    return resized_crops(imgs, boxes, flip, size)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--batches", type=int, default=20, help="timed batches per method")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--min_px", type=int, default=256)
+    p.add_argument("--max_px", type=int, default=384)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(0)
+    shapes = torch.randint(args.min_px, args.max_px + 1, (args.batch_size, 2), generator=gen)
+    imgs = [
+        torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen).to(device)
+        for h, w in shapes.tolist()
+    ]
+    draws = [draw_uniforms(args.batch_size, gen) for _ in range(args.warmup + args.batches)]
+    params = [(crop_boxes(shapes, u, (0.2, 1.0)), flips(u)) for u in draws]
+    print(
+        f"device {device}, torch {torch.__version__}, batch {args.batch_size} of "
+        f"{args.min_px}-{args.max_px} px -> {args.size}, {args.batches} timed batches"
+    )
+    results, outs = [], {}
+    for name, fn in (("per_image", per_image), ("batched", batched)):
+        for boxes, flip in params[: args.warmup]:
+            fn(imgs, boxes, flip, args.size)
+        sync(device)
+        host = []
+        start = time.perf_counter()
+        for boxes, flip in params[args.warmup :]:
+            t = time.perf_counter()
+            out = fn(imgs, boxes, flip, args.size)
+            host.append((time.perf_counter() - t) * 1000)
+        sync(device)
+        wall = (time.perf_counter() - start) * 1000 / args.batches
+        outs[name] = out.float().cpu()
+        row = {
+            "name": name,
+            "host_ms": statistics.median(host),
+            "wall_ms": wall,
+            "img_per_s": args.batch_size / wall * 1000,
+        }
+        results.append(row)
+        print(
+            f"  {name:10s} host {row['host_ms']:8.2f} ms/batch  wall {wall:8.2f} ms/batch  "
+            f"{row['img_per_s']:9.0f} img/s"
+        )
+    diff = (outs["batched"] - outs["per_image"]).abs().max().item()
+    print(f"max |batched - per_image| {diff:.4f} steps of 255 (last batch, before rounding)")
+    print(f"batched_vs_per_image_wall={results[1]['wall_ms'] / results[0]['wall_ms']:.3f}")
+    if args.json:
+        meta = {"device": str(device), "torch": torch.__version__, **vars(args)}
+        meta["json"] = str(args.json)
+        if device.type == "cuda":
+            meta["device_name"] = torch.cuda.get_device_name(device)
+        args.json.write_text(
+            json.dumps({"meta": meta, "results": results, "max_diff": diff}, indent=1)
+        )
+
+
+if __name__ == "__main__":
+    main()
