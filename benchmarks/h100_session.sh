@@ -120,6 +120,7 @@ sec_quality() {
 sec_crops() {
   log "the GPU resize alone: one interpolate per image vs the batched products (batch 256)"
   timeout -k 20 "$(cap 90)" python benchmarks/gpu_crops.py --json "$OUT/gpu_crops.json" 2>&1 | tail -5
+  timeout -k 20 "$(cap 60)" python benchmarks/gpu_crops.py --tf32 2>&1 | tail -4  # float64 path
 }
 
 sec_throughput() {
@@ -171,7 +172,8 @@ sec_sdpa() {
         > "/tmp/sdpa_$k.txt" 2>&1
     grep -E "^ *plain |Error" "/tmp/sdpa_$k.txt" | tail -2
     # which attention kernels ran (cuDNN: cudnn..sdpa; flash: flash_fwd/bwd; efficient: fmha)
-    grep -i -E "sdpa|flash|fmha|attention" "/tmp/sdpa_$k.txt" | grep -v -E "^ *plain |^batch " | cut -c1-70 | sort -u | head -6
+    grep -i -E "sdpa|flash|fmha|attention" "/tmp/sdpa_$k.txt" | grep -v -E "^ *plain |^batch " \
+        | sed 's/^ *//' | cut -c1-70 | sort -u | head -8
   done
 }
 

@@ -155,7 +155,8 @@ def resized_crop_one(
     )[0]
 
 
-# float elements of one resampling group's canvas (256 MiB in float32); a larger group is split
+# values of one resampling group's canvas (256 MiB in float32, 512 in float64); a larger group
+# is split, except that a single larger crop makes a group of its own
 CANVAS_ELEMS = 1 << 26
 
 
@@ -193,6 +194,22 @@ def aa_weights(
     return out.scatter_add_(2, idx.clamp_(max=span - 1).long(), w.to(dtype))
 
 
+def tf32_products() -> bool:
+    """Whether float32 CUDA matrix products may run in TF32, under the legacy switches
+    (``allow_tf32``, ``set_float32_matmul_precision``) or the newer ``fp32_precision`` (after
+    which reading the legacy ones raises). If it cannot tell, True: the caller stays exact."""
+    matmul = torch.backends.cuda.matmul
+    new = getattr(matmul, "fp32_precision", "none")
+    if new == "none":  # inherits the global setting
+        new = getattr(torch.backends, "fp32_precision", "none")
+    if new != "none":
+        return new != "ieee"
+    try:
+        return bool(matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:  # legacy and new settings mixed
+        return True
+
+
 def resized_crops(
     imgs: Sequence[torch.Tensor],
     boxes: torch.Tensor,
@@ -204,21 +221,25 @@ def resized_crops(
     """uint8 ``[C, H, W]`` images (any sizes, one device) -> float ``[n, C', size, size]``:
     crop ``boxes`` (host, ``[n, 4]`` top, left, height, width), (RGB -> luma,) antialiased
     bicubic resize, then ``flip`` (host, ``[n]``): what ``resized_crop_one`` and a flip give
-    each image, in a few batched kernels instead of several per image.
+    each image, with one copy kernel per image (its crop onto the canvas) and about 15 per
+    group, where per-image resizing takes two kernels an image and the Python around them.
 
     The crops are copied into a zero canvas, grouped by size (largest first, each group's canvas
     at most ``canvas_elems`` floats unless one crop is larger), and each group is resized by two
     batched products with the separable weights of :func:`aa_weights` (a flip reverses the
     rows of the width matrix). On CUDA with TF32 products allowed, the products run in float64,
-    so that the result stays that of the float32 ``interpolate``.
+    so that the result stays that of the float32 ``interpolate`` (fast on an H100; on GPUs with
+    slow float64 keep TF32 off). Autocast is turned off inside. The dense products do about
+    size / 4 times the multiply-adds of a separable filter: cheap on a GPU, not on a CPU.
     """
+    with torch.autocast(imgs[0].device.type, enabled=False):
+        return _resized_crops(imgs, boxes, flip, size, luma, canvas_elems)
+
+
+def _resized_crops(imgs, boxes, flip, size, luma, canvas_elems) -> torch.Tensor:
     n = len(imgs)
     dev = imgs[0].device
-    dtype = torch.float32
-    if dev.type == "cuda" and (
-        torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
-    ):
-        dtype = torch.float64
+    dtype = torch.float64 if dev.type == "cuda" and tf32_products() else torch.float32
     hw, box = boxes[:, 2:].long(), boxes.long().tolist()
     order = torch.argsort(hw[:, 0] * hw[:, 1], descending=True, stable=True).tolist()
     c_in = imgs[0].shape[0]
@@ -534,10 +555,10 @@ class GpuAugment:
     def _resize(
         self, imgs: list[torch.Tensor], boxes: torch.Tensor, flip: torch.Tensor, luma: bool
     ) -> torch.Tensor:
-        """Each crop resized, then flipped. On CUDA in a few batched kernels (per-image
-        resizing launched two kernels an image from Python: 7.8 ms of device time and most of
-        the prefetch thread's 43-71 ms of host time a ViT-B batch on the H100, session 9); on a
-        CPU per image, which computes far less than the batched dense products."""
+        """Each crop resized, then flipped. On CUDA batched (``resized_crops``): per-image
+        resizing launched two kernels an image from Python, 7.8 ms of device time a ViT-B step
+        on the H100 (session 9); on a CPU per image, which computes far less than the dense
+        products."""
         if self.batched_resize:
             return resized_crops(imgs, boxes, flip, self.size, luma)
         boxes_l = boxes.tolist()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,7 @@ from maepl.gpu_aug import (
 )
 from maepl.loaders import BadImageError, SeededTransformDataset
 
+from .conftest import ROOT
 from .test_reliability import TINY, make_messy_folder
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec (docs/pretrain.md)
@@ -550,9 +553,11 @@ def test_cuda_augment_equals_cpu_augment(tmp_path, monkeypatch):
 
 @cuda
 @pytest.mark.parametrize("tf32", [False, True])
-def test_cuda_batched_crops_equal_the_cpu_per_image_resize(tf32, monkeypatch):
-    """On CUDA, with TF32 products allowed or not (then the products run in float64), the
-    batched resize gives the CPU's per-image ``interpolate`` to 0.02 of a step."""
+@pytest.mark.parametrize("luma", [False, True])
+def test_cuda_batched_crops_equal_the_cpu_per_image_resize(tf32, luma, monkeypatch):
+    """On CUDA, with TF32 products allowed or not (then the products run in float64), in one
+    group or several, the batched resize gives the CPU's per-image ``interpolate`` to 0.02 of a
+    step, and never makes the host wait for the GPU (torch's sync debug mode raises if so)."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
     gen = torch.Generator().manual_seed(5)
     shapes = torch.randint(40, 400, (40, 2), generator=gen)
@@ -562,12 +567,52 @@ def test_cuda_batched_crops_equal_the_cpu_per_image_resize(tf32, monkeypatch):
     ]
     u = draw_uniforms(len(imgs), gen)
     boxes, flip = crop_boxes(shapes, u, (0.2, 1.0)), flips(u)
-    ref = torch.stack(
-        [resized_crop_one(im, b, 224) for im, b in zip(imgs, boxes.tolist(), strict=True)]
-    )
+    pairs = zip(imgs, boxes.tolist(), strict=True)
+    ref = torch.stack([resized_crop_one(im, b, 224, luma) for im, b in pairs])
     ref = torch.where(flip.view(-1, 1, 1, 1), ref.flip(-1), ref)
-    y = resized_crops([im.cuda() for im in imgs], boxes, flip, 224)
-    torch.testing.assert_close(y.cpu(), ref, atol=0.02, rtol=0)
+    on_gpu = [im.cuda() for im in imgs]
+    torch.cuda.synchronize()
+    for budget in (1 << 26, 3 * 200 * 200):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            y = resized_crops(on_gpu, boxes, flip, 224, luma, canvas_elems=budget)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.testing.assert_close(y.cpu(), ref, atol=0.02, rtol=0)
+
+
+def test_tf32_products_reads_the_legacy_and_the_new_precision_settings():
+    """Under the newer fp32_precision setting, reading the legacy allow_tf32 raises; the check
+    must answer under both (each case in its own process: the settings are global)."""
+    cases = {
+        "pass": "False",
+        "torch.backends.cuda.matmul.allow_tf32 = True": "True",
+        "torch.set_float32_matmul_precision('high')": "True",
+        "torch.backends.cuda.matmul.fp32_precision = 'tf32'": "True",
+        "torch.backends.cuda.matmul.fp32_precision = 'ieee'": "False",
+    }
+    for setting, answer in cases.items():
+        code = f"import torch; {setting}; from maepl.gpu_aug import tf32_products as f; print(f())"
+        r = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.strip() == answer, (setting, r.stdout)
+
+
+def test_same_size_arrays_larger_than_the_input_take_the_batched_resize_alike():
+    """Arrays larger than ``input_size`` (28 px at 16) go through _resize: the batched path
+    (CUDA's) equals the per-image one to a step of 255, RGB arrays turned to luma included."""
+    gen = torch.Generator().manual_seed(3)
+    for c, chans in ((1, 1), (3, 3), (3, 1)):
+        imgs = torch.randint(0, 256, (8, c, 28, 28), dtype=torch.uint8, generator=gen)
+        aug = GpuAugment(16, chans, (0.5,) * chans, (0.5,) * chans, 0.2, 0, 0, "cpu")
+        x, _ = aug(imgs, 0, 1)
+        aug.batched_resize = True
+        y, _ = aug(imgs, 0, 1)
+        assert y.shape == x.shape == (8, chans, 16, 16)
+        steps = ((y - x) * 0.5 * 255).abs()
+        assert steps.max() <= 1 + 1e-4 and steps.mean() < 0.01, (c, chans, steps.max())
 
 
 def test_augment_decoded_is_the_call_after_decoding(tmp_path):
