@@ -196,3 +196,58 @@ def test_fused_linear_cross_entropy_keeps_small_float16_gradients():
     torch.testing.assert_close(gz, gz_ref, atol=1e-6, rtol=5e-2)
     g_w = fused.head.classifier.weight.grad.double() / 1024
     torch.testing.assert_close(g_w, g_ref["head.classifier.weight"], atol=1e-5, rtol=5e-2)
+
+
+def _unfolded_loss(lab: PositionLabeler, z, pos, sigma, noise):
+    """The head as defined (last Linear, then the classifier), for the folded path to match."""
+    if lab.kind == "abs":
+        feats, labels = lab.head.features(z), pos
+    else:
+        labels, pairs = rel_labels(pos, lab.grid_h, lab.grid_w).flatten(1), None
+        if lab.num_pairs:
+            m = z.shape[1]
+            flat = torch.argsort(noise, dim=1)[:, : lab.num_pairs]
+            pairs, labels = torch.stack([flat // m, flat % m], -1), torch.gather(labels, 1, flat)
+        feats = lab.head.features(z, pairs)
+    logits = lab.head.classifier(feats.flatten(0, -2))[:, : lab.head.num_classes]
+    return position_loss(logits, labels.flatten(), lab.coords, sigma)[0]
+
+
+@pytest.mark.parametrize("chunk", [0, 7])
+@pytest.mark.parametrize(
+    "kind, pairs, sigma", [("abs", 0, None), ("abs", 0, 1.5), ("rel", 0, None), ("rel", 10, 0.7)]
+)
+def test_folded_classifier_gives_the_unfolded_loss_and_gradients(kind, pairs, sigma, chunk):
+    """Training folds the head's last Linear into the classifier (one product over the rows
+    instead of two): the loss and every gradient are those of the layers applied in turn."""
+    torch.manual_seed(1)
+    lab = PositionLabeler(kind, 16, 3, 4, pairs=pairs, ce_chunk=chunk).double()
+    z, noise = torch.randn(3, 5, 16, dtype=torch.float64), torch.rand(3, 25)
+    pos = torch.stack([torch.randperm(12)[:5] for _ in range(3)])
+    loss, _, gz, grads = _loss_and_grads(lab, z, pos, sigma, noise)
+    lab.zero_grad()
+    z_ref = z.clone().requires_grad_(True)
+    ref = _unfolded_loss(lab, z_ref, pos, sigma, noise)
+    ref.backward()
+    # the fused loss computes its log-probabilities in float32 whatever the input's dtype
+    tol = dict(atol=1e-12, rtol=1e-9) if chunk == 0 else dict(atol=1e-7, rtol=1e-4)
+    torch.testing.assert_close(loss, ref.detach(), **tol)
+    torch.testing.assert_close(gz, z_ref.grad, **tol)
+    for name, p in lab.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, **tol, msg=name)
+        assert p.grad.abs().sum() > 0, name  # every layer, the folded ones too, is trained
+
+
+def test_folded_classifier_under_bf16_autocast_and_compile():
+    """The fold runs in float32 outside autocast and compiles without a graph break; the
+    loss stays within bf16 rounding of the float32 head's."""
+    torch.manual_seed(0)
+    lab = PositionLabeler("rel", 32, 4, 4)
+    z, pos = torch.randn(4, 6, 32), torch.stack([torch.randperm(16)[:6] for _ in range(4)])
+    ref = lab(z, pos)[0]
+    compiled = torch.compile(lab, backend="aot_eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = compiled(z, pos)
+    loss.backward()
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 0.02 * ref.item()
+    assert lab.head.fc2.weight.grad.abs().sum() > 0

@@ -135,7 +135,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(
     h: torch.Tensor,
-    classifier: nn.Linear,
+    classifier: nn.Linear | tuple[torch.Tensor, torch.Tensor],
     num_classes: int,
     labels: torch.Tensor,
     coords: torch.Tensor,
@@ -143,12 +143,33 @@ def linear_cross_entropy(
     chunk: int = 32768,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``position_loss(classifier(h)[:, :num_classes], labels, coords, sigma)`` without keeping
-    the logits: same loss, accuracy and gradients (up to rounding), less memory and traffic."""
+    the logits: same loss, accuracy and gradients (up to rounding), less memory and traffic.
+    ``classifier``: a Linear, or its (weight, bias)."""
     if sigma is not None and not torch.is_tensor(sigma):
         sigma = torch.full((), float(sigma), device=h.device)
-    return _LinearCrossEntropy.apply(
-        h, classifier.weight, classifier.bias, labels, coords, sigma, num_classes, chunk
+    weight, bias = (
+        classifier if isinstance(classifier, tuple) else (classifier.weight, classifier.bias)
     )
+    return _LinearCrossEntropy.apply(h, weight, bias, labels, coords, sigma, num_classes, chunk)
+
+
+def folded_classifier(
+    linear: nn.Linear, classifier: nn.Linear, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, b) with ``classifier(linear(h)) = h @ W.T + b``: W = Wc Wl, b = Wc bl + bc.
+
+    The heads end in a Linear followed by the classifier with no nonlinearity between them, so
+    the two products over every labelled row (RPL: 331,776 pair rows a ViT-B/16 step) can be one
+    with the folded matrix, computed once a step. The parameters, their gradients (autograd
+    goes through the fold) and the checkpoints are those of the two layers: the same model,
+    computed in another order. The fold is computed in float32 (float64 for float64 weights)
+    outside autocast and returned in ``dtype``, the rows' dtype."""
+    wide = torch.promote_types(classifier.weight.dtype, torch.float32)
+    with torch.autocast(classifier.weight.device.type, enabled=False):
+        wc = classifier.weight.to(wide)
+        weight = wc @ linear.weight.to(wide)
+        bias = classifier.bias.to(wide) + wc @ linear.bias.to(wide)
+    return weight.to(dtype), bias.to(dtype)
 
 
 def padded(num_classes: int, multiple: int = 16) -> int:
@@ -173,6 +194,15 @@ class AbsPosHead(nn.Module):
     def features(self, z: torch.Tensor) -> torch.Tensor:
         """z: [N, m, C] encoder outputs -> the classifier's input [N, m, in_dim/2]."""
         return self.mlp(z[..., : self.in_dim])
+
+    def hidden(self, z: torch.Tensor) -> torch.Tensor:
+        """The input of the MLP's last Linear (``last``), which training folds into the
+        classifier (:func:`folded_classifier`)."""
+        return self.mlp[1](self.mlp[0](z[..., : self.in_dim]))
+
+    @property
+    def last(self) -> nn.Linear:
+        return self.mlp[2]
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """z: [N, m, C] encoder outputs -> logits [N, m, h*w]."""
@@ -210,6 +240,14 @@ class RelPosHead(nn.Module):
     def features(self, z: torch.Tensor, pairs: torch.Tensor | None = None) -> torch.Tensor:
         """The classifier's input: [N, m, m, in_dim], or [N, K, in_dim] for ``pairs``."""
         return self.fc2(self.act(self.pair_hidden(z, pairs)))
+
+    def hidden(self, z: torch.Tensor, pairs: torch.Tensor | None = None) -> torch.Tensor:
+        """The input of ``fc2`` (``last``), which training folds into the classifier."""
+        return self.act(self.pair_hidden(z, pairs))
+
+    @property
+    def last(self) -> nn.Linear:
+        return self.fc2
 
     def forward(self, z: torch.Tensor, pairs: torch.Tensor | None = None) -> torch.Tensor:
         """z: [N, m, C] -> logits [N, m, m, (2h-1)(2w-1)], or [N, K, classes] for ``pairs``."""
@@ -269,7 +307,7 @@ class PositionLabeler(nn.Module):
         (required when ``pairs`` > 0).
         """
         if self.kind == "abs":
-            feats, labels = self.head.features(z), abs_labels(pos)
+            hidden, labels = self.head.hidden(z), abs_labels(pos)
         else:
             labels = rel_labels(pos, self.grid_h, self.grid_w).flatten(1)  # [N, m*m]
             pairs = None
@@ -279,11 +317,14 @@ class PositionLabeler(nn.Module):
                 flat = torch.argsort(pair_noise, dim=1)[:, : self.num_pairs]
                 pairs = torch.stack([flat // m, flat % m], dim=-1)
                 labels = torch.gather(labels, 1, flat)
-            feats = self.head.features(z, pairs)
-        feats, labels = feats.flatten(0, -2), labels.flatten()
-        classifier, classes = self.head.classifier, self.head.num_classes
+            hidden = self.head.hidden(z, pairs)
+        hidden, labels = hidden.flatten(0, -2), labels.flatten()
+        # the head's last Linear and the classifier as one product over the rows
+        weight, bias = folded_classifier(self.head.last, self.head.classifier, hidden.dtype)
+        classes = self.head.num_classes
         if self.ce_chunk:
             return linear_cross_entropy(
-                feats, classifier, classes, labels, self.coords, sigma, self.ce_chunk
+                hidden, (weight, bias), classes, labels, self.coords, sigma, self.ce_chunk
             )
-        return position_loss(classifier(feats)[:, :classes], labels, self.coords, sigma)
+        logits = F.linear(hidden, weight, bias)[:, :classes]
+        return position_loss(logits, labels, self.coords, sigma)
