@@ -367,6 +367,7 @@ class Runner:
         self.loss = float("nan")
 
     def step(self) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the last step's outputs are done
         with autocast_ctx(self.device, self.precision):
             loss = self.loss_fn()
         if self.scaler is not None:

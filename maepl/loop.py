@@ -438,6 +438,9 @@ class Run:
                         print(msg, file=sys.stderr)
                         # the step this micro-batch belongs to (dropped on a resume before it)
                         self.tracker.event(self.step + 1, "bad_images", files=bad)
+                    if cfg.compile:  # CUDA graphs (reduce-overhead): a new step begins, whose
+                        # replay may reuse the last one's output memory (those are consumed)
+                        torch.compiler.cudagraph_mark_step_begin()
                     # non_blocking: a blocking copy would make the host wait for the GPU every
                     # step (cudaStreamSynchronize), so it could not queue the next step ahead
                     yield (

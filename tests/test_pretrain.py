@@ -283,6 +283,32 @@ def test_cuda_steps_never_make_the_host_wait_for_the_gpu(tiny_cfg, monkeypatch, 
     assert summary["step"] == 8 and np.isfinite(summary["loss"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_train_like_the_default_compile(tiny_cfg, tmp_path):
+    """--compile_mode reduce-overhead (CUDA graphs: each replay reuses the last one's output
+    memory) logs the losses of the default compile, step for step, and finishes with its
+    exports."""
+    logs = []
+    for mode in ("default", "reduce-overhead"):
+        out = tmp_path / mode
+        cfg = tiny_cfg(
+            max_steps=40,
+            log_every=4,
+            vis_every=1000,
+            pos_label="abs",
+            compile=True,
+            compile_mode=mode,
+            output_dir=str(out),
+        )
+        summary = pretrain.main(cfg)
+        assert summary["step"] == 40 and (out / "export" / "mae.safetensors").exists()
+        logs.append(read_log(out))
+    for default, graphs in zip(*logs, strict=True):
+        assert default["step"] == graphs["step"]
+        for key in ("loss", "mae_loss", "pos_loss", "pos_acc"):
+            assert graphs[key] == pytest.approx(default[key], rel=2e-2, abs=1e-3), key
+
+
 @pytest.mark.parametrize("pipeline", ["cpu", "gpu"])
 def test_log_lines_say_how_long_the_loop_waited_for_data(tiny_cfg, monkeypatch, pipeline):
     """data_ms: the loop's wait for its batches per step (a loader slowed by 30 ms a batch shows
