@@ -264,6 +264,15 @@ def _validate_common(cfg: TrainConfig) -> None:
     )
     for key in ("batch_size", "accum_iter", "epochs", "log_every", "save_every", "max_nonfinite"):
         _check(getattr(cfg, key) >= 1, key, f"must be >= 1, got {getattr(cfg, key)}")
+    # CUDA graphs own the .grad tensors their backward makes: the next micro-batch's replay
+    # overwrites them, so gradients cannot be accumulated (pytorch/pytorch#169545)
+    _check(
+        cfg.accum_iter == 1 or not cfg.compile or cfg.compile_mode not in modes[1:3],
+        "compile_mode",
+        f"{cfg.compile_mode!r} records CUDA graphs, which cannot accumulate gradients over "
+        f"accum_iter={cfg.accum_iter} micro-batches: use 'default' or "
+        "'max-autotune-no-cudagraphs', or accum_iter 1",
+    )
     for key in (
         "max_steps",
         "num_workers",

@@ -439,7 +439,8 @@ class Run:
                         # the step this micro-batch belongs to (dropped on a resume before it)
                         self.tracker.event(self.step + 1, "bad_images", files=bad)
                     if cfg.compile:  # CUDA graphs (reduce-overhead): a new step begins, whose
-                        # replay may reuse the last one's output memory (those are consumed)
+                        # replay may reuse the last one's output memory (end_micro has copied
+                        # the metrics; accum_iter > 1 is refused with CUDA graphs: .grad)
                         torch.compiler.cudagraph_mark_step_begin()
                     # non_blocking: a blocking copy would make the host wait for the GPU every
                     # step (cudaStreamSynchronize), so it could not queue the next step ahead

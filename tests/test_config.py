@@ -70,6 +70,9 @@ def test_unknown_yaml_key_suggests_the_right_one(tmp_path):
         (["--pos_embed", "auto"], "pos_embed"),  # auto: fine-tuning and probing only
         (["--compile", "--compile_mode", "fast"], "compile_mode"),
         (["--compile_mode", "reduce-overhead"], "compile_mode"),  # without --compile
+        # CUDA graphs cannot accumulate gradients over micro-batches
+        (["--compile", "--compile_mode", "reduce-overhead", "--accum_iter", "2"], "accum_iter=2"),
+        (["--compile", "--compile_mode", "max-autotune", "--accum_iter", "4"], "CUDA graphs"),
         (["--seed", "-1"], "seed"),  # NumPy's seed range: set_seed would fail after output_dir
         (["--std", "0"], "std: must be > 0"),
         (["--mean", "nan"], "mean: must be finite"),
@@ -188,3 +191,9 @@ def test_finetune_colour_jitter_only_when_asked_as_in_mae():
     assert cj.brightness == (0.6, 1.4)
     # MAE's evaluation crop: 224/256 up to 224 px, 1.0 above; 1.0 for small images
     assert [default_crop_pct(s) for s in (28, 32, 64, 224, 384)] == [1.0, 1.0, 0.875, 0.875, 1.0]
+
+
+def test_accumulation_is_allowed_where_no_cuda_graphs_are_recorded():
+    base = ["--model", "mae_vit_micro_patch4_28", "--dataset", "sample", "--accum_iter", "2"]
+    for extra in ([], ["--compile"], ["--compile", "--compile_mode", "max-autotune-no-cudagraphs"]):
+        assert parse_config(PretrainConfig, base + extra).accum_iter == 2

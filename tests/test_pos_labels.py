@@ -251,3 +251,27 @@ def test_folded_classifier_under_bf16_autocast_and_compile():
     loss.backward()
     assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 0.02 * ref.item()
     assert lab.head.fc2.weight.grad.abs().sum() > 0
+
+
+def test_fused_loss_under_float16_autocast_keeps_small_weight_gradients():
+    """float32 weights under float16 autocast with a GradScaler-style scaled loss: the fused
+    loss's classifier gradients (the folded one's, which reach fc2 and the classifier) stay
+    float32 until the scale is applied; cast to float16 first they lost 21-33 %."""
+    torch.manual_seed(0)
+    ref = PositionLabeler("rel", 16, 6, 6).double()
+    with torch.no_grad():
+        ref.head.fc1.bias.zero_()
+        ref.head.fc2.bias.zero_()
+    lab = PositionLabeler("rel", 16, 6, 6, ce_chunk=4096)
+    lab.load_state_dict(ref.state_dict())
+    z = 3e-4 * torch.randn(50, 20, 16, dtype=torch.float64)  # small features: small gradients
+    pos = torch.stack([torch.randperm(36)[:20] for _ in range(50)])
+    ref(z, pos)[0].backward()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss, _ = lab(z.float(), pos)
+    (loss * 65536.0).backward()
+    for name in ("head.classifier.weight", "head.fc2.weight"):
+        got = dict(lab.named_parameters())[name].grad.double() / 65536.0
+        want = dict(ref.named_parameters())[name].grad
+        err = (got - want).abs().max() / want.abs().max()
+        assert err < 0.01, (name, float(err))

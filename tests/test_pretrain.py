@@ -305,8 +305,10 @@ def test_cuda_graphs_train_like_the_default_compile(tiny_cfg, tmp_path):
         logs.append(read_log(out))
     for default, graphs in zip(*logs, strict=True):
         assert default["step"] == graphs["step"]
-        for key in ("loss", "mae_loss", "pos_loss", "pos_acc"):
+        for key in ("loss", "mae_loss", "pos_loss"):
             assert graphs[key] == pytest.approx(default[key], rel=2e-2, abs=1e-3), key
+        # a log row's accuracy counts 4 x 32 x 9 = 1,152 tokens: a few argmax flips apart
+        assert graphs["pos_acc"] == pytest.approx(default["pos_acc"], abs=6 / 1152)
 
 
 @pytest.mark.parametrize("pipeline", ["cpu", "gpu"])

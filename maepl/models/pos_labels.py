@@ -121,7 +121,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_w += (gd.t() @ hc).float()
             grad_b += g.sum(0)
         grad_w, grad_b = grad_w.mul_(1.0 / n), grad_b.mul_(1.0 / n)
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), grad_b.to(bias.dtype))
+        # kept in float32: scaled in the backward first (a GradScaler's scale), then autograd
+        # casts them to the weight's dtype (float16 would flush these small values to zero)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
         acc = correct / n
         ctx.mark_non_differentiable(acc)
         return loss / n, acc
