@@ -13,11 +13,18 @@ what the prefetch thread spends) and wall ms (calls back to back, synchronised a
 device's time where it is the slower one). ``--tf32`` allows TF32 products, under which the
 batched path computes in float64 to stay exact. Also prints the largest difference between the
 two outputs, in steps of 255.
+
+``--jpegs`` (default on; ``--jpegs 0`` skips it) also times what the prefetch thread of
+``pretrain.py --data_pipeline gpu`` does per batch, on JPEGs of ``data_pipeline.py``'s synthetic
+photos encoded at quality 90: ``decode`` (``decode_batch``: nvJPEG on CUDA) alone, then
+``augment`` (``GpuAugment``: decode, crops, flips, normalisation) with the per-image and the
+batched resize: how the prefetch thread's milliseconds divide.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import statistics
 import sys
@@ -28,7 +35,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from maepl.gpu_aug import crop_boxes, draw_uniforms, flips, resized_crop_one, resized_crops  # noqa: E402
+from maepl.gpu_aug import (  # noqa: E402
+    EncodedBatch,
+    GpuAugment,
+    crop_boxes,
+    decode_batch,
+    draw_uniforms,
+    flips,
+    resized_crop_one,
+    resized_crops,
+)
 
 
 def per_image(imgs, boxes, flip, size):
@@ -57,6 +73,7 @@ def main() -> None:
     p.add_argument("--max_px", type=int, default=384)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--tf32", action="store_true", help="allow TF32 products (batched: float64)")
+    p.add_argument("--jpegs", type=int, default=1, help="also time decode and augment (0: no)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -74,19 +91,21 @@ def main() -> None:
         f"{args.min_px}-{args.max_px} px -> {args.size}, {args.batches} timed batches"
     )
     results, outs = [], {}
-    for name, fn in (("per_image", per_image), ("batched", batched)):
-        for boxes, flip in params[: args.warmup]:
-            fn(imgs, boxes, flip, args.size)
+
+    def timed(name, calls):
+        """``calls``: warm-up calls then timed ones (each returns the batch's images)."""
+        for call in calls[: args.warmup]:
+            call()
         sync(device)
         host = []
         start = time.perf_counter()
-        for boxes, flip in params[args.warmup :]:
+        for call in calls[args.warmup :]:
             t = time.perf_counter()
-            out = fn(imgs, boxes, flip, args.size)
+            out = call()
             host.append((time.perf_counter() - t) * 1000)
         sync(device)
         wall = (time.perf_counter() - start) * 1000 / args.batches
-        outs[name] = out.float().cpu()
+        outs[name] = out
         row = {
             "name": name,
             "host_ms": statistics.fmean(host),
@@ -95,10 +114,32 @@ def main() -> None:
         }
         results.append(row)
         print(
-            f"  {name:10s} host {row['host_ms']:8.2f} ms/batch  wall {wall:8.2f} ms/batch  "
+            f"  {name:16s} host {row['host_ms']:8.2f} ms/batch  wall {wall:8.2f} ms/batch  "
             f"{row['img_per_s']:9.0f} img/s"
         )
-    diff = (outs["batched"] - outs["per_image"]).abs().max().item()
+
+    for name, fn in (("per_image", per_image), ("batched", batched)):
+        timed(name, [lambda b=b, f=f, fn=fn: fn(imgs, b, f, args.size) for b, f in params])
+    diff = (outs["batched"].float().cpu() - outs["per_image"].float().cpu()).abs().max().item()
+    if args.jpegs:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from data_pipeline import synthetic_image
+
+        data = []
+        for k in range(args.batch_size):
+            buf = io.BytesIO()
+            synthetic_image(k).save(buf, "JPEG", quality=90)
+            data.append(torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8))
+        batch = EncodedBatch(data, [f"synthetic_{k}.JPEG" for k in range(args.batch_size)])
+        kib = batch.flat.numel() / args.batch_size / 1024
+        print(f"JPEGs: {args.batch_size} synthetic photos, {kib:.0f} KiB mean, quality 90")
+        n = args.warmup + args.batches
+        timed("decode", [lambda: decode_batch(batch.data, device, batch.nvjpeg)[0][0]] * n)
+        aug = GpuAugment(args.size, 3, (0.5,) * 3, (0.5,) * 3, 0.2, 0, 0, device)
+        for resize in ("per_image", "batched"):
+            aug.batched_resize = resize == "batched"
+            calls = [lambda k=k: aug(batch, 0, k)[0] for k in range(n)]
+            timed(f"augment_{resize}", calls)
     print(f"max |batched - per_image| {diff:.4f} steps of 255 (last batch, before rounding)")
     print(f"batched_vs_per_image_wall={results[1]['wall_ms'] / results[0]['wall_ms']:.3f}")
     if args.json:

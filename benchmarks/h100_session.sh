@@ -10,7 +10,8 @@
 #               once (MPS=1 starts NVIDIA MPS first so that they share the GPU instead of
 #               time-slicing it), merged with earlier sessions' rows (REUSE);
 #               QUALITY_MODE=reduce-overhead compiles them with CUDA graphs
-#   crops       gpu_crops.py: the GPU resize per image vs all crops of a batch at once
+#   crops       gpu_crops.py: the GPU resize per image vs all crops of a batch at once, and
+#               the prefetch thread's work per batch (decode alone, decode + crops)
 #   throughput  pos_loss.py (the position loss alone, plain vs fused), then throughput.py
 #               ViT-B/16 compiled, THROUGHPUT_ONLY's configurations, each profiled (3 steps)
 #   pipeline    data_pipeline.py: cpu vs gpu (prefetched) vs gpu:inline, with a simulated step
@@ -118,9 +119,9 @@ sec_quality() {
 }
 
 sec_crops() {
-  log "the GPU resize alone: one interpolate per image vs the batched products (batch 256)"
+  log "the GPU resize: per image vs batched; decode and augment per batch (batch 256)"
   timeout -k 20 "$(cap 90)" python benchmarks/gpu_crops.py --json "$OUT/gpu_crops.json" 2>&1 | tail -5
-  timeout -k 20 "$(cap 60)" python benchmarks/gpu_crops.py --tf32 2>&1 | tail -4  # float64 path
+  timeout -k 20 "$(cap 60)" python benchmarks/gpu_crops.py --tf32 --jpegs 0 2>&1 | tail -4  # float64
 }
 
 sec_throughput() {

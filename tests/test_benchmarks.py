@@ -433,6 +433,7 @@ def test_gpu_crops_times_both_resizes_and_they_agree(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1].startswith("batched_vs_per_image_wall=")
     res = json.loads(out.read_text())
-    assert [x["name"] for x in res["results"]] == ["per_image", "batched"]
+    names = ["per_image", "batched", "decode", "augment_per_image", "augment_batched"]
+    assert [x["name"] for x in res["results"]] == names
     assert all(x["wall_ms"] > 0 and x["host_ms"] > 0 for x in res["results"])
     assert res["max_diff"] < 0.02  # steps of 255, before rounding
