@@ -42,20 +42,9 @@ from maepl.gpu_aug import (  # noqa: E402
     decode_batch,
     draw_uniforms,
     flips,
-    resized_crop_one,
     resized_crops,
+    resized_crops_one_by_one,
 )
-
-
-def per_image(imgs, boxes, flip, size):
-    x = torch.stack(
-        [resized_crop_one(im, b, size) for im, b in zip(imgs, boxes.tolist(), strict=True)]
-    )
-    return torch.where(flip.to(x.device, non_blocking=True).view(-1, 1, 1, 1), x.flip(-1), x)
-
-
-def batched(imgs, boxes, flip, size):
-    return resized_crops(imgs, boxes, flip, size)
 
 
 def sync(device: torch.device) -> None:
@@ -118,8 +107,8 @@ def main() -> None:
             f"{row['img_per_s']:9.0f} img/s"
         )
 
-    for name, fn in (("per_image", per_image), ("batched", batched)):
-        timed(name, [lambda b=b, f=f, fn=fn: fn(imgs, b, f, args.size) for b, f in params])
+    for name, fn in (("per_image", resized_crops_one_by_one), ("batched", resized_crops)):
+        timed(name, [lambda b=b, f=f, fn=fn: fn(imgs, b, f, args.size, False) for b, f in params])
     diff = (outs["batched"].float().cpu() - outs["per_image"].float().cpu()).abs().max().item()
     if args.jpegs:
         sys.path.insert(0, str(Path(__file__).resolve().parent))

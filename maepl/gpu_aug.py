@@ -168,17 +168,16 @@ def _cubic(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
     return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
 
 
-def aa_weights(
-    lengths: torch.Tensor, size: int, span: int, taps: int, dtype: torch.dtype
-) -> torch.Tensor:
+def aa_weights(lengths: torch.Tensor, size: int, span: int, dtype: torch.dtype) -> torch.Tensor:
     """``[n, size, span]``: row o of matrix k holds the weights that torch's antialiased bicubic
-    ``interpolate`` (``align_corners=False``) gives the ``lengths[k]`` input pixels of one axis
-    for output pixel o, zero beyond ``lengths[k]``; ``taps`` bounds the weights per row.
+    ``interpolate`` (``align_corners=False``) gives the ``lengths[k]`` (<= ``span``) input pixels
+    of one axis for output pixel o, zero beyond ``lengths[k]``.
 
     The weights are computed as ATen's ``compute_indices_weights_aa``: scale = length / size,
     support 2 * scale when downsampling (2 otherwise), the taps from ``center - support`` to
     ``center + support`` clipped to the input, normalised to sum 1."""
     dev = lengths.device
+    taps = 2 * math.ceil(2 * max(1.0, span / size)) + 2  # >= the widest row's support, 2 * 2s + 1
     length = lengths.to(torch.float64)[:, None]  # [n, 1]
     scale = length / size
     down = scale >= 1
@@ -260,13 +259,12 @@ def _resized_crops(imgs, boxes, flip, size, luma, canvas_elems) -> torch.Tensor:
             canvas[j, :, :h, :w] = imgs[k][:, top : top + h, left : left + w]
         x = (rgb_to_luma(canvas) if luma else canvas).to(dtype)
         gh, gw = hw[group].T.to(dev, non_blocking=True)
-        taps = lambda lengths: 2 * math.ceil(2 * max(1.0, max(lengths) / size)) + 2  # noqa: E731
-        wy = aa_weights(gh, size, hmax, taps(hw[group, 0].tolist()), dtype)  # [g, size, hmax]
-        wx = aa_weights(gw, size, wmax, taps(hw[group, 1].tolist()), dtype)  # [g, size, wmax]
+        wy = aa_weights(gh, size, hmax, dtype)  # [g, size, hmax]
+        wx = aa_weights(gw, size, wmax, dtype)  # [g, size, wmax]
         fl = flip[group].to(dev, non_blocking=True).view(-1, 1, 1)
         wx = torch.where(fl, wx.flip(1), wx)
-        # the cheaper order of the two products
-        if size * hmax * wmax + size * wmax * size <= hmax * wmax * size + hmax * size * size:
+        # the cheaper order: height first costs size*W*(H + size), width first size*H*(W + size)
+        if wmax <= hmax:
             y = (wy[:, None] @ x) @ wx.transpose(1, 2)[:, None]
         else:
             y = wy[:, None] @ (x @ wx.transpose(1, 2)[:, None])
@@ -276,6 +274,15 @@ def _resized_crops(imgs, boxes, flip, size, luma, canvas_elems) -> torch.Tensor:
     inverse[order] = torch.arange(n)
     y = torch.cat(ys) if len(ys) > 1 else ys[0]
     return y[inverse.to(dev, non_blocking=True)]
+
+
+def resized_crops_one_by_one(
+    imgs: Sequence[torch.Tensor], boxes: torch.Tensor, flip: torch.Tensor, size: int, luma: bool
+) -> torch.Tensor:
+    """What :func:`resized_crops` computes, one ``interpolate`` per image (the CPU's path)."""
+    pairs = zip(imgs, boxes.tolist(), strict=True)
+    x = torch.stack([resized_crop_one(im, box, size, luma) for im, box in pairs])
+    return torch.where(flip.to(x.device, non_blocking=True).view(-1, 1, 1, 1), x.flip(-1), x)
 
 
 def rgb_to_luma(x: torch.Tensor) -> torch.Tensor:
@@ -559,11 +566,5 @@ class GpuAugment:
         resizing launched two kernels an image from Python, 7.8 ms of device time a ViT-B step
         on the H100 (session 9); on a CPU per image, which computes far less than the dense
         products."""
-        if self.batched_resize:
-            return resized_crops(imgs, boxes, flip, self.size, luma)
-        boxes_l = boxes.tolist()
-        x = torch.stack(
-            [resized_crop_one(im, b, self.size, luma) for im, b in zip(imgs, boxes_l, strict=True)]
-        )
-        flip = flip.to(self.device, non_blocking=True).view(-1, 1, 1, 1)
-        return torch.where(flip, x.flip(-1), x)
+        resize = resized_crops if self.batched_resize else resized_crops_one_by_one
+        return resize(imgs, boxes, flip, self.size, luma)

@@ -162,7 +162,7 @@ def folded_classifier(
 
     The heads end in a Linear followed by the classifier with no nonlinearity between them, so
     the two products over every labelled row (RPL: 331,776 pair rows a ViT-B/16 step) can be one
-    with the folded matrix, computed once a step. The parameters, their gradients (autograd
+    with the folded matrix, computed once per forward. The parameters, their gradients (autograd
     goes through the fold) and the checkpoints are those of the two layers: the same model,
     computed in another order. The fold is computed in float32 (float64 for float64 weights)
     outside autocast and returned in ``dtype``, the rows' dtype."""
