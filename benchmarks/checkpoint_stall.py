@@ -6,9 +6,15 @@ does. The stall is the time until the call returns: the whole write when synchro
 copy to host memory and the finite check when asynchronous, whose files are then written by a
 background thread (its time is printed too: the next save waits for it if it comes sooner).
 
+First it times that copy alone, two ways on the same state: ``pageable`` (what maepl did up to
+session 9: per tensor ``.contiguous().clone().cpu()``, then the finite check on the host) and
+``pinned`` (``assert_finite`` where the tensors live, then ``host_copies``: pinned buffers, one
+synchronisation). On the CPU both are a clone and a host check.
+
     python benchmarks/checkpoint_stall.py [--model mae_vit_base_patch16] [--saves 3] [--dir PATH]
 
-Last line: ``stall_s=<synchronous>,<asynchronous>`` (median seconds per save).
+Lines ``snapshot_s=<pageable>,<pinned>`` and, last, ``stall_s=<synchronous>,<asynchronous>``
+(median seconds per call).
 """
 
 from __future__ import annotations
@@ -25,10 +31,48 @@ import torch
 from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from maepl.checkpoint import CheckpointWriter, save_checkpoint  # noqa: E402
+from maepl.checkpoint import (  # noqa: E402
+    CheckpointWriter,
+    assert_finite,
+    host_copies,
+    optimizer_to_files,
+    save_checkpoint,
+)
 from maepl.config import PretrainConfig  # noqa: E402
 from maepl.models.mae import build_mae  # noqa: E402
 from maepl.optim import build_adamw, param_groups_weight_decay  # noqa: E402
+
+
+def _pageable(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The copy as maepl made it up to session 9 (the baseline)."""
+    out = {k: v.detach().contiguous().clone().cpu() for k, v in sd.items()}
+    for k, v in out.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise FloatingPointError(k)
+    return out
+
+
+def _pinned(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    assert_finite(sd, "snapshot")
+    return host_copies(sd)
+
+
+def time_snapshots(model, opt, repeats: int, device: torch.device) -> tuple[float, float]:
+    """Median seconds to copy the weights and AdamW state to the host, each way."""
+    times: dict[str, list[float]] = {"pageable": [], "pinned": []}
+    for _ in range(repeats):
+        for name, copy in (("pageable", _pageable), ("pinned", _pinned)):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            copies = (copy(model.state_dict()), copy(optimizer_to_files(opt.optimizer)[0]))
+            times[name].append(time.perf_counter() - t0)
+            del copies
+    for name, ts in times.items():
+        print(f"snapshot {name:8s}: {', '.join(f'{t:.3f}' for t in ts)} s")
+    pageable, pinned = (statistics.median(times[n]) for n in ("pageable", "pinned"))
+    print(f"snapshot_s={pageable:.3f},{pinned:.3f}")
+    return pageable, pinned
 
 
 def main() -> None:
@@ -50,6 +94,7 @@ def main() -> None:
         f"{args.model}: {n / 1e6:.1f} M parameters, checkpoint ~{n * 12 / 2**30:.2f} GiB "
         f"(weights + 2 AdamW moments, fp32); device {acc.device}, torch {torch.__version__}"
     )
+    time_snapshots(model, opt, args.saves, acc.device)
     root = Path(args.dir or tempfile.mkdtemp(prefix="maepl_ckpt_"))
     stalls: dict[str, list[float]] = {"sync": [], "async": []}
     background = []

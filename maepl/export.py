@@ -13,7 +13,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import _contiguous, assert_finite
+from .checkpoint import assert_finite, host_copies
 
 MODEL_CARD = """---
 library_name: timm
@@ -52,8 +52,9 @@ def export_encoder(
     folder, which then takes the folder's place (``_replace_folder``).
     """
     folder = Path(folder)
-    sd = _contiguous(encoder.state_dict())
+    sd = encoder.state_dict()
     assert_finite(sd, f"export {folder}")  # before anything is written
+    sd = host_copies(sd)
     cfg = {
         "architecture": architecture,
         "num_classes": num_classes,
@@ -110,8 +111,9 @@ def export_full(model: nn.Module, path: str | Path, config: dict) -> None:
     """Encoder + decoder + position head (``mae.safetensors``) and its config (``mae.json``),
     each written to a temporary file and renamed over the earlier one."""
     path = Path(path)
-    sd = _contiguous(model.state_dict())
+    sd = model.state_dict()
     assert_finite(sd, f"export {path}")
+    sd = host_copies(sd)
     path.parent.mkdir(parents=True, exist_ok=True)
     config_path = path.with_suffix(".json")
     tmp, tmp_config = (p.with_name(f".tmp_{p.name}") for p in (path, config_path))

@@ -403,6 +403,8 @@ def test_checkpoint_stall_prints_both_stalls(tmp_path):
     sync, asyn = (float(v) for v in r.stdout.strip().splitlines()[-1].split("=")[1].split(","))
     assert sync > 0 and asyn > 0
     assert "written after" in r.stdout
+    (line,) = [s for s in r.stdout.splitlines() if s.startswith("snapshot_s=")]
+    assert all(float(v) > 0 for v in line.split("=")[1].split(","))
     for mode in ("sync", "async"):  # keep_last 1: the second save, complete
         assert [p.name for p in (tmp_path / mode / "checkpoints").iterdir()] == ["step_00000002"]
         assert (tmp_path / mode / "checkpoints" / "step_00000002" / "COMPLETE").is_file()

@@ -629,6 +629,73 @@ def test_nothing_nonfinite_is_exported(tmp_path):
     assert not (tmp_path / "e" / "model.safetensors").exists()
 
 
+def _checkpoint_like_state(device: str) -> dict[str, torch.Tensor]:
+    base = torch.arange(24.0, device=device).reshape(4, 6)
+    return {
+        "w": base,
+        "w_t": base.t(),  # strided view of the same storage
+        "tied": base,  # the same tensor twice (tied weights)
+        "half": torch.full((3,), 2.5, dtype=torch.bfloat16, device=device),
+        "count": torch.tensor(7, device=device),
+    }
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+        ),
+    ],
+)
+def test_host_copies_are_separate_contiguous_and_writable(tmp_path, device):
+    """The checkpoint snapshot: host tensors, one buffer each (safetensors refuses shared
+    storage), equal to the live ones, and unchanged when training changes those afterwards."""
+    from safetensors.torch import save_file
+
+    from maepl.checkpoint import host_copies
+
+    live = _checkpoint_like_state(device)
+    copies = host_copies(live)
+    assert list(copies) == list(live)
+    for k, v in copies.items():
+        assert v.device.type == "cpu" and v.is_contiguous() and v.dtype == live[k].dtype
+        assert torch.equal(v, live[k].cpu()), k
+        assert v.is_pinned() == (device == "cuda"), k
+    assert len({v.untyped_storage().data_ptr() for v in copies.values()}) == len(copies)
+    live["w"].add_(100)  # an optimizer step after the snapshot returned
+    assert copies["w"][0, 1] == 1 and copies["w_t"][1, 0] == 1 and copies["tied"][3, 5] == 23
+    save_file(copies, tmp_path / "model.safetensors")
+    back = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(back["w_t"], torch.arange(24.0).reshape(4, 6).t())
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+        ),
+    ],
+)
+def test_assert_finite_names_the_first_bad_tensor(device):
+    from maepl.checkpoint import assert_finite
+
+    state = _checkpoint_like_state(device)
+    state["step"] = torch.tensor(3.0)  # AdamW's step count stays on the host
+    assert_finite(state, "checkpoint step 5")  # finite: no error
+    state["half"][1] = float("nan")
+    state["step"][()] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"checkpoint step 5: tensor 'half' holds"):
+        assert_finite(state, "checkpoint step 5")
+    state["half"][1] = 0
+    with pytest.raises(FloatingPointError, match=r"tensor 'step' holds"):
+        assert_finite(state, "checkpoint step 5")
+    assert_finite({"empty": torch.empty(0), "ints": torch.arange(3)}, "x")
+
+
 def test_a_failed_export_leaves_the_previous_export_whole(tmp_path, monkeypatch):
     """An export replaces the earlier one only once it is completely written: one that fails
     half-way (disk full after part of the weights) leaves the earlier folder as it was, loadable
