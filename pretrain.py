@@ -20,8 +20,9 @@ from torchvision.utils import save_image
 
 from maepl.config import ARCH_KEYS, ConfigError, PretrainConfig, parse_config
 from maepl.data import build_transform, load_train_data, readable_images
+from maepl.encoded import raw_dataset
 from maepl.export import export_encoder, export_full
-from maepl.gpu_aug import GpuAugment, raw_dataset
+from maepl.gpu_aug import GpuAugment
 from maepl.loaders import SeededTransformDataset
 from maepl.loop import Run
 from maepl.models.encoder import encoder_model_args

@@ -78,7 +78,8 @@ from torch.utils.data import DataLoader, RandomSampler
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
 
 from maepl.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_transform  # noqa: E402
-from maepl.gpu_aug import EncodedImages, GpuAugment  # noqa: E402
+from maepl.encoded import EncodedImages  # noqa: E402
+from maepl.gpu_aug import GpuAugment  # noqa: E402
 from maepl.loaders import SeededTransformDataset, collate_skip_bad  # noqa: E402
 from maepl.prefetch import Prefetcher  # noqa: E402
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The resize of ``--data_pipeline gpu`` alone: one antialiased ``interpolate`` per image (the
 CPU's path, and CUDA's before session 9) vs all crops of a batch at once
-(``maepl.gpu_aug.resized_crops``: crops on a canvas, two batched products).
+(``maepl.resample.resized_crops``: crops on a canvas, two batched products).
 
     python benchmarks/gpu_crops.py                        # batch 256 of 256-384 px images -> 224
     python benchmarks/gpu_crops.py --device cpu --batch_size 32 --batches 3
@@ -35,16 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from maepl.gpu_aug import (  # noqa: E402
-    EncodedBatch,
-    GpuAugment,
-    crop_boxes,
-    decode_batch,
-    draw_uniforms,
-    flips,
-    resized_crops,
-    resized_crops_one_by_one,
-)
+from maepl.encoded import EncodedBatch, decode_batch  # noqa: E402
+from maepl.gpu_aug import GpuAugment, crop_boxes, draw_uniforms, flips  # noqa: E402
+from maepl.resample import resized_crops, resized_crops_one_by_one  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from maepl.gpu_aug import GpuAugment, decode_batch  # noqa: E402
+from maepl.encoded import decode_batch  # noqa: E402
+from maepl.gpu_aug import GpuAugment  # noqa: E402
 
 warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
 

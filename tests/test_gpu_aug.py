@@ -1,5 +1,6 @@
-"""``--data_pipeline gpu`` (maepl/gpu_aug.py): crop parameters, resampling, decoding, bad images,
-pretraining end to end. Runs on the CPU; the CUDA checks at the end skip without a GPU."""
+"""``--data_pipeline gpu`` (maepl/gpu_aug.py, resample.py, encoded.py): crop parameters,
+resampling, decoding, bad images, pretraining end to end. Runs on the CPU; the CUDA checks at the
+end skip without a GPU."""
 
 from __future__ import annotations
 
@@ -23,23 +24,10 @@ from torchvision.io import ImageReadMode, decode_image
 import pretrain
 from maepl.config import ConfigError, PretrainConfig, parse_config
 from maepl.data import build_dataset, build_transform
-from maepl.gpu_aug import (
-    ATTEMPTS,
-    RATIO,
-    EncodedBatch,
-    EncodedImages,
-    GpuAugment,
-    crop_boxes,
-    decode_batch,
-    draw_uniforms,
-    flips,
-    nvjpeg_decodable,
-    raw_dataset,
-    resized_crop_batch,
-    resized_crop_one,
-    resized_crops,
-)
+from maepl.encoded import EncodedBatch, EncodedImages, decode_batch, nvjpeg_decodable, raw_dataset
+from maepl.gpu_aug import ATTEMPTS, RATIO, GpuAugment, crop_boxes, draw_uniforms, flips
 from maepl.loaders import BadImageError, SeededTransformDataset
+from maepl.resample import resized_crop_batch, resized_crop_one, resized_crops
 
 from .conftest import ROOT
 from .test_reliability import TINY, make_messy_folder
@@ -347,7 +335,7 @@ def test_only_what_nvjpeg_decodes_right_goes_to_the_batched_decode(tmp_path, mon
     """CMYK, 12-bit and arithmetic-coded JPEGs, other formats and broken headers are decoded on
     the CPU (torchvision's nvJPEG call would give CMYK wrong colours or fail); the worker that
     packs a batch marks them."""
-    from maepl import gpu_aug
+    from maepl import encoded
 
     files = odd_jpegs(tmp_path)
     files.update(make_messy_folder(tmp_path / "messy"))
@@ -368,8 +356,8 @@ def test_only_what_nvjpeg_decodes_right_goes_to_the_batched_decode(tmp_path, mon
         batched.append(len(inputs) if isinstance(inputs, list) else 1)
         return real(inputs, *args, **kwargs)
 
-    real = gpu_aug.decode_jpeg
-    monkeypatch.setattr(gpu_aug, "decode_jpeg", spy)
+    real = encoded.decode_jpeg
+    monkeypatch.setattr(encoded, "decode_jpeg", spy)
     names = [k for k in tensor if k in ("444", "cmyk", "gray", "png_named_jpeg", "progressive")]
     batch = EncodedBatch([tensor[k] for k in names], names)
     assert batch.nvjpeg == [k in decodable for k in names]
@@ -592,7 +580,7 @@ def test_tf32_products_reads_the_legacy_and_the_new_precision_settings():
         "torch.backends.cuda.matmul.fp32_precision = 'ieee'": "False",
     }
     for setting, answer in cases.items():
-        code = f"import torch; {setting}; from maepl.gpu_aug import tf32_products as f; print(f())"
+        code = f"import torch; {setting}; from maepl.resample import tf32_products as f; print(f())"
         r = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
         )

@@ -15,7 +15,8 @@ import maepl.loop
 import pretrain
 from maepl.config import PretrainConfig, parse_config
 from maepl.data import build_dataset
-from maepl.gpu_aug import GpuAugment, raw_dataset
+from maepl.encoded import raw_dataset
+from maepl.gpu_aug import GpuAugment
 from maepl.loaders import BadImageError, collate_skip_bad
 from maepl.prefetch import Prefetcher
 
