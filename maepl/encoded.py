@@ -18,7 +18,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-from .data import ArrayImageDataset, pil_rgb
+from .data import pil_rgb
+from .fmnist import ArrayImageDataset
 from .loaders import BadImageError
 
 # frame markers nvJPEG decodes: baseline, extended and progressive Huffman (SOF0-2); the other
@@ -28,7 +29,7 @@ _NOT_SOF = (0xC4, 0xC8, 0xCC)  # DHT, JPG extension, DAC share the SOF range
 
 
 class ArrayImages(Dataset):
-    """uint8 ``[1, H, W]`` tensors of an in-memory :class:`~maepl.data.ArrayImageDataset`."""
+    """uint8 ``[1, H, W]`` tensors of an in-memory :class:`~maepl.fmnist.ArrayImageDataset`."""
 
     def __init__(self, raw: ArrayImageDataset):
         self.images, self.labels = torch.from_numpy(raw.images), raw.labels

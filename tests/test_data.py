@@ -13,21 +13,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from maepl import data
+from maepl import fmnist
 from maepl.config import ConfigError
-from maepl.data import (
-    FASHION_MNIST_CLASSES,
-    ArrayImageDataset,
-    build_dataset,
-    build_transform,
-    default_mean_std,
-    find_fashion_mnist,
-    load_data,
-    read_idx,
-)
+from maepl.data import build_dataset, build_transform, default_mean_std, load_data
+from maepl.fmnist import FASHION_MNIST_CLASSES, ArrayImageDataset, find_fashion_mnist, read_idx
 from maepl.loaders import SeededTransformDataset
 
-DEBIAN_TRAIN_IMAGES = Path(data.DEBIAN_FMNIST_DIR) / "train-images-idx3-ubyte.gz"
+DEBIAN_TRAIN_IMAGES = Path(fmnist.DEBIAN_FMNIST_DIR) / "train-images-idx3-ubyte.gz"
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
@@ -126,7 +118,7 @@ def test_fashion_mnist_torchvision_layout(tmp_path: Path) -> None:
 def test_fashion_mnist_missing_mentions_download(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(data, "DEBIAN_FMNIST_DIR", str(tmp_path / "no-debian"))
+    monkeypatch.setattr(fmnist, "DEBIAN_FMNIST_DIR", str(tmp_path / "no-debian"))
     assert find_fashion_mnist(None) is None
     with pytest.raises(FileNotFoundError) as info:
         build_dataset("fashion-mnist", None, train=True)
@@ -140,7 +132,7 @@ def test_a_data_path_without_the_files_does_not_fall_back_to_the_system_copy(
 ) -> None:
     # a mistyped data_path (other idx data: MNIST, KMNIST) must not silently become Fashion-MNIST
     tiny_fmnist(tmp_path / "system", compress=True)
-    monkeypatch.setattr(data, "DEBIAN_FMNIST_DIR", str(tmp_path / "system"))
+    monkeypatch.setattr(fmnist, "DEBIAN_FMNIST_DIR", str(tmp_path / "system"))
     assert find_fashion_mnist(None) == tmp_path / "system"
     assert find_fashion_mnist(str(tmp_path / "typo")) is None
     with pytest.raises(FileNotFoundError) as info:
