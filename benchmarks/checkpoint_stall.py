@@ -31,16 +31,11 @@ import torch
 from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from maepl.checkpoint import (  # noqa: E402
-    CheckpointWriter,
-    assert_finite,
-    host_copies,
-    optimizer_to_files,
-    save_checkpoint,
-)
+from maepl.checkpoint import CheckpointWriter, save_checkpoint  # noqa: E402
 from maepl.config import PretrainConfig  # noqa: E402
 from maepl.models.mae import build_mae  # noqa: E402
 from maepl.optim import build_adamw, param_groups_weight_decay  # noqa: E402
+from maepl.snapshot import assert_finite, host_copies, optimizer_to_files  # noqa: E402
 
 
 def _pageable(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import assert_finite, host_copies
+from .snapshot import assert_finite, host_copies
 
 MODEL_CARD = """---
 library_name: timm

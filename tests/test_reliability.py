@@ -654,7 +654,7 @@ def test_host_copies_are_separate_contiguous_and_writable(tmp_path, device):
     storage), equal to the live ones, and unchanged when training changes those afterwards."""
     from safetensors.torch import save_file
 
-    from maepl.checkpoint import host_copies
+    from maepl.snapshot import host_copies
 
     live = _checkpoint_like_state(device)
     copies = host_copies(live)
@@ -681,7 +681,7 @@ def test_host_copies_are_separate_contiguous_and_writable(tmp_path, device):
     ],
 )
 def test_assert_finite_names_the_first_bad_tensor(device):
-    from maepl.checkpoint import assert_finite
+    from maepl.snapshot import assert_finite
 
     state = _checkpoint_like_state(device)
     state["step"] = torch.tensor(3.0)  # AdamW's step count stays on the host
