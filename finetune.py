@@ -27,10 +27,11 @@ from maepl.config import SHAPE_KEYS, ConfigError, FinetuneConfig, parse_config
 from maepl.data import build_finetune_transform, build_transform, default_crop_pct, load_splits
 from maepl.export import export_encoder
 from maepl.loaders import SeededTransformDataset, chain_seed, eval_loader
-from maepl.loop import Run, check_run_dir
+from maepl.loop import Run
 from maepl.models.encoder import encoder_from_config, encoder_model_args
 from maepl.models.pos_labels import PositionLabeler
 from maepl.optim import build_adamw, param_groups_weight_decay
+from maepl.run_dir import check_run_dir
 from maepl.weights import fill_sincos, load_encoder_weights
 
 FT_ARCH_KEYS = SHAPE_KEYS + ("pos_embed", "global_pool", "nb_classes", "pos_label", "pos_channels")

@@ -25,8 +25,9 @@ from maepl.config import SHAPE_KEYS, ConfigError, LinprobeConfig, parse_config
 from maepl.data import build_transform, default_crop_pct, load_splits
 from maepl.evaluate import knn_accuracy
 from maepl.loaders import SeededTransformDataset, eval_loader
-from maepl.loop import Run, check_run_dir
+from maepl.loop import Run
 from maepl.models.encoder import encoder_from_config
+from maepl.run_dir import check_run_dir
 from maepl.weights import load_encoder_weights
 
 LP_ARCH_KEYS = SHAPE_KEYS + ("global_pool", "nb_classes", "finetune")

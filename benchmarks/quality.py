@@ -229,7 +229,7 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace, out
     ).validate()
     if args.resume:  # a study's run continues only under the settings it was started with
         from maepl.checkpoint import resolve_resume
-        from maepl.loop import changed_settings
+        from maepl.run_dir import changed_settings
 
         ckpt = resolve_resume("auto", run_dir)
         if ckpt is not None:

@@ -8,7 +8,6 @@ Every key is checked: an unknown key, a value of the wrong type or out of range 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -201,16 +200,6 @@ class LinprobeConfig(TrainConfig):
     knn: bool = False  # also report kNN accuracy on frozen, un-augmented features
     knn_k: int = 20
     knn_t: float = 0.07
-
-
-def check_output_dir(cfg) -> None:
-    """Refuse to start over a different run: its checkpoints and logs would be mixed with ours."""
-    out = Path(cfg.output_dir)
-    if (out / "config.yaml").exists() and not cfg.resume and not cfg.overwrite:
-        raise ConfigError(
-            f"output_dir: {out} already holds a run (config.yaml); pass --resume auto to "
-            "continue it, --overwrite to replace it, or choose another --output_dir"
-        )
 
 
 def resolve_precision(name: str) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -36,64 +35,20 @@ from .checkpoint import (
     save_checkpoint,
     set_aside_checkpoints_after,
 )
-from .config import ConfigError, check_output_dir, dump_config, resolve_precision
+from .config import ConfigError, dump_config, resolve_precision
 from .guard import StopFlag, ignore_stop_signals
 from .loaders import ShardedSampler, collate_skip_bad
 from .optim import lr_at, set_lr
 from .prefetch import Prefetcher
 from .profiling import Profiler
-from .tracking import Tracker
-
-# what --overwrite deletes in output_dir (a run's outputs; config.yaml is rewritten)
-OVERWRITTEN = ("checkpoints", "tensorboard", "log.jsonl", "export", "vis")
-# settings in whose units a checkpoint counts its position (step, batch_in_epoch)
-SCHEDULE_KEYS = ("batch_size", "accum_iter", "num_processes")
-# keys a resume may change without changing what is trained (I/O, logging, the launch)
-RUN_KEYS = frozenset(
-    "config resume overwrite output_dir num_workers pin_mem log_every save_every "
-    "save_every_steps keep_last async_save profile_steps profile_start vis_every strict_data "
-    "download data_path compile compile_mode max_nonfinite eval max_steps".split()
+from .run_dir import (
+    changed_settings,
+    check_architecture,
+    check_run_dir,
+    check_schedule,
+    clear_overwritten,
 )
-
-
-def changed_settings(saved: dict, cfg) -> dict[str, tuple]:
-    """Training settings of ``cfg`` that differ from a checkpoint's recorded config ``saved``:
-    {key: (recorded, now)}. A resume may change them on purpose (``--epochs`` to extend a
-    schedule, as MAE users do); it is told, and ``benchmarks/quality.py`` refuses it."""
-    now = dataclasses.asdict(cfg)
-    return {
-        k: (saved[k], now[k])
-        for k in now
-        if k in saved and k not in RUN_KEYS and k not in SCHEDULE_KEYS and saved[k] != now[k]
-    }
-
-
-def check_overwrite_keeps_sources(cfg) -> None:
-    """Refuse an ``--overwrite`` that would delete the weights this run is asked to load."""
-    if not cfg.overwrite or cfg.resume:  # with --resume nothing is deleted
-        return
-    out = Path(cfg.output_dir).resolve()
-    doomed = [out / name for name in OVERWRITTEN]
-    for key in ("finetune", "resume"):
-        value = getattr(cfg, key, "") or ""
-        if not value or value == "auto" or not Path(value).exists():
-            continue
-        src = Path(value).resolve()
-        for target in doomed:
-            if src == target or target in src.parents:
-                raise ConfigError(
-                    f"{key}: {value} lies in {target}, which --overwrite deletes before the "
-                    f"weights are read; copy them out of {out} first, or choose another "
-                    "--output_dir"
-                )
-
-
-def check_run_dir(cfg) -> None:
-    """What ``Run`` checks of ``output_dir`` before writing in it (nothing with ``--eval``,
-    which writes nothing); scripts that read weights before creating the Run call it first."""
-    if not getattr(cfg, "eval", False):
-        check_output_dir(cfg)
-        check_overwrite_keeps_sources(cfg)
+from .tracking import Tracker
 
 
 class Run:
@@ -129,15 +84,18 @@ class Run:
                 f"{self.out}; nothing trained to evaluate"
             )
         if self._resume_from is not None and not self.read_only:
-            self._check_schedule(self._resume_from)
+            missing = check_schedule(self._resume_from, self._schedule())
+            if missing:
+                acc.print(
+                    f"note: resume: {self._resume_from} does not record "
+                    f"{', '.join(missing)}; not checked"
+                )
         # every rank has checked output_dir before rank 0 changes it: without this barrier a
         # late rank would find our config.yaml (or a half-deleted run) and refuse to start
         acc.wait_for_everyone()
         if self.main and not self.read_only:
             if cfg.overwrite and not cfg.resume:
-                for stale in OVERWRITTEN:
-                    p = self.out / stale
-                    shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+                clear_overwritten(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.out / "config.yaml")
         acc.wait_for_everyone()  # ... and none goes on before it is done
@@ -228,35 +186,6 @@ class Run:
             batch_size=self.cfg.batch_size, accum_iter=self.cfg.accum_iter, num_processes=self.world
         )
 
-    def _check_schedule(self, ckpt: Path) -> None:
-        """A checkpoint counts its place (step, batch_in_epoch) in micro-batches of one rank:
-        refuse a resume under another batch size, accumulation or number of processes, which
-        would shift the schedule and skip or repeat data."""
-        meta = json.loads((ckpt / "state.json").read_text())
-        saved = meta.get("schedule")
-        if saved is None:  # written before maepl recorded it: from its config, if there
-            conf = meta.get("config", {})
-            saved = dict(
-                batch_size=conf.get("batch_size"),
-                accum_iter=conf.get("accum_iter"),
-                num_processes=meta.get("num_processes"),
-            )
-        now = self._schedule()
-        changed = [k for k in SCHEDULE_KEYS if saved.get(k) is not None and saved[k] != now[k]]
-        if changed:
-            raise ConfigError(
-                f"resume: {ckpt} was written under other settings: "
-                + ", ".join(f"{k} {saved[k]} (now {now[k]})" for k in changed)
-                + "; its step and data position count batches of those sizes, so the schedule "
-                "and data order would not continue. Resume with the saved values, or start a "
-                "new run (another --output_dir, or --overwrite)"
-            )
-        missing = [k for k in SCHEDULE_KEYS if saved.get(k) is None]
-        if missing:
-            self.accelerator.print(
-                f"note: resume: {ckpt} does not record {', '.join(missing)}; not checked"
-            )
-
     def place(self) -> tuple[int, int, int]:
         """Where the run is: (step, epoch, batch_in_epoch)."""
         return self.step, self.epoch, self.batch_in_epoch
@@ -275,13 +204,7 @@ class Run:
         cfg = self.cfg
         ckpt = self._resume_from
         if ckpt is not None:
-            saved = json.loads((ckpt / "state.json").read_text()).get("config", {})
-            changed = [k for k in arch_keys if saved.get(k) != getattr(cfg, k)]
-            if changed:
-                raise ConfigError(
-                    f"resume: {ckpt} was trained with other values of {', '.join(changed)} "
-                    f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)})"
-                )
+            saved = check_architecture(ckpt, cfg, arch_keys)
             self.changed = changed_settings(saved, cfg)
             if self.changed:
                 what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in self.changed.items())

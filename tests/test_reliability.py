@@ -541,14 +541,14 @@ def test_sigterm_on_one_rank_stops_both_cleanly_and_resumes(tmp_path):
 LATE_RANK = """
 import os, sys, time
 sys.path.insert(0, {root!r})
-import maepl.loop, pretrain
+import maepl.run_dir, pretrain
 from maepl.config import PretrainConfig, parse_config
-real_check = maepl.loop.check_output_dir
+real_check = maepl.run_dir.check_output_dir
 def late_check(cfg):  # rank 1 reaches the output_dir check long after rank 0
     if os.environ["RANK"] == "1":
         time.sleep(4)
     real_check(cfg)
-maepl.loop.check_output_dir = late_check
+maepl.run_dir.check_output_dir = late_check
 pretrain.main(parse_config(PretrainConfig, sys.argv[1:]))
 """
 

@@ -1,0 +1,118 @@
+"""What a run checks of its output folder and of the checkpoint it resumes, before it writes
+anything: another run's folder, an ``--overwrite`` that would delete the weights to load, a
+resume under other batch units or another architecture, training settings a resume changes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from .config_io import ConfigError
+
+# what --overwrite deletes in output_dir (a run's outputs; config.yaml is rewritten)
+OVERWRITTEN = ("checkpoints", "tensorboard", "log.jsonl", "export", "vis")
+# settings in whose units a checkpoint counts its position (step, batch_in_epoch)
+SCHEDULE_KEYS = ("batch_size", "accum_iter", "num_processes")
+# keys a resume may change without changing what is trained (I/O, logging, the launch)
+RUN_KEYS = frozenset(
+    "config resume overwrite output_dir num_workers pin_mem log_every save_every "
+    "save_every_steps keep_last async_save profile_steps profile_start vis_every strict_data "
+    "download data_path compile compile_mode max_nonfinite eval max_steps".split()
+)
+
+
+def changed_settings(saved: dict, cfg) -> dict[str, tuple]:
+    """Training settings of ``cfg`` that differ from a checkpoint's recorded config ``saved``:
+    {key: (recorded, now)}. A resume may change them on purpose (``--epochs`` to extend a
+    schedule, as MAE users do); it is told, and ``benchmarks/quality.py`` refuses it."""
+    now = dataclasses.asdict(cfg)
+    return {
+        k: (saved[k], now[k])
+        for k in now
+        if k in saved and k not in RUN_KEYS and k not in SCHEDULE_KEYS and saved[k] != now[k]
+    }
+
+
+def check_overwrite_keeps_sources(cfg) -> None:
+    """Refuse an ``--overwrite`` that would delete the weights this run is asked to load."""
+    if not cfg.overwrite or cfg.resume:  # with --resume nothing is deleted
+        return
+    out = Path(cfg.output_dir).resolve()
+    doomed = [out / name for name in OVERWRITTEN]
+    for key in ("finetune", "resume"):
+        value = getattr(cfg, key, "") or ""
+        if not value or value == "auto" or not Path(value).exists():
+            continue
+        src = Path(value).resolve()
+        for target in doomed:
+            if src == target or target in src.parents:
+                raise ConfigError(
+                    f"{key}: {value} lies in {target}, which --overwrite deletes before the "
+                    f"weights are read; copy them out of {out} first, or choose another "
+                    "--output_dir"
+                )
+
+
+def check_run_dir(cfg) -> None:
+    """What ``Run`` checks of ``output_dir`` before writing in it (nothing with ``--eval``,
+    which writes nothing); scripts that read weights before creating the Run call it first."""
+    if not getattr(cfg, "eval", False):
+        check_output_dir(cfg)
+        check_overwrite_keeps_sources(cfg)
+
+
+def check_output_dir(cfg) -> None:
+    """Refuse to start over a different run: its checkpoints and logs would be mixed with ours."""
+    out = Path(cfg.output_dir)
+    if (out / "config.yaml").exists() and not cfg.resume and not cfg.overwrite:
+        raise ConfigError(
+            f"output_dir: {out} already holds a run (config.yaml); pass --resume auto to "
+            "continue it, --overwrite to replace it, or choose another --output_dir"
+        )
+
+
+def clear_overwritten(out: Path) -> None:
+    """``--overwrite``: delete the earlier run's outputs (the new config.yaml replaces its own)."""
+    for stale in OVERWRITTEN:
+        p = out / stale
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def check_schedule(ckpt: Path, now: dict[str, int]) -> list[str]:
+    """A checkpoint counts its place (step, batch_in_epoch) in micro-batches of one rank:
+    refuse a resume under another batch size, accumulation or number of processes (``now``),
+    which would shift the schedule and skip or repeat data. Returns the keys the checkpoint
+    does not record (not checked)."""
+    meta = json.loads((ckpt / "state.json").read_text())
+    saved = meta.get("schedule")
+    if saved is None:  # written before maepl recorded it: from its config, if there
+        conf = meta.get("config", {})
+        saved = dict(
+            batch_size=conf.get("batch_size"),
+            accum_iter=conf.get("accum_iter"),
+            num_processes=meta.get("num_processes"),
+        )
+    changed = [k for k in SCHEDULE_KEYS if saved.get(k) is not None and saved[k] != now[k]]
+    if changed:
+        raise ConfigError(
+            f"resume: {ckpt} was written under other settings: "
+            + ", ".join(f"{k} {saved[k]} (now {now[k]})" for k in changed)
+            + "; its step and data position count batches of those sizes, so the schedule "
+            "and data order would not continue. Resume with the saved values, or start a "
+            "new run (another --output_dir, or --overwrite)"
+        )
+    return [k for k in SCHEDULE_KEYS if saved.get(k) is None]
+
+
+def check_architecture(ckpt: Path, cfg, arch_keys: tuple[str, ...]) -> dict:
+    """Refuse to resume ``ckpt`` under other values of ``arch_keys``; returns its config."""
+    saved = json.loads((ckpt / "state.json").read_text()).get("config", {})
+    changed = [k for k in arch_keys if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        raise ConfigError(
+            f"resume: {ckpt} was trained with other values of {', '.join(changed)} "
+            f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)})"
+        )
+    return saved
