@@ -284,14 +284,17 @@ def test_cuda_steps_never_make_the_host_wait_for_the_gpu(tiny_cfg, monkeypatch, 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graphs_train_like_the_default_compile(tiny_cfg, tmp_path):
+@pytest.mark.parametrize("pipeline", ["cpu", "gpu"])
+def test_cuda_graphs_train_like_the_default_compile(tiny_cfg, tmp_path, pipeline):
     """--compile_mode reduce-overhead (CUDA graphs: each replay reuses the last one's output
     memory) logs the losses of the default compile, step for step, and finishes with its
-    exports."""
+    exports; also when the batches come from the prefetch thread's own CUDA stream
+    (``--data_pipeline gpu``)."""
     logs = []
     for mode in ("default", "reduce-overhead"):
         out = tmp_path / mode
         cfg = tiny_cfg(
+            data_pipeline=pipeline,
             max_steps=40,
             log_every=4,
             vis_every=1000,
