@@ -1,9 +1,11 @@
-"""Graceful stops on SIGTERM/SIGINT, agreed by all processes at step boundaries."""
+"""Graceful stops on SIGTERM/SIGINT, agreed by all processes at step boundaries; optimizer steps
+with a non-finite gradient norm skipped, counted, and stopped when too many come in a row."""
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -82,3 +84,57 @@ class StopFlag:
             signal.signal(sig, handler)
         self._previous = {}
         self.settle()
+
+
+class NonfiniteSteps:
+    """Optimizer steps whose gradient norm is not finite: skipped, counted, reported; the run
+    stops after ``max_run`` in a row (``--max_nonfinite``).
+
+    The norm of the all-reduced gradients is the same on every rank, so all ranks skip a step
+    together. With a fused AdamW (``device_skip``) the skip happens on the device (its
+    ``found_inf`` input) and the verdicts are read later, in batches (:meth:`settle`, with the
+    log): no host sync per step. Otherwise each is read at once, one host sync per step; under
+    fp16 (``scaler_skips``) Accelerate's GradScaler skips the step itself.
+    """
+
+    def __init__(self, max_run: int):
+        self.max_run = max_run
+        self.device_skip = self.scaler_skips = False  # set once the optimizer is known
+        self.total = self.run = 0  # counters a checkpoint keeps
+        self._pending: list[tuple[int, torch.Tensor]] = []  # (step, 1.0 if skipped), unread
+
+    def step(self, optimizer, norm: torch.Tensor, step: int) -> None:
+        """Take optimizer step number ``step`` unless ``norm`` is not finite."""
+        nonfinite = (~torch.isfinite(norm)).float()
+        if self.device_skip:  # fused AdamW leaves params, state and its step count alone
+            optimizer.optimizer.found_inf = nonfinite
+            optimizer.step()
+        elif not nonfinite.item() or self.scaler_skips:
+            optimizer.step()
+        self._pending.append((step, nonfinite))
+
+    @property
+    def due(self) -> bool:
+        """Whether to read the verdicts now: at once, or every ``max_run`` steps at most when
+        the device skips (the run must stop within ``max_run`` bad steps)."""
+        return bool(self._pending) and (not self.device_skip or len(self._pending) >= self.max_run)
+
+    def settle(self, report: Callable[[int], None], last_saved: int) -> None:
+        """Read the pending verdicts (one host sync): count them, ``report(step)`` each skipped
+        step, raise ``FloatingPointError`` naming the step once ``max_run`` come in a row."""
+        if not self._pending:
+            return
+        steps = [s for s, _ in self._pending]
+        flags = torch.stack([f for _, f in self._pending]).tolist()
+        self._pending = []
+        for step, bad in zip(steps, flags, strict=True):
+            self.run = self.run + 1 if bad else 0
+            self.total += int(bad)
+            if bad:
+                report(step)
+            if self.run >= self.max_run:
+                raise FloatingPointError(
+                    f"step {step}: {self.run} consecutive steps with a non-finite gradient norm "
+                    f"(max_nonfinite={self.max_run}); the last checkpoint (step {last_saved}) "
+                    "holds finite weights"
+                )

@@ -36,7 +36,7 @@ from .checkpoint import (
     set_aside_checkpoints_after,
 )
 from .config import ConfigError, dump_config, resolve_precision
-from .guard import StopFlag, ignore_stop_signals
+from .guard import NonfiniteSteps, StopFlag, ignore_stop_signals
 from .loaders import ShardedSampler, collate_skip_bad
 from .optim import lr_at, set_lr
 from .prefetch import Prefetcher
@@ -100,7 +100,8 @@ class Run:
             dump_config(cfg, self.out / "config.yaml")
         acc.wait_for_everyone()  # ... and none goes on before it is done
         self.step = self.epoch = self.batch_in_epoch = 0
-        self.nonfinite_total = self.nonfinite_run = self.bad_images = 0
+        self.bad_images = 0
+        self.nonfinite = NonfiniteSteps(cfg.max_nonfinite)
         # bad_images counts all ranks: the count a checkpoint recorded + each rank's since
         self._bad_base = self._bad_new = 0
         self.stopped, self.last_log = False, {}
@@ -175,7 +176,8 @@ class Run:
         # needs no host sync per step; other optimizers (foreach on CPU) are skipped from Python.
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         fused = all(g.get("fused") for g in inner.param_groups)
-        self._device_skip = fused and self.precision != "fp16"  # fp16: GradScaler's own skip
+        self.nonfinite.device_skip = fused and self.precision != "fp16"
+        self.nonfinite.scaler_skips = self.precision == "fp16"  # GradScaler's own skip
         self.generator = torch.Generator(device=self.device).manual_seed(
             seed * 1000 + self.rank + 1
         )
@@ -215,15 +217,12 @@ class Run:
             meta = load_checkpoint(
                 ckpt, self.accelerator, self.model, self.optimizer, self.generator
             )
-            for key in (
-                "step",
-                "epoch",
-                "batch_in_epoch",
-                "nonfinite_total",
-                "nonfinite_run",
-                "bad_images",
-            ):
+            for key in ("step", "epoch", "batch_in_epoch", "bad_images"):
                 setattr(self, key, meta[key])
+            self.nonfinite.total, self.nonfinite.run = (
+                meta["nonfinite_total"],
+                meta["nonfinite_run"],
+            )
             self._bad_base = self.bad_images
             self.extra_state = meta.get("extra", {})
             self.saved_at = self.place()
@@ -259,7 +258,6 @@ class Run:
         self._sums: dict[str, torch.Tensor] = {}
         self._finite = torch.zeros((), device=self.device)
         self._n_micro, self._t_log = 0, time.perf_counter()
-        self._verdicts: list[tuple[int, torch.Tensor]] = []  # (step, 1.0 if skipped) unread
         # host seconds: the loop waiting for its batches since the last log line; the prefetch
         # threads augmenting them (of finished epochs, and at the last log line)
         self._data_s = self._prefetch_done = self._prefetch_logged = 0.0
@@ -280,8 +278,8 @@ class Run:
             step=self.step,
             epoch=self.epoch,
             batch_in_epoch=self.batch_in_epoch,
-            nonfinite_total=self.nonfinite_total,
-            nonfinite_run=self.nonfinite_run,
+            nonfinite_total=self.nonfinite.total,
+            nonfinite_run=self.nonfinite.run,
             bad_images=self.bad_images,
             extra=self.extra_state,
             config=dataclasses.asdict(self.cfg),
@@ -392,13 +390,8 @@ class Run:
         return self.accelerator.sync_gradients
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward; on the last micro-batch: lr, clipping, the non-finite check, the step.
-
-        The norm of the all-reduced gradients is the same on every rank, so all ranks skip a
-        non-finite step together. With a fused AdamW the skip happens on the device and the
-        verdict is read later, with the log (``_settle``): no host sync per step. Otherwise it
-        is read here, one host sync per optimizer step.
-        """
+        """Backward; on the last micro-batch: lr, clipping, the step unless the gradient norm
+        is not finite (:class:`~maepl.guard.NonfiniteSteps`)."""
         self.accelerator.backward(loss)
         if self.sync:
             cfg = self.cfg
@@ -408,35 +401,18 @@ class Run:
             )
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             norm = self.accelerator.clip_grad_norm_(params, cfg.clip_grad or float("inf"))
-            nonfinite = (~torch.isfinite(norm)).float()
-            if self._device_skip:  # fused AdamW leaves params, state and its step count alone
-                self.optimizer.optimizer.found_inf = nonfinite
-                self.optimizer.step()
-            elif not nonfinite.item() or self.precision == "fp16":  # fp16: GradScaler skips
-                self.optimizer.step()
-            self._verdicts.append((self.step + 1, nonfinite))
+            self.nonfinite.step(self.optimizer, norm, self.step + 1)
         else:
             self.optimizer.step()  # Accelerate skips it until the last micro-batch
         self.optimizer.zero_grad(set_to_none=True)
 
     def _settle(self) -> None:
         """Read the pending non-finite verdicts (one host sync): count, log, stop if too many."""
-        if not self._verdicts:
-            return
-        steps = [s for s, _ in self._verdicts]
-        flags = torch.stack([f for _, f in self._verdicts]).tolist()
-        self._verdicts = []
-        for step, bad in zip(steps, flags, strict=True):
-            self.nonfinite_run = self.nonfinite_run + 1 if bad else 0
-            self.nonfinite_total += int(bad)
-            if bad:
-                self.tracker.event(step, "nonfinite_grad_norm", skipped=self.precision != "fp16")
-            if self.nonfinite_run >= self.cfg.max_nonfinite:
-                raise FloatingPointError(
-                    f"step {step}: {self.nonfinite_run} consecutive steps with a non-finite "
-                    f"gradient norm (max_nonfinite={self.cfg.max_nonfinite}); the last "
-                    f"checkpoint (step {self.last_saved}) holds finite weights"
-                )
+
+        def report(step: int) -> None:
+            self.tracker.event(step, "nonfinite_grad_norm", skipped=self.precision != "fp16")
+
+        self.nonfinite.settle(report, self.last_saved)
 
     def end_micro(self, metrics: dict[str, torch.Tensor]) -> None:
         """Book-keeping after one micro-batch; ``metrics`` are scalar tensors to average."""
@@ -453,8 +429,7 @@ class Run:
             self.bar.update(1)
             if self.profiler is not None:
                 self.profiler.step()
-            # verdicts are read on the device-skip path only every max_nonfinite steps at most
-            if not self._device_skip or len(self._verdicts) >= cfg.max_nonfinite:
+            if self.nonfinite.due:
                 self._settle()
             if self.step % cfg.log_every == 0 or self.step == self.stop_step:
                 self._write_log()
@@ -491,7 +466,7 @@ class Run:
             busy = self._prefetch_done + (self._prefetcher.busy_s if self._prefetcher else 0.0)
             row["prefetch_ms"] = 1000 * (busy - self._prefetch_logged) / steps
             self._prefetch_logged = busy
-        row.update(nonfinite_steps=self.nonfinite_total, bad_images=self.bad_images)
+        row.update(nonfinite_steps=self.nonfinite.total, bad_images=self.bad_images)
         self.last_log = row
         self.log(row)
         if "loss" in row:
