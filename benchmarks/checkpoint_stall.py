@@ -9,9 +9,12 @@ background thread (its time is printed too: the next save waits for it if it com
 First it times that copy alone, two ways on the same state: ``pageable`` (what maepl did up to
 session 9: per tensor ``.contiguous().clone().cpu()``, then the finite check on the host) and
 ``pinned`` (``assert_finite`` where the tensors live, then ``host_copies``: pinned buffers, one
-synchronisation). On the CPU both are a clone and a host check.
+synchronisation). On the CPU both are a clone and a host check. The first pinned copy includes
+allocating the pinned buffers (torch's caching host allocator rounds each up to a power of two
+and keeps them for the process's later saves), so each repeat is printed.
 
     python benchmarks/checkpoint_stall.py [--model mae_vit_base_patch16] [--saves 3] [--dir PATH]
+                                          [--snapshot_only]
 
 Lines ``snapshot_s=<pageable>,<pinned>`` and, last, ``stall_s=<synchronous>,<asynchronous>``
 (median seconds per call).
@@ -75,6 +78,9 @@ def main() -> None:
     p.add_argument("--model", default="mae_vit_base_patch16")
     p.add_argument("--saves", type=int, default=3)
     p.add_argument("--dir", default=None, help="where to write (default: a temporary folder)")
+    p.add_argument(
+        "--snapshot_only", action="store_true", help="time the host copy only (no files written)"
+    )
     args = p.parse_args()
     cfg = PretrainConfig(model=args.model, dataset="sample").validate()
     acc = Accelerator(cpu=not torch.cuda.is_available())
@@ -90,6 +96,8 @@ def main() -> None:
         f"(weights + 2 AdamW moments, fp32); device {acc.device}, torch {torch.__version__}"
     )
     time_snapshots(model, opt, args.saves, acc.device)
+    if args.snapshot_only:
+        return
     root = Path(args.dir or tempfile.mkdtemp(prefix="maepl_ckpt_"))
     stalls: dict[str, list[float]] = {"sync": [], "async": []}
     background = []

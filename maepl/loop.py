@@ -117,7 +117,7 @@ class Run:
     def train_loader(self, dataset) -> tuple[DataLoader, ShardedSampler]:
         """This rank's shuffled shard, resumable mid-epoch; unreadable images are skipped.
 
-        A dataset with its own ``collate_fn`` (encoded files, ``maepl.gpu_aug``) batches with it.
+        A dataset with its own ``collate_fn`` (encoded files, ``maepl.encoded``) batches with it.
         """
         cfg = self.cfg
         sampler = ShardedSampler(len(dataset), self.world, self.rank, cfg.seed, with_epoch=True)

@@ -15,10 +15,12 @@ def host_copies(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Contiguous copies of ``sd``'s tensors in host memory, one buffer each (safetensors
     refuses shared or strided storage), which training may not change once this returns.
 
-    CUDA tensors are copied into pinned buffers, queued without waiting and synchronised once:
-    ``.cpu()`` into pageable memory waits for each tensor in turn (hundreds for a ViT with AdamW
-    moments), and a ``clone()`` on the device first would double its memory for the copy. The
-    pinned buffers come from torch's caching host allocator, so later saves reuse them.
+    CUDA tensors are copied into pinned buffers, queued without waiting and synchronised once
+    (a ``.cpu()`` into pageable memory waits for each tensor in turn: hundreds for a ViT with
+    AdamW moments). The pinned buffers come from torch's caching
+    host allocator, which rounds each up to a power of two and keeps it for the process: later
+    saves reuse them (ViT-B/16 with AdamW: about 1.9 GiB page-locked from the first save on).
+    The copies run on the calling thread's current stream, which this waits for.
     """
     out, devices = {}, set()
     for k, v in sd.items():

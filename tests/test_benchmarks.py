@@ -408,6 +408,14 @@ def test_checkpoint_stall_prints_both_stalls(tmp_path):
     for mode in ("sync", "async"):  # keep_last 1: the second save, complete
         assert [p.name for p in (tmp_path / mode / "checkpoints").iterdir()] == ["step_00000002"]
         assert (tmp_path / mode / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
+    only = run(
+        "benchmarks/checkpoint_stall.py",
+        *("--model", "mae_vit_micro_patch4_28", "--saves", "1", "--snapshot_only"),
+        *("--dir", str(tmp_path / "only")),
+    )
+    assert only.returncode == 0, only.stderr[-3000:]
+    assert only.stdout.strip().splitlines()[-1].startswith("snapshot_s=")
+    assert not (tmp_path / "only").exists()  # nothing written
 
 
 def test_quality_epochs_reach_every_run_and_reuse_checks_them(tmp_path):
