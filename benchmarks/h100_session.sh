@@ -25,6 +25,8 @@
 #               auto picked cuDNN on the H100 with torch 2.11), compile caches off (a cached graph
 #               keeps the kernel it was traced with), 3 steps profiled: the kernels that ran
 #   graphs      throughput.py again with CUDA graphs (--compile_mode reduce-overhead), GRAPHS_ONLY
+#   cppwrap     throughput.py ViT-B/16 plain, compiled with Inductor's C++ wrapper (kernels launched
+#               from C++, not generated Python: the compiled step is host-bound), CPPWRAP_ONLY
 #   ckpt        checkpoint_stall.py --snapshot_only, ViT-B/16 with AdamW state: the host copy
 #               before an asynchronous save, pageable (up to session 9) vs pinned (~15 s)
 # Sections run in the order SECTIONS lists them. BUDGET_S (seconds, whole script) caps every
@@ -188,6 +190,15 @@ sec_graphs() {
   grep -E "^ *(plain|apl|rpl|hf)[a-z0-9_]* |benchmark time" "$OUT/throughput_graphs.txt"
 }
 
+sec_cppwrap() {
+  log "throughput: ViT-B/16 compiled with the C++ wrapper: ${CPPWRAP_ONLY:-plain}"
+  timeout -k 20 "$(cap 200)" python benchmarks/throughput.py --preset vit_base --compile \
+      --cpp_wrapper --steps 15 --warmup 5 --only "${CPPWRAP_ONLY:-plain}" \
+      > /tmp/throughput_cppwrap.txt 2>&1
+  echo "throughput.py exit $?"
+  grep -E "^ *(plain|apl|rpl)[a-z0-9_]* |Error|error" /tmp/throughput_cppwrap.txt | tail -4
+}
+
 sec_ckpt() {
   log "checkpoint snapshot (host copy before an async save), ViT-B/16 + AdamW (1.25 GiB)"
   timeout -k 20 "$(cap 60)" python benchmarks/checkpoint_stall.py --saves 3 --snapshot_only \
@@ -198,7 +209,7 @@ sec_ckpt() {
 
 for section in ${SECTIONS//,/ }; do
   if ! declare -F "sec_$section" > /dev/null; then
-    echo "unknown section '$section' (gputests, calib, quality, crops, throughput, pipeline, e2e, sdpa, graphs, ckpt)"
+    echo "unknown section '$section' (gputests, calib, quality, crops, throughput, pipeline, e2e, sdpa, graphs, cppwrap, ckpt)"
   elif [ $((BUDGET_S - SECONDS)) -lt 40 ]; then
     log "skipped $section: $((BUDGET_S - SECONDS)) s of BUDGET_S left"
   else
