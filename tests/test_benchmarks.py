@@ -110,6 +110,18 @@ def test_throughput_prints_its_ratio_last(tmp_path, monkeypatch):
     assert final["complete"] and [r["name"] for r in final["results"]] == ["plain", "apl"]
 
 
+def test_throughput_cpp_wrapper_needs_compile(capsys):
+    """--cpp_wrapper changes how compiled graphs run: without --compile it is refused by name."""
+    tp = load_script("throughput")
+    assert tp.parse_args(["--only", "plain", "--compile", "--cpp_wrapper"]).cpp_wrapper
+    with pytest.raises(SystemExit) as exit_info:
+        tp.parse_args(["--only", "plain", "--cpp_wrapper"])
+    assert (
+        exit_info.value.code == 2
+        and "--cpp_wrapper: only with --compile" in capsys.readouterr().err
+    )
+
+
 def test_throughput_bf16_levers_train_like_autocast():
     """The bf16-residual-stream and bf16-weights (fp32 master weights) configurations follow the
     bf16-autocast one step for step on one batch; the bf16 weights are the rounded fp32 masters
