@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .data import Transform
+from .guard import ignore_stop_signals
 
 _MASK64 = (1 << 64) - 1
 
@@ -198,3 +199,30 @@ def eval_loader(
         num_workers=num_workers,
         collate_fn=collate_drop_bad,
     )
+
+
+def train_loader(
+    dataset: Dataset, cfg, num_replicas: int, rank: int, pin_memory: bool
+) -> tuple[torch.utils.data.DataLoader, ShardedSampler]:
+    """Rank ``rank``'s shuffled shard of ``dataset`` in batches of ``cfg.batch_size`` (full
+    batches only), resumable mid-epoch through the sampler; unreadable images are replaced.
+
+    A dataset with its own ``collate_fn`` (encoded files, ``maepl.encoded``) batches with it.
+    """
+    sampler = ShardedSampler(len(dataset), num_replicas, rank, cfg.seed, with_epoch=True)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        # each iterator draws its workers' base seed from this generator: from the global
+        # CPU RNG it would shift drop path and other draws after a resume (exact resume).
+        # The base seed itself is unused: augmentations are seeded per sample.
+        generator=torch.Generator().manual_seed(cfg.seed * 1000 + rank),
+        num_workers=cfg.num_workers,
+        pin_memory=pin_memory,
+        drop_last=True,
+        collate_fn=getattr(dataset, "collate_fn", None) or collate_skip_bad,
+        worker_init_fn=ignore_stop_signals,
+        persistent_workers=cfg.num_workers > 0,  # epochs travel with the indices
+    )
+    return loader, sampler

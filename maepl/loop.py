@@ -36,8 +36,9 @@ from .checkpoint import (
     set_aside_checkpoints_after,
 )
 from .config import ConfigError, dump_config, resolve_precision
-from .guard import NonfiniteSteps, StopFlag, ignore_stop_signals
-from .loaders import ShardedSampler, collate_skip_bad
+from .guard import NonfiniteSteps, StopFlag
+from .loaders import ShardedSampler, train_loader
+from .metrics import LogWindow
 from .optim import lr_at, set_lr
 from .prefetch import Prefetcher
 from .profiling import Profiler
@@ -115,27 +116,10 @@ class Run:
 
     # ------------------------------------------------------------------ data, schedule
     def train_loader(self, dataset) -> tuple[DataLoader, ShardedSampler]:
-        """This rank's shuffled shard, resumable mid-epoch; unreadable images are skipped.
-
-        A dataset with its own ``collate_fn`` (encoded files, ``maepl.encoded``) batches with it.
-        """
-        cfg = self.cfg
-        sampler = ShardedSampler(len(dataset), self.world, self.rank, cfg.seed, with_epoch=True)
-        loader = DataLoader(
-            dataset,
-            batch_size=cfg.batch_size,
-            sampler=sampler,
-            # each iterator draws its workers' base seed from this generator: from the global
-            # CPU RNG it would shift drop path and other draws after a resume (exact resume).
-            # The base seed itself is unused: augmentations are seeded per sample.
-            generator=torch.Generator().manual_seed(cfg.seed * 1000 + self.rank),
-            num_workers=cfg.num_workers,
-            pin_memory=cfg.pin_mem and self.device.type == "cuda",
-            drop_last=True,
-            collate_fn=getattr(dataset, "collate_fn", None) or collate_skip_bad,
-            worker_init_fn=ignore_stop_signals,
-            persistent_workers=cfg.num_workers > 0,  # epochs travel with the indices
-        )
+        """This rank's shuffled shard, resumable mid-epoch (:func:`~maepl.loaders.train_loader`);
+        plans the schedule from its length."""
+        pin = self.cfg.pin_mem and self.device.type == "cuda"
+        loader, sampler = train_loader(dataset, self.cfg, self.world, self.rank, pin)
         self.plan(len(sampler))
         return loader, sampler
 
@@ -255,13 +239,7 @@ class Run:
             desc=self.desc,
             dynamic_ncols=True,
         )
-        self._sums: dict[str, torch.Tensor] = {}
-        self._finite = torch.zeros((), device=self.device)
-        self._n_micro, self._t_log = 0, time.perf_counter()
-        # host seconds: the loop waiting for its batches since the last log line; the prefetch
-        # threads augmenting them (of finished epochs, and at the last log line)
-        self._data_s = self._prefetch_done = self._prefetch_logged = 0.0
-        self._prefetcher = None
+        self.window = LogWindow(self.device, getattr(cfg, "data_pipeline", "cpu") == "gpu")
         self.profiler = Profiler(self) if self.cfg.profile_steps else None  # --profile_steps
 
     def _count_bad(self, new_on_all_ranks: float | None = None) -> None:
@@ -341,13 +319,13 @@ class Run:
                     loader, augment, self.epoch, self.batch_in_epoch, left, self.device
                 )
             with epoch_batches as batches:
-                self._prefetcher = batches if augment is not None else None
+                self.window.prefetcher = batches if augment is not None else None
                 it = iter(batches)
                 while True:
                     t0 = time.perf_counter()  # the loop's wait for its next batch (data_ms)
                     with torch.profiler.record_function("maepl.wait_for_batch"):
                         item = next(it, None)
-                    self._data_s += time.perf_counter() - t0
+                    self.window.data_s += time.perf_counter() - t0
                     if item is None:
                         break
                     imgs, labels, bad = item
@@ -371,9 +349,7 @@ class Run:
                     )
                     if self.stopped:
                         break
-            if self._prefetcher is not None:
-                self._prefetch_done += self._prefetcher.busy_s
-                self._prefetcher = None
+            self.window.end_epoch()
             if not self.stopped and self.batch_in_epoch >= self.micro_per_epoch:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 if on_epoch_end is not None:
@@ -418,12 +394,7 @@ class Run:
         """Book-keeping after one micro-batch; ``metrics`` are scalar tensors to average."""
         cfg = self.cfg
         self.batch_in_epoch += 1
-        values = torch.stack([v.detach().float() for v in metrics.values()])
-        ok = torch.isfinite(values).all()
-        for (k, _), v in zip(metrics.items(), torch.where(ok, values, 0.0), strict=True):
-            self._sums[k] = self._sums.get(k, 0.0) + v
-        self._finite = self._finite + ok.float()
-        self._n_micro += 1
+        self.window.add(metrics)
         if self.sync:
             self.step += 1
             self.bar.update(1)
@@ -445,35 +416,25 @@ class Run:
     def _write_log(self) -> None:
         if self.writer is not None:  # a checkpoint written in the background failed: stop now
             self._writer_done(self.writer.poll)
-        # one host sync per log line: averages over finite micro-batches of all ranks
         self._settle()
-        keys = list(self._sums)
-        bad = torch.full((), float(self._bad_new), device=self.device)
-        packed = torch.stack([self._sums[k] for k in keys] + [self._finite, bad])
-        tot = self.accelerator.reduce(packed, "sum").tolist()
-        self._count_bad(tot.pop())
-        dt = time.perf_counter() - self._t_log
+        # one host sync per log line: averages over finite micro-batches of all ranks
+        row, timings, bad_new = self.window.reduce(
+            self.accelerator, self._bad_new, self.cfg.batch_size * self.world, self.cfg.accum_iter
+        )
+        self._count_bad(bad_new)
         group = self.optimizer.param_groups[0]
-        row = {k: v / max(tot[-1], 1.0) for k, v in zip(keys, tot[:-1], strict=True)}
-        steps = max(self._n_micro / self.cfg.accum_iter, 1e-9)
         row.update(
             epoch=round(self.epoch + self.batch_in_epoch / self.micro_per_epoch, 4),
             lr=group["lr"] / group.get("lr_scale", 1.0),
-            img_per_s=self._n_micro * self.cfg.batch_size * self.world / dt,
-            data_ms=1000 * self._data_s / steps,  # this rank's; per optimizer step
+            **timings,
+            nonfinite_steps=self.nonfinite.total,
+            bad_images=self.bad_images,
         )
-        if getattr(self.cfg, "data_pipeline", "cpu") == "gpu":  # the prefetch thread, per step
-            busy = self._prefetch_done + (self._prefetcher.busy_s if self._prefetcher else 0.0)
-            row["prefetch_ms"] = 1000 * (busy - self._prefetch_logged) / steps
-            self._prefetch_logged = busy
-        row.update(nonfinite_steps=self.nonfinite.total, bad_images=self.bad_images)
         self.last_log = row
         self.log(row)
         if "loss" in row:
             self.bar.set_postfix(loss=f"{row['loss']:.4f}")
-        self._sums = {}
-        self._finite = torch.zeros((), device=self.device)
-        self._n_micro, self._t_log, self._data_s = 0, time.perf_counter(), 0.0
+        self.window.reset()
 
     # ------------------------------------------------------------------ the end
     def finish(self, summary: dict | None = None) -> dict:

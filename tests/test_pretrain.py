@@ -320,9 +320,9 @@ def test_log_lines_say_how_long_the_loop_waited_for_data(tiny_cfg, monkeypatch, 
     at least that); prefetch_ms: the GPU pipeline's augment time per step (slowed by 20 ms)."""
     import time
 
-    from maepl import gpu_aug, loop
+    from maepl import gpu_aug, loaders
 
-    real_collate, real_augment = loop.collate_skip_bad, gpu_aug.GpuAugment.__call__
+    real_collate, real_augment = loaders.collate_skip_bad, gpu_aug.GpuAugment.__call__
 
     def slow_collate(batch):
         time.sleep(0.03)
@@ -332,7 +332,7 @@ def test_log_lines_say_how_long_the_loop_waited_for_data(tiny_cfg, monkeypatch, 
         time.sleep(0.02)
         return real_augment(self, *args)
 
-    monkeypatch.setattr(loop, "collate_skip_bad", slow_collate)
+    monkeypatch.setattr(loaders, "collate_skip_bad", slow_collate)
     monkeypatch.setattr(gpu_aug.GpuAugment, "__call__", slow_augment)
     pretrain.main(tiny_cfg(max_steps=8, log_every=4, data_pipeline=pipeline))
     rows = [json.loads(line) for line in (Path(tiny_cfg().output_dir) / "log.jsonl").open()]

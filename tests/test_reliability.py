@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import maepl.loaders
 import maepl.loop
 import pretrain
 from maepl.checkpoint import complete_checkpoints, resolve_resume, step_of
@@ -27,6 +28,7 @@ from maepl.data import build_dataset, build_transform
 from maepl.export import export_encoder
 from maepl.guard import StopFlag
 from maepl.loaders import BadImageError, SeededTransformDataset, collate_skip_bad
+from maepl.metrics import LogWindow
 
 from .conftest import ROOT, torchrun
 
@@ -581,7 +583,7 @@ def poison(monkeypatch, bad_batches):
             imgs = torch.full_like(imgs, float("nan"))
         return imgs, labels, bad
 
-    monkeypatch.setattr(maepl.loop, "collate_skip_bad", collate)
+    monkeypatch.setattr(maepl.loaders, "collate_skip_bad", collate)
 
 
 def fused_adamw(monkeypatch):
@@ -618,6 +620,26 @@ def test_consecutive_nonfinite_steps_stop_the_run_naming_the_step(tiny_cfg, monk
     poison(monkeypatch, "all")
     with pytest.raises(FloatingPointError, match="step 3: 3 consecutive"):
         pretrain.main(tiny_cfg(max_steps=8, max_nonfinite=3))
+
+
+def test_log_window_leaves_nonfinite_micro_batches_out_and_sums_over_ranks():
+    class TwoRanks:  # reduce("sum") as if a second rank held the same values
+        def reduce(self, t, op):
+            assert op == "sum"
+            return 2 * t
+
+    w = LogWindow(torch.device("cpu"), gpu_pipeline=False)
+    w.add({"loss": torch.tensor(1.0), "acc": torch.tensor(0.5)})
+    w.add({"loss": torch.tensor(float("nan")), "acc": torch.tensor(0.9)})  # left out whole
+    w.add({"loss": torch.tensor(3.0), "acc": torch.tensor(0.7)})
+    w.data_s = 0.3
+    averages, timings, bad = w.reduce(TwoRanks(), extra=5, images_per_micro=8, accum_iter=3)
+    assert averages == pytest.approx({"loss": 2.0, "acc": 0.6})
+    assert bad == 10  # this rank's 5, summed over the two
+    assert timings["data_ms"] == pytest.approx(300.0)  # 3 micro-batches = one step
+    assert timings["img_per_s"] > 0 and "prefetch_ms" not in timings
+    w.reset()
+    assert w.sums == {} and w.n_micro == 0 and w.finite.item() == 0
 
 
 def test_nothing_nonfinite_is_exported(tmp_path):
