@@ -244,10 +244,13 @@ def main(cfg: FinetuneConfig) -> dict:
         with run.accumulate():
             out = model(imgs)
             cls_loss = criterion(out["logits"], targets)
-            pos_loss = out.get("pos_loss", cls_loss.new_zeros(()))
-            loss = cls_loss + cfg.pos_weight * pos_loss
+            loss = cls_loss
+            if "pos_loss" in out:
+                loss = loss + cfg.pos_weight * out["pos_loss"]
             run.backward(loss)
-        run.end_micro(dict(loss=loss, cls_loss=cls_loss, pos_loss=pos_loss))
+        # without a position head no position column (not zeros)
+        pos = {"pos_loss": out["pos_loss"]} if "pos_loss" in out else {}
+        run.end_micro(dict(loss=loss, cls_loss=cls_loss, **pos))
 
     # ------------------------------------------------------------------ finish
     summary = run.finish()

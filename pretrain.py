@@ -88,14 +88,10 @@ def main(cfg: PretrainConfig) -> dict:
             out = model(imgs, **noise, pos_sigma=sigma)
             loss = out["mae_loss"] + cfg.pos_weight * out["pos_loss"]
             run.backward(loss)
-        run.end_micro(
-            dict(
-                loss=loss,
-                mae_loss=out["mae_loss"],
-                pos_loss=out["pos_loss"],
-                pos_acc=out["pos_acc"],
-            )
-        )
+        metrics = dict(loss=loss, mae_loss=out["mae_loss"])
+        if cfg.pos_label != "none":  # plain MAE logs no position columns (not zeros)
+            metrics.update(pos_loss=out["pos_loss"], pos_acc=out["pos_acc"])
+        run.end_micro(metrics)
 
     # ------------------------------------------------------------------ finish, export
     def export() -> None:  # main process only

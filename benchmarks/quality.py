@@ -489,7 +489,8 @@ def main() -> None:
     p.add_argument(
         "--variants",
         default=",".join(DEFAULT_VARIANTS),
-        help=f"comma-separated, from {', '.join(VARIANTS)}\n(default: {', '.join(DEFAULT_VARIANTS)})",
+        help=f"comma-separated, from {', '.join(VARIANTS)}\n"
+        f"(default: {', '.join(DEFAULT_VARIANTS)})",
     )
     p.add_argument("--sweeps", action="store_true", help="lambda and mask-ratio sweeps (apl_drop)")
     p.add_argument("--data_path", default=None)
