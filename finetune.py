@@ -244,13 +244,12 @@ def main(cfg: FinetuneConfig) -> dict:
         with run.accumulate():
             out = model(imgs)
             cls_loss = criterion(out["logits"], targets)
-            loss = cls_loss
-            if "pos_loss" in out:
+            loss, metrics = cls_loss, dict(cls_loss=cls_loss)
+            if "pos_loss" in out:  # without a position head no position column (not zeros)
                 loss = loss + cfg.pos_weight * out["pos_loss"]
+                metrics["pos_loss"] = out["pos_loss"]
             run.backward(loss)
-        # without a position head no position column (not zeros)
-        pos = {"pos_loss": out["pos_loss"]} if "pos_loss" in out else {}
-        run.end_micro(dict(loss=loss, cls_loss=cls_loss, **pos))
+        run.end_micro(dict(loss=loss, **metrics))
 
     # ------------------------------------------------------------------ finish
     summary = run.finish()

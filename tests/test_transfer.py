@@ -309,6 +309,7 @@ def test_finetune_of_a_pretrained_export_with_mixup_runs(colours, pretrained, tm
     assert (cfg.encoder, cfg.embed_dim, cfg.input_size) == ("vit_tiny_patch16_224", 32, 16)
     summary = finetune.main(cfg)
     assert summary["top1"] > 45 and np.isfinite(summary["loss"])
+    assert "pos_loss" not in summary  # no position head: no column, not zeros
     written = json.loads((tmp_path / "ft" / "summary.json").read_text())
     assert written["top1"] == summary["top1"] and written["best_top1"] == summary["best_top1"]
 
