@@ -117,6 +117,28 @@ BUDGETS = {
         probe_epochs=50,
         lp=dict(epochs=10, warmup_epochs=1, batch_size=256),
     ),
+    # the reference's own CPU-sized run (shared/reference.md: "the same code on 2 CPU cores"):
+    # the gpu budget's model, batch and recipe on 10,000 training images for 10 epochs (190
+    # steps) in float32, probed on those 10,000 and the full 10,000-image test set (needs
+    # --data_path). A direct comparison with the official code that fits a CPU session
+    "refcpu": dict(
+        pre=dict(
+            model="mae_vit_tiny_patch4_28",
+            dataset="sample",
+            epochs=10,
+            warmup_epochs=5,
+            batch_size=512,
+            blr=1.5e-4,
+            num_workers=2,
+            data_pipeline="gpu",
+            mixed_precision="no",
+        ),
+        test_dataset="fashion-mnist",
+        ft_epochs=0,
+        ft_batch=256,
+        probe_epochs=100,
+        lp=None,  # the reference has no linprobe.py figure here
+    ),
     "smoke": dict(
         pre=dict(
             model="mae_vit_micro_patch4_28",
@@ -181,8 +203,15 @@ def linprobe_mae_recipe(
 
 
 def evaluate_export(
-    folder: Path, dataset: str, data_path: str | None, probe_epochs: int, device: str
+    folder: Path,
+    dataset: str,
+    data_path: str | None,
+    probe_epochs: int,
+    device: str,
+    test_dataset: str | None = None,
 ) -> dict[str, float]:
+    """Reference protocol on ``dataset``'s training images and ``test_dataset``'s test images
+    (default: the same dataset's)."""
     import timm
 
     model = timm.create_model(f"local-dir:{folder}", pretrained=True)
@@ -192,7 +221,8 @@ def evaluate_export(
     )
     feats = []
     for train in (True, False):
-        ds = SeededTransformDataset(build_dataset(dataset, data_path, train), tf, 0)
+        name = dataset if train else test_dataset or dataset
+        ds = SeededTransformDataset(build_dataset(name, data_path, train), tf, 0)
         loader = DataLoader(ds, batch_size=512, num_workers=2, collate_fn=collate_drop_bad)
         f, y = extract_features(
             model, ((x, y) for x, y, _ in loader), device, autocast=device == "cuda"
@@ -271,10 +301,15 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace, out
     )
     row.update(
         evaluate_export(
-            run_dir / "export" / "encoder", cfg.dataset, data_path, budget["probe_epochs"], device
+            run_dir / "export" / "encoder",
+            cfg.dataset,
+            data_path,
+            budget["probe_epochs"],
+            device,
+            budget.get("test_dataset"),
         )
     )
-    if name in VARIANTS:  # the sweeps read probe and position loss only
+    if name in VARIANTS and budget["lp"]:  # the sweeps read probe and position loss only
         row.update(
             linprobe_mae_recipe(
                 run_dir / "export" / "encoder",
@@ -436,7 +471,7 @@ def fill_linprobe(args: argparse.Namespace, jobs: list, done: dict, out: Path) -
     dirs = [*args.fill_lp, out]
     for name, seed in jobs:
         row = done.get((name, seed))
-        if row is None or name not in VARIANTS or "lp_cls" in row:
+        if row is None or name not in VARIANTS or "lp_cls" in row or not budget["lp"]:
             continue
         saved = row_path(out, name, seed)
         if saved.exists() and "lp_cls" in (earlier := json.loads(saved.read_text())):
@@ -565,6 +600,12 @@ def main() -> None:
     missing = [str(d) for d in args.fill_lp if not d.is_dir()]
     if missing:
         p.error(f"--fill_lp: no such folder: {', '.join(missing)}")
+    test = BUDGETS[args.budget].get("test_dataset")
+    if test:  # before any pretraining: the probes test on another dataset's test split
+        try:
+            build_dataset(test, args.data_path, train=False)
+        except FileNotFoundError as e:
+            p.error(f"--data_path: the {args.budget} budget tests on {test}: {e}")
     out = Path(args.out or ROOT / "output" / f"quality_{args.budget}")
     (out / "rows").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)

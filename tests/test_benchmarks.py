@@ -459,3 +459,48 @@ def test_gpu_crops_times_both_resizes_and_they_agree(tmp_path):
     assert [x["name"] for x in res["results"]] == names
     assert all(x["wall_ms"] > 0 and x["host_ms"] > 0 for x in res["results"])
     assert res["max_diff"] < 0.02  # steps of 255, before rounding
+
+
+def test_quality_refcpu_budget_probes_on_another_test_set(tmp_path, monkeypatch):
+    """The refcpu budget (the reference's CPU-sized run) trains its probes on the 10,000-image
+    sample and tests them on the full Fashion-MNIST test split; without that split it stops
+    before any pretraining, naming --data_path."""
+    out = tmp_path / "out"
+    args = ("--budget", "refcpu", "--data_path", str(tmp_path), "--out", str(out))
+    r = run("benchmarks/quality.py", *args)
+    assert r.returncode == 2 and "--data_path" in r.stderr and "fashion-mnist" in r.stderr
+    assert not out.exists()  # stopped before it made its output folder
+
+    import timm
+
+    from maepl.fmnist import ArrayImageDataset
+
+    quality = load_script("quality")
+    assert quality.BUDGETS["refcpu"]["test_dataset"] == "fashion-mnist"
+    calls = []
+
+    def fake_dataset(name, data_path, train):
+        calls.append((name, train))
+        n = 24 if train else 12  # sizes tell the splits apart in the result
+        gen = torch.Generator().manual_seed(len(calls))
+        images = torch.randint(0, 256, (n, 28, 28), generator=gen, dtype=torch.uint8)
+        return ArrayImageDataset(images, torch.arange(n) % 3)
+
+    encoder = timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=28,
+        patch_size=4,
+        in_chans=1,
+        embed_dim=24,
+        depth=1,
+        num_heads=2,
+        num_classes=0,
+    )
+    encoder.pretrained_cfg = dict(input_size=(1, 28, 28), mean=(0.5,), std=(0.5,))
+    monkeypatch.setattr(quality, "build_dataset", fake_dataset)
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: encoder)
+    out = quality.evaluate_export(tmp_path, "sample", None, 2, "cpu", "fashion-mnist")
+    assert calls == [("sample", True), ("fashion-mnist", False)]
+    # accuracies over the 12 test images: multiples of 100 / 12
+    for v in out.values():
+        assert abs(v * 12 / 100 - round(v * 12 / 100)) < 1e-6
