@@ -31,6 +31,13 @@ def main() -> None:
     p.add_argument("--dataset", default="fashion-mnist", choices=["sample", "fashion-mnist"])
     p.add_argument("--data_path", default=None)
     p.add_argument(
+        "--test_dataset",
+        default=None,
+        choices=["sample", "fashion-mnist"],
+        help="test on this dataset's test split instead (e.g. probes trained on the 10,000-image\n"
+        "sample, tested on all 10,000 Fashion-MNIST test images: the refcpu budget of quality.py)",
+    )
+    p.add_argument(
         "--random_init",
         action="store_true",
         help="same architecture, untrained (timm init, learned PE: not MAE's sin-cos random init)",
@@ -51,8 +58,15 @@ def main() -> None:
     chans, size = cfg["input_size"][0], cfg["input_size"][-1]
     tf = build_transform(False, size, chans, cfg["mean"], cfg["std"])
 
+    test_dataset = args.test_dataset or args.dataset
+    for name, train in ((args.dataset, True), (test_dataset, False)):  # before the slow part
+        try:
+            build_dataset(name, args.data_path, train=train)
+        except FileNotFoundError as e:
+            sys.exit(f"error: --data_path: {e}")
+
     def loader(train: bool) -> DataLoader:
-        ds = build_dataset(args.dataset, args.data_path, train=train)
+        ds = build_dataset(args.dataset if train else test_dataset, args.data_path, train=train)
         ds = _Mapped(ds, tf)
         return DataLoader(ds, batch_size=args.batch_size, num_workers=args.num_workers)
 
@@ -64,6 +78,7 @@ def main() -> None:
         "encoder": str(folder),
         "random_init": args.random_init,
         "dataset": args.dataset,
+        "test_dataset": test_dataset,
         "train": len(train_y),
         "test": len(test_y),
     }

@@ -504,3 +504,30 @@ def test_quality_refcpu_budget_probes_on_another_test_set(tmp_path, monkeypatch)
     # accuracies over the 12 test images: multiples of 100 / 12
     for v in out.values():
         assert abs(v * 12 / 100 - round(v * 12 / 100)) < 1e-6
+
+
+def test_eval_encoder_tests_on_another_dataset_and_checks_it_first(tmp_path, tiny_cfg):
+    """eval_encoder.py --test_dataset: probes trained on one dataset's training split, tested on
+    another's test split; a missing one is named before any feature is extracted."""
+    import pretrain
+
+    from .test_data import tiny_fmnist
+
+    pretrain.main(tiny_cfg(max_steps=1, epochs=1))
+    encoder = tmp_path / "run" / "export" / "encoder"
+    tiny_fmnist(tmp_path / "fm", n=30)
+    out = tmp_path / "eval.json"
+    args = ("benchmarks/eval_encoder.py", str(encoder), "--probe_epochs", "1", "--num_workers")
+    r = run(*args, "0", "--dataset", "fashion-mnist", "--data_path", str(tmp_path / "fm"),
+            "--test_dataset", "sample", "--json", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert (res["dataset"], res["test_dataset"]) == ("fashion-mnist", "sample")
+    assert (res["train"], res["test"]) == (30, 2000)  # the tiny idx folder's 30, the sample's 2000
+    for k in ("probe_cls", "probe_avg", "knn_cls", "knn_avg"):
+        assert 0 <= res[k] <= 100
+    (tmp_path / "empty").mkdir()
+    r = run(*args, "0", "--test_dataset", "fashion-mnist", "--dataset", "sample",
+            "--data_path", str(tmp_path / "empty"))  # fmt: skip
+    assert r.returncode != 0 and "--data_path" in r.stderr and "not found" in r.stderr
+    assert "linear probe" not in r.stdout
