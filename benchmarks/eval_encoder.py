@@ -59,15 +59,15 @@ def main() -> None:
     tf = build_transform(False, size, chans, cfg["mean"], cfg["std"])
 
     test_dataset = args.test_dataset or args.dataset
-    for name, train in ((args.dataset, True), (test_dataset, False)):  # before the slow part
+    splits = {}  # both before the slow part, so that a missing one stops it first
+    for name, train in ((args.dataset, True), (test_dataset, False)):
         try:
-            build_dataset(name, args.data_path, train=train)
+            splits[train] = build_dataset(name, args.data_path, train=train)
         except FileNotFoundError as e:
             sys.exit(f"error: --data_path: {e}")
 
     def loader(train: bool) -> DataLoader:
-        ds = build_dataset(args.dataset if train else test_dataset, args.data_path, train=train)
-        ds = _Mapped(ds, tf)
+        ds = _Mapped(splits[train], tf)
         return DataLoader(ds, batch_size=args.batch_size, num_workers=args.num_workers)
 
     t0 = time.perf_counter()

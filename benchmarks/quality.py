@@ -82,21 +82,22 @@ SWEEPS = {
 JOBS = {**VARIANTS, **SWEEPS}
 SAVE_GRACE_S = 120  # --resume --time_limit: seconds a stopped run gets to save its checkpoint
 DEFAULTS = dict(pos_weight=0.5, mask_ratio=0.75)  # PretrainConfig's, for the apl_drop point
+# reference setup (configs/fmnist_vit_tiny.yaml): all 60,000 images, 40 epochs
+GPU_PRE = dict(
+    model="mae_vit_tiny_patch4_28",
+    dataset="fashion-mnist",
+    epochs=40,
+    warmup_epochs=5,
+    batch_size=512,
+    blr=1.5e-4,
+    num_workers=8,
+    # the reference figures were measured with random-resized-crop + flip on the GPU
+    data_pipeline="gpu",
+    compile=True,
+)
 BUDGETS = {
-    # reference setup (configs/fmnist_vit_tiny.yaml): all 60,000 images, 40 epochs
     "gpu": dict(
-        pre=dict(
-            model="mae_vit_tiny_patch4_28",
-            dataset="fashion-mnist",
-            epochs=40,
-            warmup_epochs=5,
-            batch_size=512,
-            blr=1.5e-4,
-            num_workers=8,
-            # the reference figures were measured with random-resized-crop + flip on the GPU
-            data_pipeline="gpu",
-            compile=True,
-        ),
+        pre=GPU_PRE,
         ft_epochs=5,
         ft_batch=256,
         probe_epochs=100,
@@ -124,15 +125,7 @@ BUDGETS = {
     # --data_path). A direct comparison with the official code that fits a CPU session
     "refcpu": dict(
         pre=dict(
-            model="mae_vit_tiny_patch4_28",
-            dataset="sample",
-            epochs=10,
-            warmup_epochs=5,
-            batch_size=512,
-            blr=1.5e-4,
-            num_workers=2,
-            data_pipeline="gpu",
-            mixed_precision="no",
+            GPU_PRE, dataset="sample", epochs=10, num_workers=2, compile=False, mixed_precision="no"
         ),
         test_dataset="fashion-mnist",
         ft_epochs=0,

@@ -477,6 +477,11 @@ def test_quality_refcpu_budget_probes_on_another_test_set(tmp_path, monkeypatch)
 
     quality = load_script("quality")
     assert quality.BUDGETS["refcpu"]["test_dataset"] == "fashion-mnist"
+    # the gpu budget's model, batch and recipe, on 10,000 images for 190 steps, float32, eager
+    gpu, ref = quality.BUDGETS["gpu"]["pre"], quality.BUDGETS["refcpu"]["pre"]
+    changed = {k for k in gpu.keys() | ref.keys() if gpu.get(k) != ref.get(k)}
+    assert changed == {"dataset", "epochs", "num_workers", "compile", "mixed_precision"}
+    assert (ref["dataset"], ref["epochs"], ref["compile"]) == ("sample", 10, False)
     calls = []
 
     def fake_dataset(name, data_path, train):
