@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -37,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -175,8 +177,10 @@ def linprobe_mae_recipe(
     workers: int,
     lp_dir,
     mixed_precision: str = "auto",
+    resume: bool = False,
 ) -> dict:
-    """linprobe.py on the export, CLS token; top-1, the base lr and the precision it used."""
+    """linprobe.py on the export, CLS token; top-1, the base lr and the precision it used.
+    ``resume``: continue the probe's own checkpoint in ``lp_dir`` (saved every epoch)."""
     images = len(build_dataset(dataset, data_path, True))
     blr = mae_recipe_blr(images, lp)
     cfg = LinprobeConfig(
@@ -187,13 +191,60 @@ def linprobe_mae_recipe(
         blr=blr,
         seed=seed,
         num_workers=workers,
-        save_every=lp["epochs"],
+        save_every=1,
         mixed_precision=mixed_precision,
         output_dir=str(lp_dir),
-        overwrite=True,
+        overwrite=not resume,
+        resume="auto" if resume else "",
     ).validate()
-    top1 = linprobe.main(cfg)["top1"]
+    top1 = finished(linprobe.main(cfg), f"linprobe.py in {lp_dir}")["top1"]
     return dict(lp_cls=top1, lp_blr=round(blr, 3), lp_precision=resolve_precision(mixed_precision))
+
+
+def finished(summary: dict, what: str) -> dict:
+    """A stage's summary, or exit if a signal stopped it (it saved a checkpoint to resume)."""
+    if summary.get("stopped_by_signal"):
+        sys.exit(f"{what}: stopped at step {summary['step']}; rerun with --resume")
+    return summary
+
+
+class EvalStages:
+    """The evaluation stages of one run (probes, linprobe.py, fine-tune), each kept in
+    ``path`` once done, for the export it read: with ``--resume`` a session that ends during an
+    evaluation (an hour on a CPU at the gpu budget) loses only the stage under way, and a stage
+    an earlier session began continues its own checkpoint. A new export starts them over."""
+
+    def __init__(self, path: Path, weights: Path, resume: bool):
+        self.path = path
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+        kept = json.loads(path.read_text()) if resume and path.exists() else {}
+        if kept.get("export_sha256") != digest:
+            kept = dict(export_sha256=digest, done={}, started=[], seconds={})
+        self.state = kept
+        self._save()
+
+    def _save(self) -> None:
+        write_text_atomic(self.path, json.dumps(self.state, indent=1))
+
+    def run(self, key: str, stage: Callable[[bool], dict]) -> dict:
+        """``stage(resume)``'s result, computed unless an earlier session finished it."""
+        if key not in self.state["done"]:
+            resume = key in self.state["started"]
+            if not resume:
+                self.state["started"].append(key)
+                self._save()
+            t0 = time.perf_counter()
+            try:
+                self.state["done"][key] = stage(resume)
+            finally:  # a stopped stage's time counts too
+                spent = self.state["seconds"].get(key, 0.0) + time.perf_counter() - t0
+                self.state["seconds"][key] = round(spent, 1)
+                self._save()
+        return self.state["done"][key]
+
+    @property
+    def seconds(self) -> float:
+        return round(sum(self.state["seconds"].values()), 1)
 
 
 def evaluate_export(
@@ -293,20 +344,25 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace, out
         precision=resolve_precision(cfg.mixed_precision),
         **overrides,
     )
-    row.update(
-        evaluate_export(
-            run_dir / "export" / "encoder",
+    export = run_dir / "export" / "encoder"
+    stages = EvalStages(run_dir / "eval_stages.json", export / "model.safetensors", args.resume)
+    probes = stages.run(
+        "probes",
+        lambda _: evaluate_export(
+            export,
             cfg.dataset,
             data_path,
             budget["probe_epochs"],
             device,
             budget.get("test_dataset"),
-        )
+        ),
     )
+    row.update(probes)
     if name in VARIANTS and budget["lp"]:  # the sweeps read probe and position loss only
-        row.update(
-            linprobe_mae_recipe(
-                run_dir / "export" / "encoder",
+        lp = stages.run(
+            "linprobe",
+            lambda resume: linprobe_mae_recipe(
+                export,
                 cfg.dataset,
                 data_path,
                 budget["lp"],
@@ -314,32 +370,40 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace, out
                 pre["num_workers"],
                 run_dir / "lp",
                 pre.get("mixed_precision", "auto"),
-            )
+                resume,
+            ),
         )
+        row.update(lp)
     if budget["ft_epochs"] and name in VARIANTS:
-        ft = FinetuneConfig(
-            finetune=str(run_dir / "export" / "encoder"),
-            dataset=cfg.dataset,
-            data_path=data_path,
-            epochs=budget["ft_epochs"],
-            warmup_epochs=0.2,
-            blr=5e-3,
-            mixup=0.0,
-            cutmix=0.0,
-            aa=None,
-            # timm's default jitter, which aa=None left on until session 8: the rows of every
-            # session keep one protocol
-            color_jitter=0.4,
-            reprob=0.0,
-            seed=seed,
-            batch_size=budget["ft_batch"],
-            num_workers=pre["num_workers"],
-            mixed_precision=pre.get("mixed_precision", "auto"),
-            output_dir=str(run_dir / "ft"),
-            overwrite=True,
-        ).validate()
-        row["finetune_top1"] = finetune.main(ft)["top1"]
-    row["eval_s"] = round(time.perf_counter() - t1, 1)
+
+        def fine_tune(resume: bool) -> dict:  # resume: continue its own checkpoint
+            ft = FinetuneConfig(
+                finetune=str(export),
+                dataset=cfg.dataset,
+                data_path=data_path,
+                epochs=budget["ft_epochs"],
+                warmup_epochs=0.2,
+                blr=5e-3,
+                mixup=0.0,
+                cutmix=0.0,
+                aa=None,
+                # timm's default jitter, which aa=None left on until session 8: the rows of
+                # every session keep one protocol
+                color_jitter=0.4,
+                reprob=0.0,
+                seed=seed,
+                batch_size=budget["ft_batch"],
+                num_workers=pre["num_workers"],
+                mixed_precision=pre.get("mixed_precision", "auto"),
+                output_dir=str(run_dir / "ft"),
+                overwrite=not resume,
+                resume="auto" if resume else "",
+            ).validate()
+            top1 = finished(finetune.main(ft), f"finetune.py in {ft.output_dir}")["top1"]
+            return dict(finetune_top1=top1)
+
+        row.update(stages.run("finetune", fine_tune))
+    row["eval_s"] = stages.seconds  # over all the sessions of a resumed evaluation
     print(json.dumps(row), flush=True)
     return row
 
@@ -571,7 +635,8 @@ def main() -> None:
         action="store_true",
         help="continue each run's own checkpoint under --out (saved every epoch) instead of\n"
         "starting over: a run longer than a session (the gpu budget on a CPU, say) is\n"
-        "stopped with SIGTERM (it saves) and finished later",
+        "stopped with SIGTERM (it saves) and finished later; evaluation stages done are kept\n"
+        "(<run>/eval_stages.json) and linprobe.py / the fine-tune continue theirs",
     )
     p.add_argument(
         "--fill_lp",
