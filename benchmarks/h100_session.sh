@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared GPU session (one H100, ~15 minutes of device time in all, start-up included).
+# One prepared GPU session (one GPU: an H100 up to session 9; `status` describes an H200 in
+# session 13; ~15 minutes of device time in all, start-up included).
 # Sections, chosen with SECTIONS (comma-separated, in this order), each under its own timeout
 # so that one failure leaves the rest standing; results land in $OUT (small files only):
 #   gputests    the tests that skip themselves without CUDA, then jpeg_decoders.py (~1 min)
@@ -46,7 +47,7 @@ MPS=${MPS:-0}
 VARIANTS=${VARIANTS:-mae,apl_drop,apl_no_pe,apl_pe_kept,apl_drop_smooth,rpl_drop}
 REUSE=${REUSE:-benchmarks/results/quality_gpu.json}
 BUDGET_S=${BUDGET_S:-100000}
-THROUGHPUT_ONLY=${THROUGHPUT_ONLY:-plain,plain_bf16s,apl_bf16s,rpl,plain_bf16w,hf}
+THROUGHPUT_ONLY=${THROUGHPUT_ONLY:-apl,official,plain,rpl,plain_bf16s,apl_bf16s,plain_bf16w,hf}
 GRAPHS_ONLY=${GRAPHS_ONLY:-plain,plain_bf16s,apl_bf16s}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}

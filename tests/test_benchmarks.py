@@ -147,6 +147,45 @@ def test_throughput_bf16_levers_train_like_autocast():
         assert all(abs(x - y) < 0.02 * x for x, y in zip(a, b, strict=True)), (a, b)
 
 
+def test_throughput_official_style_computes_maepls_loss_and_gradients(tmp_path):
+    """The "official" baseline computes plain MAE as the official model code does (all patches
+    embedded, index copies): on the same parameters and noise, maepl's loss and gradients."""
+    tp = load_script("throughput")
+    args = tp.parse_args(["--only", "plain,official", "--precision", "no"])
+    shape = dict(tp.PRESETS["cpu"], depth=2, decoder_depth=1)
+    torch.manual_seed(0)
+    imgs = torch.randn(8, 3, 32, 32, dtype=torch.float64)
+    mae = tp.Runner("official", args, shape, imgs.float()).model.double()
+    ref = tp.OfficialStyle(mae)
+    noise = torch.rand(8, mae.num_patches, dtype=torch.float64)
+    ours = mae(imgs, noise)["mae_loss"]
+    grads = torch.autograd.grad(ours, [p for p in mae.parameters() if p.requires_grad])
+    theirs = ref(imgs, noise)
+    ref_grads = torch.autograd.grad(theirs, [p for p in mae.parameters() if p.requires_grad])
+    assert ours.item() > 0.5 and theirs.item() == pytest.approx(ours.item(), rel=1e-12)
+    assert len(grads) > 10 and all(g.abs().sum() > 0 for g in grads[:3])
+    for g, h in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(h, g, rtol=1e-9, atol=1e-12)
+
+    out = tmp_path / "t.json"
+    r = run(
+        "benchmarks/throughput.py",
+        "--only",
+        "apl,official",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        str(out),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    speed = {x["name"]: x["img_per_s"] for x in res["results"]}
+    assert res["apl_vs_official"] == pytest.approx(speed["apl"] / speed["official"])
+    assert f"apl_vs_official={speed['apl'] / speed['official']:.3f}" in r.stdout.splitlines()
+
+
 def test_quality_reuses_earlier_rows_and_runs_the_rest_in_parallel(tmp_path):
     first = tmp_path / "first"
     r = run(*SMOKE_MAE, "--out", str(first))
