@@ -52,6 +52,7 @@ import linprobe  # noqa: E402
 import pretrain  # noqa: E402
 from maepl.checkpoint import write_text_atomic  # noqa: E402  (a study spans sessions)
 from maepl.config import (  # noqa: E402
+    ConfigError,
     FinetuneConfig,
     LinprobeConfig,
     PretrainConfig,
@@ -210,16 +211,21 @@ def finished(summary: dict, what: str) -> dict:
 
 class EvalStages:
     """The evaluation stages of one run (probes, linprobe.py, fine-tune), each kept in
-    ``path`` once done, for the export it read: with ``--resume`` a session that ends during an
-    evaluation (an hour on a CPU at the gpu budget) loses only the stage under way, and a stage
-    an earlier session began continues its own checkpoint. A new export starts them over."""
+    ``path`` once done: with ``--resume`` a session that ends during an evaluation (an hour on
+    a CPU at the gpu budget) loses only the stage under way, and a stage an earlier session
+    began continues its own checkpoint. What the stages read is their key: the export (its
+    SHA-256) and ``settings`` (device, precision, data, the budget's evaluation recipe); if
+    either differs from the record, every stage starts over."""
 
-    def __init__(self, path: Path, weights: Path, resume: bool):
+    def __init__(self, path: Path, weights: Path, settings: dict, resume: bool):
         self.path = path
-        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+        key = dict(export_sha256=hashlib.sha256(weights.read_bytes()).hexdigest(), **settings)
+        key = json.loads(json.dumps(key))  # as it reads back from the file (tuples -> lists)
         kept = json.loads(path.read_text()) if resume and path.exists() else {}
-        if kept.get("export_sha256") != digest:
-            kept = dict(export_sha256=digest, done={}, started=[], seconds={})
+        if kept.get("key") != key:
+            if kept:
+                print(f"note: {path}: another export or other settings; evaluating anew")
+            kept = dict(key=key, done={}, started=[], seconds={})
         self.state = kept
         self._save()
 
@@ -235,8 +241,14 @@ class EvalStages:
                 self._save()
             t0 = time.perf_counter()
             try:
-                self.state["done"][key] = stage(resume)
-            finally:  # a stopped stage's time counts too
+                try:
+                    self.state["done"][key] = stage(resume)
+                except ConfigError as err:  # its checkpoint cannot be resumed (a moved folder,
+                    if not resume:  # say): start this stage over rather than stay stuck
+                        raise
+                    print(f"note: {key}: cannot resume ({err}); starting the stage over")
+                    self.state["done"][key] = stage(False)
+            finally:  # a stopped stage's time counts too (not a kill: no handler then)
                 spent = self.state["seconds"].get(key, 0.0) + time.perf_counter() - t0
                 self.state["seconds"][key] = round(spent, 1)
                 self._save()
@@ -345,7 +357,18 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace, out
         **overrides,
     )
     export = run_dir / "export" / "encoder"
-    stages = EvalStages(run_dir / "eval_stages.json", export / "model.safetensors", args.resume)
+    eval_settings = dict(
+        device=device,
+        precision=resolve_precision(pre.get("mixed_precision", "auto")),
+        data_path=data_path,
+        **{
+            k: budget.get(k)
+            for k in ("probe_epochs", "lp", "ft_epochs", "ft_batch", "test_dataset")
+        },
+    )
+    stages = EvalStages(
+        run_dir / "eval_stages.json", export / "model.safetensors", eval_settings, args.resume
+    )
     probes = stages.run(
         "probes",
         lambda _: evaluate_export(

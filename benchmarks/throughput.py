@@ -298,10 +298,15 @@ class OfficialStyle(nn.Module):
     the visible tokens are gathered with an index repeated over the channels (a copy, where
     maepl embeds only the visible patches and expands the index); the decoder's mask tokens
     are repeated, not cast, before the unshuffle. Same parameters, masks and loss as
-    ``mae(imgs, noise)`` (tests/test_benchmarks.py checks loss and gradients)."""
+    ``mae(imgs, noise)`` (tests/test_benchmarks.py checks loss and gradients). Attention is the
+    installed timm's Block (fused SDPA in timm >= 0.9); the official code as released pinned
+    timm 0.3.2, whose attention is explicit (softmax(q k^T) v), likely slower: so this is the
+    official computation on today's blocks, a baseline at least as fast as the release."""
 
     def __init__(self, mae: MaskedAutoencoder):
         super().__init__()
+        if mae.encoder.pos_embed is None or mae.residual_dtype is not None:
+            raise ValueError("OfficialStyle: the official model has a PE and an fp32 stream")
         self.mae = mae
 
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -319,7 +324,7 @@ class OfficialStyle(nn.Module):
         mask[:, : mae.len_keep] = 0
         mask = torch.gather(mask, 1, ids_restore)
         x = torch.cat([(enc.cls_token + cls_pe).expand(n, -1, -1), x], dim=1)
-        x = enc.norm(enc.blocks(x))
+        x = enc.norm(enc.blocks(enc.norm_pre(enc.pos_drop(x))))  # timm's; identities here
         x = mae.decoder_embed(x)
         mask_tokens = mae.mask_token.repeat(n, num + 1 - x.shape[1], 1)
         x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)

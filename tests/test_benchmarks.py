@@ -577,11 +577,15 @@ def test_eval_encoder_tests_on_another_dataset_and_checks_it_first(tmp_path, tin
     assert "linear probe" not in r.stdout
 
 
-def test_quality_evaluation_stages_survive_a_stopped_session(tmp_path, monkeypatch):
+def test_quality_evaluation_stages_survive_a_stopped_session(tmp_path, monkeypatch, capsys):
     # the gpu budget's evaluation takes an hour on a CPU: with --resume a stage done is kept (for
-    # the export it read), a stage stopped by a signal exits asking for --resume and continues
-    # its own checkpoint next time. The pretraining is real (smoke); the stages are stand-ins.
+    # the export and settings it read), a stage stopped by a signal exits asking for --resume and
+    # continues its own checkpoint next time. The pretraining is real (smoke); the stages are
+    # stand-ins.
     import argparse
+    import time
+
+    from maepl.config import ConfigError
 
     quality = load_script("quality")
     monkeypatch.setitem(quality.BUDGETS, "smoke", dict(quality.BUDGETS["smoke"], ft_epochs=1))
@@ -589,7 +593,16 @@ def test_quality_evaluation_stages_survive_a_stopped_session(tmp_path, monkeypat
     probes = dict(probe_cls=70.0, probe_avg=71.0, knn_cls=60.0, knn_avg=61.0)
     monkeypatch.setattr(quality, "evaluate_export", lambda *a: probed.append(a) or probes)
     lp_answers = [dict(stopped_by_signal=True, step=7), dict(top1=55.5)]
-    monkeypatch.setattr(quality.linprobe, "main", lambda c: lp_cfgs.append(c) or lp_answers.pop(0))
+
+    def linprobe_main(cfg):
+        lp_cfgs.append(cfg)
+        time.sleep(0.2)  # each attempt's time is added to the stage's
+        answer = lp_answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(quality.linprobe, "main", linprobe_main)
     monkeypatch.setattr(quality.finetune, "main", lambda c: ft_cfgs.append(c) or dict(top1=44.4))
     args = argparse.Namespace(
         budget="smoke",
@@ -602,42 +615,58 @@ def test_quality_evaluation_stages_survive_a_stopped_session(tmp_path, monkeypat
     )
     stages_file = tmp_path / "mae_s0" / "eval_stages.json"
 
+    def run_one(a=args):
+        return quality.run_one("mae", quality.JOBS["mae"], 0, a, tmp_path)
+
     with pytest.raises(
         SystemExit, match=r"linprobe.py in .*stopped at step 7; rerun with --resume"
     ):
-        quality.run_one("mae", quality.JOBS["mae"], 0, args, tmp_path)
+        run_one()
     kept = json.loads(stages_file.read_text())
     assert kept["done"] == {"probes": probes} and kept["started"] == ["probes", "linprobe"]
+    assert kept["key"]["precision"] == ("bf16" if torch.cuda.is_available() else "no")
     assert (lp_cfgs[0].resume, lp_cfgs[0].overwrite) == ("", True)  # a first attempt: fresh
+    assert kept["seconds"]["linprobe"] >= 0.2  # the stopped attempt's time is recorded
 
-    row = quality.run_one("mae", quality.JOBS["mae"], 0, args, tmp_path)  # the next session
+    row = run_one()  # the next session
     assert len(probed) == 1  # kept, not probed again
     assert (lp_cfgs[1].resume, lp_cfgs[1].overwrite) == ("auto", False)  # continues its own
     assert (ft_cfgs[0].resume, ft_cfgs[0].overwrite) == ("", True)
     assert row["probe_cls"] == 70.0 and row["lp_cls"] == 55.5 and row["finetune_top1"] == 44.4
     seconds = json.loads(stages_file.read_text())["seconds"]  # both sessions' stages
     assert set(seconds) == {"probes", "linprobe", "finetune"}
+    assert seconds["linprobe"] >= 0.4  # the two attempts added up
     assert row["eval_s"] == pytest.approx(sum(seconds.values()), abs=0.2)
-    assert seconds["linprobe"] >= kept["seconds"]["linprobe"]  # the stopped attempt counts
 
-    again = quality.run_one("mae", quality.JOBS["mae"], 0, args, tmp_path)  # all kept
+    again = run_one()  # all kept
     assert (len(probed), len(lp_cfgs), len(ft_cfgs)) == (1, 2, 1)
     assert {k: again[k] for k in probes} == probes and again["lp_cls"] == 55.5
 
-    # results of another export are not taken: here the record names other weights
+    # results for another export are not taken: here the record names other weights
     kept = json.loads(stages_file.read_text())
-    stages_file.write_text(json.dumps(dict(kept, export_sha256="0" * 64)))
+    kept["key"]["export_sha256"] = "0" * 64
+    stages_file.write_text(json.dumps(kept))
     lp_answers.append(dict(top1=56.0))
-    row = quality.run_one("mae", quality.JOBS["mae"], 0, args, tmp_path)
+    row = run_one()
     assert (len(probed), len(lp_cfgs), len(ft_cfgs)) == (2, 3, 2)
     assert (lp_cfgs[2].resume, lp_cfgs[2].overwrite) == ("", True) and row["lp_cls"] == 56.0
+    assert "another export or other settings; evaluating anew" in capsys.readouterr().out
+    # ... nor for another evaluation recipe (a budget edited between sessions)
+    monkeypatch.setitem(quality.BUDGETS, "smoke", dict(quality.BUDGETS["smoke"], probe_epochs=3))
+    lp_answers.append(dict(top1=56.5))
+    assert run_one()["lp_cls"] == 56.5 and len(probed) == 3
+
+    # a stage whose checkpoint cannot be resumed (its folder moved, say) starts over
+    kept = json.loads(stages_file.read_text())
+    stages_file.write_text(json.dumps(dict(kept, done={"probes": probes}, started=kept["started"])))
+    lp_answers += [ConfigError("finetune: the checkpoint names another path"), dict(top1=58.0)]
+    row = run_one()
+    assert [c.resume for c in lp_cfgs[-2:]] == ["auto", ""] and row["lp_cls"] == 58.0
+    assert (
+        "note: linprobe: cannot resume (finetune: the checkpoint names" in capsys.readouterr().out
+    )
+
     # without --resume nothing kept is read
     lp_answers.append(dict(top1=57.0))
-    row = quality.run_one(
-        "mae",
-        quality.JOBS["mae"],
-        0,
-        argparse.Namespace(**{**vars(args), "resume": False}),
-        tmp_path,
-    )
-    assert (len(probed), len(lp_cfgs), len(ft_cfgs)) == (3, 4, 3) and row["lp_cls"] == 57.0
+    row = run_one(argparse.Namespace(**{**vars(args), "resume": False}))
+    assert len(probed) == 4 and row["lp_cls"] == 57.0
