@@ -16,6 +16,24 @@ from .conftest import ROOT
 SMOKE_MAE = ("benchmarks/quality.py", "--budget", "smoke", "--seeds", "1", "--variants", "mae")
 
 
+def quality_args(**changes):
+    """quality.py's parsed arguments for a smoke-budget job (as run_jobs / run_one get them)."""
+    import argparse
+
+    base = dict(
+        budget="smoke",
+        data_path=None,
+        workers=None,
+        compile_mode=None,
+        mixed_precision=None,
+        epochs=None,
+        resume=False,
+        parallel=1,
+        time_limit=None,
+    )
+    return argparse.Namespace(**{**base, **changes})
+
+
 def load_script(name: str):
     """benchmarks/<name>.py as a module (the benchmarks are scripts, not part of the package)."""
     spec = importlib.util.spec_from_file_location(name, f"{ROOT}/benchmarks/{name}.py")
@@ -353,7 +371,6 @@ def test_quality_resume_continues_a_run_from_its_own_checkpoint(tmp_path):
 def test_quality_time_limit_lets_a_resumable_run_save_first(tmp_path, monkeypatch, resume):
     # at the deadline a --resume run gets SIGTERM (pretrain.py saves a checkpoint on it) and
     # time to exit; without --resume it is killed outright. A stand-in run records the signal.
-    import argparse
     import subprocess as sp
 
     quality = load_script("quality")
@@ -373,17 +390,7 @@ def test_quality_time_limit_lets_a_resumable_run_save_first(tmp_path, monkeypatc
     monkeypatch.setattr(quality, "SAVE_GRACE_S", 20)
     (tmp_path / "rows").mkdir()
     (tmp_path / "logs").mkdir()
-    args = argparse.Namespace(
-        parallel=1,
-        time_limit=2.0,
-        resume=resume,
-        budget="smoke",
-        data_path=None,
-        workers=None,
-        compile_mode=None,
-        mixed_precision=None,
-        epochs=None,
-    )
+    args = quality_args(time_limit=2.0, resume=resume)
     assert quality.run_jobs(args, [("mae", 0)], tmp_path) == ["mae_s0"]  # not finished
     assert marker.exists() == resume
     # the next session's attempt is appended to the job's log, after the first one's
@@ -582,7 +589,6 @@ def test_quality_evaluation_stages_survive_a_stopped_session(tmp_path, monkeypat
     # the export and settings it read), a stage stopped by a signal exits asking for --resume and
     # continues its own checkpoint next time. The pretraining is real (smoke); the stages are
     # stand-ins.
-    import argparse
     import time
 
     from maepl.config import ConfigError
@@ -604,15 +610,7 @@ def test_quality_evaluation_stages_survive_a_stopped_session(tmp_path, monkeypat
 
     monkeypatch.setattr(quality.linprobe, "main", linprobe_main)
     monkeypatch.setattr(quality.finetune, "main", lambda c: ft_cfgs.append(c) or dict(top1=44.4))
-    args = argparse.Namespace(
-        budget="smoke",
-        data_path=None,
-        workers=None,
-        compile_mode=None,
-        mixed_precision=None,
-        epochs=None,
-        resume=True,
-    )
+    args = quality_args(resume=True)
     stages_file = tmp_path / "mae_s0" / "eval_stages.json"
 
     def run_one(a=args):
@@ -668,5 +666,5 @@ def test_quality_evaluation_stages_survive_a_stopped_session(tmp_path, monkeypat
 
     # without --resume nothing kept is read
     lp_answers.append(dict(top1=57.0))
-    row = run_one(argparse.Namespace(**{**vars(args), "resume": False}))
+    row = run_one(quality_args(resume=False))
     assert len(probed) == 4 and row["lp_cls"] == 57.0
