@@ -136,7 +136,7 @@ sec_throughput() {
   timeout -k 20 "$(cap "${THROUGHPUT_S:-400}")" python benchmarks/throughput.py --preset vit_base --compile --steps 15 --warmup 5 \
       --only "$THROUGHPUT_ONLY" --profile 3 --json "$OUT/throughput_compile.json" \
       > "$OUT/throughput_compile.txt" 2>&1
-  grep -E "^ *(plain|apl|rpl|hf)[a-z0-9_]* |ratio_vs_hf|benchmark time" "$OUT/throughput_compile.txt"
+  grep -E "^ *(plain|apl|rpl|hf|official)[a-z0-9_]* |apl_vs_official|ratio_vs_hf|benchmark time" "$OUT/throughput_compile.txt"
 }
 
 sec_pipeline() {
