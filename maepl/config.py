@@ -42,46 +42,46 @@ class TrainConfig:
     # --- model
     model: str | None = "mae_vit_base_patch16"  # a preset (models.encoder.PRESETS) or a timm vit_*
     input_size: int | None = None  # None: from the preset / timm model (/ the checkpoint)
-    patch_size: int | None = None
-    in_chans: int | None = None
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
+    patch_size: int | None = None  # None: from the preset / timm model (/ the checkpoint)
+    in_chans: int | None = None  # image channels, 1 or 3; None: as input_size
+    embed_dim: int | None = None  # encoder width; None: as input_size
+    depth: int | None = None  # encoder blocks; None: as input_size
+    num_heads: int | None = None  # encoder attention heads; None: as input_size
     pos_embed: str = "sincos"  # encoder PE: sincos (fixed, MAE values) | learned | none
     # --- optimisation
     batch_size: int = 64  # per process
-    accum_iter: int = 1
-    epochs: int = 400
+    accum_iter: int = 1  # micro-batches per optimizer step (gradient accumulation)
+    epochs: int = 400  # the schedule's length (lr warm-up + cosine decay over it)
     max_steps: int = 0  # stop at this optimizer step (0: run all epochs); schedule unchanged
     blr: float = 1.5e-4  # lr = blr * effective batch / 256
     lr: float | None = None  # absolute lr; overrides blr
-    min_lr: float = 0.0
-    warmup_epochs: float = 40
-    weight_decay: float = 0.05
-    clip_grad: float | None = None
+    min_lr: float = 0.0  # lr at the end of the cosine decay
+    warmup_epochs: float = 40  # linear lr warm-up from 0, in epochs (fractions allowed)
+    weight_decay: float = 0.05  # none on norms, biases, tokens and position embeddings
+    clip_grad: float | None = None  # clip the global gradient norm to this; None: no clipping
     mixed_precision: str = "auto"  # auto (bf16 on GPUs that support it, else no) | bf16 | fp16 | no
-    compile: bool = False
+    compile: bool = False  # torch.compile the model (static shapes: masking keeps len_keep)
     # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune |
     # max-autotune-no-cudagraphs
     compile_mode: str = "default"
-    seed: int = 0
+    seed: int = 0  # initial weights, data order, augmentations and masks
     max_nonfinite: int = 20  # stop after this many consecutive steps with a non-finite grad norm
     # --- data
     dataset: str = "imagefolder"  # imagefolder | fashion-mnist | sample
-    data_path: str | None = None
+    data_path: str | None = None  # imagefolder: root holding train/ (and val/); else the files
     download: bool = False  # fashion-mnist only: allow a torchvision download
-    num_workers: int = 8
-    pin_mem: bool = True
+    num_workers: int = 8  # data-loading worker processes per process
+    pin_mem: bool = True  # page-locked host batches for faster copies to the GPU
     strict_data: bool = False  # fail on the first unreadable image instead of skipping it
     mean: list[float] | None = None  # None: the dataset's
-    std: list[float] | None = None
+    std: list[float] | None = None  # None: the dataset's
     # --- output
-    output_dir: str = "./output_dir"
+    output_dir: str = "./output_dir"  # checkpoints, log.jsonl, TensorBoard events, exports
     log_every: int = 20  # optimizer steps between log lines
     # torch.profiler over this many optimizer steps (0: off), after profile_start steps of this
     # launch: <output_dir>/profile/ (a Chrome/Perfetto trace and tables of the ops)
     profile_steps: int = 0
-    profile_start: int = 10
+    profile_start: int = 10  # optimizer steps of this launch before the profiled ones
     save_every: int = 1  # epochs between checkpoints (and at the end)
     save_every_steps: int = 0  # also save every N optimizer steps (0: off)
     keep_last: int = 2  # checkpoints kept
@@ -105,10 +105,10 @@ class PretrainConfig(TrainConfig):
         return validate_pretrain(self)
 
     decoder_embed_dim: int | None = None  # None: preset, else MAE's 512 / 8 / 16
-    decoder_depth: int | None = None
-    decoder_num_heads: int | None = None
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
+    decoder_depth: int | None = None  # decoder blocks; None: as decoder_embed_dim
+    decoder_num_heads: int | None = None  # decoder attention heads; None: as decoder_embed_dim
+    mask_ratio: float = 0.75  # fraction of patches removed from the encoder's input
+    norm_pix_loss: bool = True  # regress each patch's pixels normalised by its mean and std
     crop_min: float = 0.2  # RandomResizedCrop scale lower bound
     # cpu: workers decode and augment with PIL | gpu: workers read raw bytes / uint8 arrays,
     # the loop decodes, crops, flips and normalises on the accelerator (maepl/gpu_aug.py)
@@ -145,33 +145,33 @@ class FinetuneConfig(TrainConfig):
     nb_classes: int | None = None
     # avg (with fc_norm) | token; None: avg, with --eval the one recorded with --finetune
     global_pool: str | None = None
-    drop_path: float = 0.1
-    layer_decay: float = 0.75
+    drop_path: float = 0.1  # stochastic depth rate
+    layer_decay: float = 0.75  # lr multiplier per block from the top (MAE's layer-wise decay)
     blr: float = 1e-3
     min_lr: float = 1e-6
     epochs: int = 100
     warmup_epochs: float = 5
-    smoothing: float = 0.1
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: str = "batch"
+    smoothing: float = 0.1  # label smoothing
+    mixup: float = 0.8  # mixup alpha; 0: off
+    cutmix: float = 1.0  # cutmix alpha; 0: off
+    mixup_prob: float = 1.0  # probability of mixup or cutmix per batch (or pair, element)
+    mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+    mixup_mode: str = "batch"  # batch | pair | elem: what one mixing draw applies to
     aa: str | None = "rand-m9-mstd0.5-inc1"  # RandAugment policy (timm), null: none
     # colour jitter factor, used only without aa (as MAE's --color_jitter; timm's own default
     # would be 0.4)
     color_jitter: float | None = None
-    reprob: float = 0.25
-    remode: str = "pixel"
-    recount: int = 1
+    reprob: float = 0.25  # random-erasing probability
+    remode: str = "pixel"  # random-erasing fill: pixel | rand | const
+    recount: int = 1  # random-erasing boxes per image
     # eval resize = input_size / crop_pct; None: 1 up to 32 px, 0.875 up to 224, 1 above (MAE)
     crop_pct: float | None = None
     # --- supervised positional labels: L = L_cls + pos_weight * L_pos on all patch tokens
-    pos_label: str = "none"
-    pos_weight: float = 0.5
-    pos_channels: float = 0.5
-    pos_pairs: int = 0
-    pos_ce_chunk: int = 0
+    pos_label: str = "none"  # none | abs (APL) | rel (RPL)
+    pos_weight: float = 0.5  # lambda in L = L_cls + lambda * L_pos
+    pos_channels: float = 0.5  # fraction of channels each side of the head reads
+    pos_pairs: int = 0  # rel: ordered pairs sampled per image, 0 = all
+    pos_ce_chunk: int = 0  # rows per chunk of the fused classifier + cross-entropy; 0: plain
 
 
 @dataclass
@@ -188,18 +188,18 @@ class LinprobeConfig(TrainConfig):
     # stored values, never replaced); learned | sincos | none must agree with that record
     pos_embed: str = "auto"
     finetune: str = ""  # the encoder to probe (export, checkpoint, official MAE .pth)
-    eval: bool = False
-    nb_classes: int | None = None
+    eval: bool = False  # evaluate --finetune / --resume weights and exit
+    nb_classes: int | None = None  # None: the dataset's
     global_pool: str = "token"  # token (CLS after the final norm) | avg (mean of patch tokens)
     batch_size: int = 512
     blr: float = 0.1
     weight_decay: float = 0.0
     epochs: int = 90
     warmup_epochs: float = 10
-    crop_pct: float | None = None
+    crop_pct: float | None = None  # eval resize = input_size / crop_pct; None: as finetune.py
     knn: bool = False  # also report kNN accuracy on frozen, un-augmented features
-    knn_k: int = 20
-    knn_t: float = 0.07
+    knn_k: int = 20  # neighbours that vote
+    knn_t: float = 0.07  # temperature of the votes' weights exp(similarity / t)
 
 
 def resolve_precision(name: str) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import re
 import sys
 import types
 import typing
@@ -130,17 +132,52 @@ def _suggest(name: str, known) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+_FIELD_LINE = re.compile(r"^\s+(\w+): [^=#]+=[^#]*?(?:#\s*(.*))?$")
+
+
+def field_comments(cls) -> dict[str, str]:
+    """Field name -> what the config class's source says of it: the comment on its line, else
+    the comment lines just above it (a subclass's own wins). The ``--help`` of each flag, so
+    that it reads what config.py says and cannot drift from it."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass is object:
+            continue
+        above: list[str] = []
+        for line in inspect.getsource(klass).splitlines():
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                text = stripped.lstrip("#").strip()
+                above = [] if text.startswith("---") else [*above, text]  # "# --- model": a rule
+                continue
+            m = _FIELD_LINE.match(line)
+            if m and not stripped.startswith(("def ", "return")):
+                text = m.group(2) or " ".join(above)
+                if text:
+                    out[m.group(1)] = text
+            above = []
+    return out
+
+
 def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
-    """argparse with one flag per field, MAE's underscore names plus dashed spellings."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    """argparse with one flag per field, MAE's underscore names plus dashed spellings; each
+    flag's help is the field's comment in maepl/config.py and its default."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the docstring's usage lines
+    )
     parser.add_argument("--config", help="YAML file of defaults (flags override it)")
+    comments = field_comments(cls)
     for f in _user_fields(cls):
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         inner, _ = _base_type(typing.get_type_hints(cls)[f.name])
         kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, metavar="V")
         if inner is bool:  # "--flag" alone means true, "--flag false" is accepted too
             kw.update(nargs="?", const="true")
-        parser.add_argument(*names, **kw, help=f"default: {f.default!r}")
+        what = comments.get(f.name)
+        help_ = f"{what} (default: {f.default!r})" if what else f"default: {f.default!r}"
+        parser.add_argument(*names, **kw, help=help_.replace("%", "%%"))
     return parser
 
 

@@ -197,3 +197,29 @@ def test_accumulation_is_allowed_where_no_cuda_graphs_are_recorded():
     base = ["--model", "mae_vit_micro_patch4_28", "--dataset", "sample", "--accum_iter", "2"]
     for extra in ([], ["--compile"], ["--compile", "--compile_mode", "max-autotune-no-cudagraphs"]):
         assert parse_config(PretrainConfig, base + extra).accum_iter == 2
+
+
+def test_every_flag_has_help_from_the_config_comments(capsys):
+    """--help reads each flag's meaning from the comments in maepl/config.py (so it cannot drift
+    from them): every key of the three scripts has one; the usage lines stay lines."""
+    from maepl.config import LinprobeConfig
+    from maepl.config_io import _user_fields, build_parser, field_comments
+
+    for cls in (PretrainConfig, FinetuneConfig, LinprobeConfig):
+        comments = field_comments(cls)
+        assert [f.name for f in _user_fields(cls) if not comments.get(f.name)] == [], cls
+    assert field_comments(PretrainConfig)["pos_weight"] == "lambda in L = L_mae + lambda * L_pos"
+    assert field_comments(FinetuneConfig)["pos_weight"] == "lambda in L = L_cls + lambda * L_pos"
+    # a subclass's own comment wins; one above a field counts; a "# ---" rule does not
+    assert field_comments(FinetuneConfig)["model"].startswith("None: the architecture stored")
+    assert field_comments(PretrainConfig)["compile_mode"].startswith("torch.compile mode:")
+    assert "---" not in " ".join(field_comments(FinetuneConfig).values())
+
+    parser = build_parser(PretrainConfig, "MAE pretraining.\n\n    python pretrain.py --x\n")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the flags' help
+    assert "--mask_ratio V, --mask-ratio V fraction of patches removed from the encoder's " in out
+    assert "input (default: 0.75)" in out
+    parser.print_help()
+    assert "\n    python pretrain.py --x\n" in capsys.readouterr().out  # not reflowed
