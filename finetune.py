@@ -26,7 +26,7 @@ from torch import nn
 from maepl.config import SHAPE_KEYS, ConfigError, FinetuneConfig, parse_config
 from maepl.data import build_finetune_transform, build_transform, default_crop_pct, load_splits
 from maepl.export import export_encoder
-from maepl.loaders import SeededTransformDataset, chain_seed, eval_loader
+from maepl.loaders import BadImageError, SeededTransformDataset, chain_seed, eval_loader
 from maepl.loop import Run
 from maepl.models.encoder import encoder_from_config, encoder_model_args
 from maepl.models.pos_labels import PositionLabeler
@@ -114,6 +114,10 @@ def main(cfg: FinetuneConfig) -> dict:
     # ------------------------------------------------------------------ data (checked first)
     raw_train, raw_val, mean, std = load_splits(cfg)  # with the same classes
     nb_classes = cfg.nb_classes or len(raw_train.classes)
+    if nb_classes < len(raw_train.classes):  # labels past the head would fail in a step
+        raise ConfigError(
+            f"nb_classes: {nb_classes}, but {cfg.dataset} has {len(raw_train.classes)} classes"
+        )
     crop_pct = cfg.crop_pct or default_crop_pct(cfg.input_size)
     val_tf = build_transform(False, cfg.input_size, cfg.in_chans, mean, std, crop_pct=crop_pct)
     train_tf = build_finetune_transform(
@@ -135,7 +139,7 @@ def main(cfg: FinetuneConfig) -> dict:
     check_run_dir(cfg)  # (and an --overwrite that would delete them is refused before reading)
     set_seed(cfg.seed)  # identical initial weights on every rank
     model, report = build_classifier(cfg, nb_classes)
-    run = Run(cfg, "finetune")
+    run = Run(cfg, "finetune", FT_ARCH_KEYS)
     loader, sampler = run.train_loader(dataset)
     # From here on each rank draws its own drop-path masks and pair noise from torch's global
     # RNG (MAE seeds seed + rank); a resume then restores each rank's saved state.
@@ -161,7 +165,7 @@ def main(cfg: FinetuneConfig) -> dict:
     )
     # Mixup draws from NumPy's RNG in this process: seed it per rank before a resume restores it
     np.random.seed(cfg.seed * 1000 + run.rank)
-    run.resume(FT_ARCH_KEYS)
+    run.resume()
     best = run.extra_state.get("best_top1", -1.0)
 
     def export(name: str, top: dict) -> None:  # written by the main process; an error
@@ -274,3 +278,5 @@ if __name__ == "__main__":
         main(parse_config(FinetuneConfig, description=__doc__))
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    except BadImageError as e:  # --strict_data: the file is named, the traceback is noise
+        sys.exit(f"error: {e.user_message()}")

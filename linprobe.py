@@ -24,7 +24,7 @@ from finetune import evaluate
 from maepl.config import SHAPE_KEYS, ConfigError, LinprobeConfig, parse_config
 from maepl.data import build_transform, default_crop_pct, load_splits
 from maepl.evaluate import knn_accuracy
-from maepl.loaders import SeededTransformDataset, eval_loader
+from maepl.loaders import BadImageError, SeededTransformDataset, eval_loader
 from maepl.loop import Run
 from maepl.models.encoder import encoder_from_config
 from maepl.run_dir import check_run_dir
@@ -92,6 +92,10 @@ def main(cfg: LinprobeConfig) -> dict:
     # ------------------------------------------------------------------ data (checked first)
     raw_train, raw_val, mean, std = load_splits(cfg)  # with the same classes
     nb_classes = cfg.nb_classes or len(raw_train.classes)
+    if nb_classes < len(raw_train.classes):  # labels past the head would fail in a step
+        raise ConfigError(
+            f"nb_classes: {nb_classes}, but {cfg.dataset} has {len(raw_train.classes)} classes"
+        )
     crop_pct = cfg.crop_pct or default_crop_pct(cfg.input_size)
     val_tf = build_transform(False, cfg.input_size, cfg.in_chans, mean, std, crop_pct=crop_pct)
     # MAE's linear-probe augmentation: RandomResizedCrop (scale 0.08-1) + flip
@@ -103,7 +107,7 @@ def main(cfg: LinprobeConfig) -> dict:
     check_run_dir(cfg)  # (and an --overwrite that would delete them is refused before reading)
     set_seed(cfg.seed)
     model, report = build_probe(cfg, nb_classes)
-    run = Run(cfg, "linprobe")
+    run = Run(cfg, "linprobe", LP_ARCH_KEYS)
     loader, sampler = run.train_loader(dataset)
     if cfg.finetune:
         run.accelerator.print(f"encoder from {cfg.finetune}: " + "; ".join(report["notes"]))
@@ -122,7 +126,7 @@ def main(cfg: LinprobeConfig) -> dict:
         f"{cfg.encoder} frozen, probe on {cfg.global_pool}; "
         f"{len(dataset)} training images; {run.describe()}"
     )
-    run.resume(LP_ARCH_KEYS)
+    run.resume()
     if cfg.eval:
         top = evaluate(run, probe, raw_val, val_tf, cfg)
         run.accelerator.print(f"top1={top['top1']:.2f} top5={top['top5']:.2f}")
@@ -183,3 +187,5 @@ if __name__ == "__main__":
         main(parse_config(LinprobeConfig, description=__doc__))
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    except BadImageError as e:  # --strict_data: the file is named, the traceback is noise
+        sys.exit(f"error: {e.user_message()}")

@@ -23,7 +23,7 @@ from maepl.data import build_transform, load_train_data, readable_images
 from maepl.encoded import raw_dataset
 from maepl.export import export_encoder, export_full
 from maepl.gpu_aug import GpuAugment
-from maepl.loaders import SeededTransformDataset
+from maepl.loaders import BadImageError, SeededTransformDataset
 from maepl.loop import Run
 from maepl.models.encoder import encoder_model_args
 from maepl.models.mae import build_mae
@@ -42,7 +42,7 @@ def main(cfg: PretrainConfig) -> dict:
     else:
         dataset = SeededTransformDataset(raw, transform, cfg.seed, strict=cfg.strict_data)
 
-    run = Run(cfg, "pretrain")
+    run = Run(cfg, "pretrain", ARCH_KEYS)
     loader, sampler = run.train_loader(dataset)
     augment = GpuAugment.from_config(cfg, mean, std, run.device, run.rank) if gpu_data else None
 
@@ -61,7 +61,7 @@ def main(cfg: PretrainConfig) -> dict:
         f"{mae.num_labelled if mae.pos_head is not None else 0}\n"
         f"{len(dataset)} images, {run.describe()}"
     )
-    run.resume(ARCH_KEYS)
+    run.resume()
 
     def draw() -> None:  # main process only
         imgs = torch.stack([transform_eval(img) for img in readable_images(raw, 8)])
@@ -136,3 +136,5 @@ if __name__ == "__main__":
         main(parse_config(PretrainConfig, description=__doc__))
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    except BadImageError as e:  # --strict_data: the file is named, the traceback is noise
+        sys.exit(f"error: {e.user_message()}")

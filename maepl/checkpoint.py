@@ -281,10 +281,11 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
         found = complete_checkpoints(output_dir)
         return found[-1] if found else None
     path = Path(resume)
-    if not path.is_dir() or not (path / MARKER).is_file():
-        raise FileNotFoundError(
+    if not path.is_dir() or not (path / MARKER).is_file() or not (path / "state.json").is_file():
+        raise ConfigError(
             f"resume: {path} is not a complete maepl checkpoint folder (a step_XXXXXXXX folder "
-            f"holding {MARKER}); maepl resumes only from its own safetensors checkpoints"
+            f"holding {MARKER} and state.json); maepl resumes only from its own safetensors "
+            "checkpoints"
         )
     return path
 

@@ -130,12 +130,23 @@ def _validate_common(cfg: TrainConfig) -> None:
     )
     if cfg.data_path and cfg.dataset == "imagefolder":
         _check(Path(cfg.data_path).is_dir(), "data_path", f"no such folder {cfg.data_path}")
+    weights = getattr(cfg, "finetune", "")  # finetune.py, linprobe.py: before the model
+    _check(not weights or Path(weights).exists(), "finetune", f"no such file or folder {weights}")
+    if cfg.resume and cfg.resume != "auto":  # a folder that is no checkpoint: before the data
+        from .checkpoint import resolve_resume
+
+        resolve_resume(cfg.resume, cfg.output_dir)
 
 
 def _validate_resolved(cfg: TrainConfig) -> None:
+    _check(cfg.in_chans in (1, 3), "in_chans", f"must be 1 or 3, got {cfg.in_chans}")
     for key in ("mean", "std"):
         v = getattr(cfg, key)
-        _check(v is None or len(v) in (1, cfg.in_chans), key, f"needs {cfg.in_chans} values")
+        _check(
+            v is None or len(v) in (1, cfg.in_chans),
+            key,
+            f"needs one value, or one per channel ({cfg.in_chans}); got {len(v or [])}",
+        )
         _check(v is None or all(math.isfinite(x) for x in v), key, f"must be finite, got {v}")
     _check(cfg.std is None or min(cfg.std) > 0, "std", f"must be > 0, got {cfg.std}")
     _check(

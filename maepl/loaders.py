@@ -148,6 +148,11 @@ class ShardedSampler(torch.utils.data.Sampler[int]):
 class BadImageError(RuntimeError):
     """An image that cannot be decoded, under ``strict_data``."""
 
+    def user_message(self) -> str:
+        """The message alone: re-raised from a DataLoader worker, torch prepends the worker's
+        traceback to it."""
+        return str(self).strip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1]
+
 
 def sample_path(dataset: Dataset, index: int) -> str:
     """The file behind sample ``index`` (ImageFolder), else a description of the index."""

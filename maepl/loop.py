@@ -53,10 +53,11 @@ from .tracking import Tracker
 
 
 class Run:
-    """One training run: call order is ``Run(cfg)``, ``plan()``, ``prepare()``, ``resume()``,
-    then the loop, then ``finish()``."""
+    """One training run: call order is ``Run(cfg, desc, arch_keys)``, ``plan()``, ``prepare()``,
+    ``resume()``, then the loop, then ``finish()``. Nothing is written in ``output_dir`` before
+    ``resume()`` (or a summary): a run refused by any check leaves the folder as it was."""
 
-    def __init__(self, cfg, desc: str):
+    def __init__(self, cfg, desc: str, arch_keys: tuple[str, ...]):
         # --eval reads weights and writes nothing in output_dir: not its config.yaml, log,
         # TensorBoard events or checkpoints (evaluating a run's checkpoint leaves the run as it was)
         self.read_only = bool(getattr(cfg, "eval", False))
@@ -84,22 +85,21 @@ class Run:
                 f"resume: --eval --resume {cfg.resume} found no complete checkpoint under "
                 f"{self.out}; nothing trained to evaluate"
             )
-        if self._resume_from is not None and not self.read_only:
-            missing = check_schedule(self._resume_from, self._schedule())
-            if missing:
-                acc.print(
-                    f"note: resume: {self._resume_from} does not record "
-                    f"{', '.join(missing)}; not checked"
-                )
-        # every rank has checked output_dir before rank 0 changes it: without this barrier a
-        # late rank would find our config.yaml (or a half-deleted run) and refuse to start
+        self.changed: dict[str, tuple] = {}  # training settings a resume changes (note, event)
+        if self._resume_from is not None:  # refused here, before any model is built
+            saved = check_architecture(self._resume_from, cfg, arch_keys)
+            self.changed = changed_settings(saved, cfg)
+            if not self.read_only:
+                missing = check_schedule(self._resume_from, self._schedule())
+                if missing:
+                    acc.print(
+                        f"note: resume: {self._resume_from} does not record "
+                        f"{', '.join(missing)}; not checked"
+                    )
+        # every rank has checked output_dir before rank 0 changes it (claim_output_dir): a
+        # late rank would otherwise find our config.yaml (or a half-deleted run) and refuse
         acc.wait_for_everyone()
-        if self.main and not self.read_only:
-            if cfg.overwrite and not cfg.resume:
-                clear_overwritten(self.out)
-            self.out.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.out / "config.yaml")
-        acc.wait_for_everyone()  # ... and none goes on before it is done
+        self._claimed = self.read_only  # --eval never writes there
         self.step = self.epoch = self.batch_in_epoch = 0
         self.bad_images = 0
         self.nonfinite = NonfiniteSteps(cfg.max_nonfinite)
@@ -109,7 +109,6 @@ class Run:
         self.saved_at = (-1, -1, -1)  # place() of the last checkpoint saved or resumed from
         self.generator: torch.Generator | None = None
         self.extra_state: dict = {}  # script counters to checkpoint (e.g. best accuracy)
-        self.changed: dict[str, tuple] = {}  # training settings a resume changed (note, event)
         self.tracker: Tracker | None = None
         # on every rank (only the main one writes in it): save_checkpoint syncs ranks alike
         self.writer = CheckpointWriter() if cfg.async_save else None
@@ -185,13 +184,26 @@ class Run:
     def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
-    def resume(self, arch_keys: tuple[str, ...]) -> None:
-        """Continue from ``cfg.resume`` (auto: the newest complete checkpoint, if any)."""
+    def claim_output_dir(self) -> None:
+        """Collective, once: ``--overwrite`` clears the earlier run's outputs and this run's
+        config.yaml is written. Called when every check has passed and the weights are loaded
+        (``resume()``), so that a refused run neither changes nor deletes what is there."""
+        if self._claimed:
+            return
+        if self.main:
+            if self.cfg.overwrite and not self.cfg.resume:
+                clear_overwritten(self.out)
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_config(self.cfg, self.out / "config.yaml")
+        self.accelerator.wait_for_everyone()  # none goes on before it is done
+        self._claimed = True
+
+    def resume(self) -> None:
+        """Continue from ``cfg.resume`` (auto: the newest complete checkpoint, if any), then
+        claim the output folder and start the log."""
         cfg = self.cfg
         ckpt = self._resume_from
         if ckpt is not None:
-            saved = check_architecture(ckpt, cfg, arch_keys)
-            self.changed = changed_settings(saved, cfg)
             if self.changed:
                 what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in self.changed.items())
                 self.accelerator.print(
@@ -211,15 +223,16 @@ class Run:
             self.extra_state = meta.get("extra", {})
             self.saved_at = self.place()
             self.accelerator.print(f"resumed from {ckpt} at step {self.step} (epoch {self.epoch})")
-            if self.main and not self.read_only:
-                # resumed from an older checkpoint: the later ones belong to the branch left
-                aside = set_aside_checkpoints_after(self.out, self.step)
-                if aside is not None:
-                    print(
-                        f"note: checkpoints after step {self.step} belong to the run this one "
-                        f"branches from; moved to {aside} (not pruned, not resumed by auto)",
-                        flush=True,
-                    )
+        self.claim_output_dir()
+        if ckpt is not None and self.main and not self.read_only:
+            # resumed from an older checkpoint: the later ones belong to the branch left
+            aside = set_aside_checkpoints_after(self.out, self.step)
+            if aside is not None:
+                print(
+                    f"note: checkpoints after step {self.step} belong to the run this one "
+                    f"branches from; moved to {aside} (not pruned, not resumed by auto)",
+                    flush=True,
+                )
         self.tracker = Tracker(
             self.out,
             enabled=self.main and not self.read_only,
@@ -468,6 +481,7 @@ class Run:
         """Collective: ``<output_dir>/summary.json`` (main process); scripts call it again once
         they have evaluated, so that the file holds the final accuracy too."""
         path = self.out / "summary.json"
+        self.claim_output_dir()  # linprobe.py --knn writes only this
         self.on_main(str(path), lambda: path.write_text(json.dumps(summary, indent=1)))
 
     def log(self, values: dict) -> None:

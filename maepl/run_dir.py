@@ -80,12 +80,20 @@ def clear_overwritten(out: Path) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+def read_state(ckpt: Path) -> dict:
+    """A checkpoint's state.json, or a ConfigError naming it."""
+    try:
+        return json.loads((ckpt / "state.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"resume: {ckpt / 'state.json'} cannot be read ({err})") from None
+
+
 def check_schedule(ckpt: Path, now: dict[str, int]) -> list[str]:
     """A checkpoint counts its place (step, batch_in_epoch) in micro-batches of one rank:
     refuse a resume under another batch size, accumulation or number of processes (``now``),
     which would shift the schedule and skip or repeat data. Returns the keys the checkpoint
     does not record (not checked)."""
-    meta = json.loads((ckpt / "state.json").read_text())
+    meta = read_state(ckpt)
     saved = meta.get("schedule")
     if saved is None:  # written before maepl recorded it: from its config, if there
         conf = meta.get("config", {})
@@ -108,7 +116,7 @@ def check_schedule(ckpt: Path, now: dict[str, int]) -> list[str]:
 
 def check_architecture(ckpt: Path, cfg, arch_keys: tuple[str, ...]) -> dict:
     """Refuse to resume ``ckpt`` under other values of ``arch_keys``; returns its config."""
-    saved = json.loads((ckpt / "state.json").read_text()).get("config", {})
+    saved = read_state(ckpt).get("config", {})
     changed = [k for k in arch_keys if saved.get(k) != getattr(cfg, k)]
     if changed:
         raise ConfigError(

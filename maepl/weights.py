@@ -125,9 +125,12 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str
     if p.is_dir():
         p = p / "model.safetensors"
     if not p.exists():
-        raise FileNotFoundError(f"finetune: no such file {p}")
+        raise ConfigError(f"finetune: no such file {p}")
     if p.suffix == ".safetensors":
-        sd = load_file(p)
+        try:
+            sd = load_file(p)
+        except Exception as e:  # safetensors' own errors name neither the file nor the key
+            raise ConfigError(f"finetune: {p} cannot be read as safetensors: {e}") from None
     else:
         sd = _load_pth(p)
     # maepl's MAE wraps the encoder as "encoder."; DDP-saved files carry "module."
@@ -143,6 +146,13 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str
 
 
 def _load_pth(p: Path) -> dict[str, torch.Tensor]:
+    with open(p, "rb") as f:  # torch.save writes a zip archive (a pickle before torch 1.6)
+        head = f.read(4)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise ConfigError(
+            f"finetune: {p} is not a torch file (neither a zip archive nor a pickle); weights "
+            "are read from safetensors, maepl exports and checkpoints, or torch .pth files"
+        )
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(p, map_location="cpu", weights_only=True)
@@ -151,8 +161,12 @@ def _load_pth(p: Path) -> dict[str, torch.Tensor]:
             f"finetune: {p} needs more than tensors and plain containers to unpickle, so it was "
             f"refused (maepl reads .pth files only with torch.load(weights_only=True)): {e}"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:  # a truncated or corrupted file
-        raise ConfigError(f"finetune: {p} cannot be read as a torch file (damaged?): {e}") from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:  # damaged, or not a
+        # torch file at all (a text file reads as a pickle with unknown opcodes: KeyError)
+        raise ConfigError(
+            f"finetune: {p} cannot be read as a torch file (damaged, or not one): "
+            f"{type(e).__name__}: {e}"
+        ) from None
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):
             if isinstance(obj.get(key), dict):

@@ -223,3 +223,30 @@ def test_every_flag_has_help_from_the_config_comments(capsys):
     assert "input (default: 0.75)" in out
     parser.print_help()
     assert "\n    python pretrain.py --x\n" in capsys.readouterr().out  # not reflowed
+
+
+def test_channels_resume_folder_and_normalisation_are_checked_before_any_data(tmp_path):
+    base = ["--model", "mae_vit_micro_patch4_28", "--dataset", "sample"]
+    with pytest.raises(ConfigError, match="in_chans: must be 1 or 3, got 2"):
+        parse_config(PretrainConfig, [*base, "--in_chans", "2"])
+    with pytest.raises(
+        ConfigError, match=r"mean: needs one value, or one per channel \(1\); got 2"
+    ):
+        parse_config(PretrainConfig, [*base, "--mean", "0.1,0.2"])
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "COMPLETE").write_text("ok")  # but no state.json
+    for folder in (tmp_path / "missing", tmp_path / "ckpt"):
+        with pytest.raises(ConfigError, match="resume: .* is not a complete maepl checkpoint"):
+            parse_config(PretrainConfig, [*base, "--resume", str(folder)])
+
+
+def test_a_bad_image_from_a_worker_is_reported_without_the_workers_traceback():
+    from maepl.loaders import BadImageError
+
+    msg = "strict_data: /data/train/a/x.jpg cannot be read (cannot identify image file)"
+    reraised = BadImageError(
+        "Caught BadImageError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+        f'call last):\n  File "loaders.py", line 9, in get\nmaepl.loaders.BadImageError: {msg}\n'
+    )
+    assert reraised.user_message() == msg
+    assert BadImageError(msg).user_message() == msg  # raised in the main process (workers 0)

@@ -980,10 +980,37 @@ def test_empty_and_unsupported_inputs_fail_before_any_work(tmp_path):
         parse_config(PretrainConfig, ["--model", "vit_base_patch16_gap_224", "--dataset", "sample"])
 
 
-def test_resume_under_another_architecture_is_refused(tiny_cfg):
-    pretrain.main(tiny_cfg(max_steps=2))
+def test_resume_under_another_architecture_is_refused(tiny_cfg, monkeypatch):
+    # before any model is built, and leaving the run's config.yaml as it was
+    cfg = tiny_cfg(max_steps=2)
+    pretrain.main(cfg)
+    config_yaml = Path(cfg.output_dir, "config.yaml").read_text()
+
+    def no_model(cfg):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(pretrain, "build_mae", no_model)
     with pytest.raises(ConfigError, match="embed_dim"):
         pretrain.main(tiny_cfg(max_steps=4, embed_dim=24, resume="auto"))
+    assert Path(cfg.output_dir, "config.yaml").read_text() == config_yaml
+
+
+def test_a_run_refused_after_its_checks_leaves_the_folder_as_it_was(tiny_cfg):
+    """Nothing is written (or, with --overwrite, deleted) in output_dir before every check has
+    passed: a batch that gives no full step is found when the loader is planned."""
+    cfg = tiny_cfg(max_steps=2)
+    pretrain.main(cfg)
+    out = Path(cfg.output_dir)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    config_yaml = (out / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="batch_size: 10000 images per process give no full"):
+        pretrain.main(tiny_cfg(batch_size=20000, overwrite=True))
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert (out / "config.yaml").read_text() == config_yaml
+    fresh = tiny_cfg(batch_size=20000, output_dir=str(out.parent / "fresh"))
+    with pytest.raises(ConfigError, match="no full step"):
+        pretrain.main(fresh)
+    assert not Path(fresh.output_dir).exists()  # the corrected rerun is not blocked
 
 
 def test_resume_under_another_batch_size_accumulation_or_process_count_is_refused(tiny_cfg, capsys):
@@ -1067,8 +1094,8 @@ def test_crafted_pickles_are_never_unpickled(tmp_path, tiny_cfg):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
     evil.write_bytes(pickle.dumps({"model": RunsCode(marker)}))
-    with pytest.raises(FileNotFoundError, match="not a complete maepl checkpoint"):
-        pretrain.main(tiny_cfg(resume=str(evil)))
+    with pytest.raises(ConfigError, match="not a complete maepl checkpoint"):
+        tiny_cfg(resume=str(evil))  # refused by the config check, before any data
     # a checkpoint folder whose weights file is a pickle: safetensors refuses to parse it
     fake = tmp_path / "fake"
     fake.mkdir()

@@ -628,3 +628,24 @@ def test_linprobe_of_a_vit_without_class_token(tmp_path):
     probe, _ = linprobe.build_probe(cfg, 10)
     assert probe.encoder.cls_token is None and isinstance(probe.encoder.norm, torch.nn.LayerNorm)
     assert probe.features(torch.randn(2, 3, 32, 32)).shape == (2, 32)
+
+
+@pytest.mark.parametrize("script", ["finetune", "linprobe"])
+def test_bad_weights_and_class_counts_are_named_before_any_run(colours, tmp_path, script):
+    """A missing --finetune path, a file that is not weights (text, garbage safetensors) and a
+    head smaller than the dataset's classes: each a ConfigError naming the key or the file,
+    before anything is written."""
+    cls, mod = (FinetuneConfig, finetune) if script == "finetune" else (LinprobeConfig, linprobe)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"finetune: no such file or folder .*nope\.pth"):
+        parse_config(cls, ft_args(colours, out, "--finetune", str(tmp_path / "nope.pth")))
+    (tmp_path / "w.txt").write_text("not weights\n")
+    (tmp_path / "w.safetensors").write_bytes(b"\xff" * 64)
+    for bad, why in (("w.txt", "is not a torch file"), ("w.safetensors", "safetensors")):
+        cfg = parse_config(cls, ft_args(colours, out, "--finetune", str(tmp_path / bad)))
+        with pytest.raises(ConfigError, match=rf"finetune: .*{bad}.* {why}"):
+            mod.main(cfg)
+    cfg = parse_config(cls, ft_args(colours, out, "--nb_classes", "2", "--epochs", "1"))
+    with pytest.raises(ConfigError, match="nb_classes: 2, but imagefolder has 3 classes"):
+        mod.main(cfg)
+    assert not out.exists()
