@@ -150,8 +150,10 @@ class BadImageError(RuntimeError):
 
     def user_message(self) -> str:
         """The message alone: re-raised from a DataLoader worker, torch prepends the worker's
-        traceback to it."""
-        return str(self).strip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1]
+        traceback to it (the message itself may span lines: a batch of unreadable files)."""
+        text, tag = str(self), f"{type(self).__name__}: "
+        at = text.rfind(tag)
+        return (text[at + len(tag) :] if at >= 0 else text).strip()
 
 
 def sample_path(dataset: Dataset, index: int) -> str:

@@ -190,12 +190,16 @@ class Run:
         (``resume()``), so that a refused run neither changes nor deletes what is there."""
         if self._claimed:
             return
-        if self.main:
+
+        def claim() -> None:
             if self.cfg.overwrite and not self.cfg.resume:
                 clear_overwritten(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             dump_config(self.cfg, self.out / "config.yaml")
-        self.accelerator.wait_for_everyone()  # none goes on before it is done
+
+        # on_main: none goes on before it is done, and a failure there (the path is a file, a
+        # full disk) stops every process instead of leaving them waiting
+        self.on_main(str(self.out), claim)
         self._claimed = True
 
     def resume(self) -> None:
@@ -480,6 +484,8 @@ class Run:
     def write_summary(self, summary: dict) -> None:
         """Collective: ``<output_dir>/summary.json`` (main process); scripts call it again once
         they have evaluated, so that the file holds the final accuracy too."""
+        if self.read_only:  # --eval (linprobe.py --knn --eval too) writes nothing there
+            return
         path = self.out / "summary.json"
         self.claim_output_dir()  # linprobe.py --knn writes only this
         self.on_main(str(path), lambda: path.write_text(json.dumps(summary, indent=1)))

@@ -250,3 +250,6 @@ def test_a_bad_image_from_a_worker_is_reported_without_the_workers_traceback():
     )
     assert reraised.user_message() == msg
     assert BadImageError(msg).user_message() == msg  # raised in the main process (workers 0)
+    batch = "every image of a batch is unreadable:\n  a.jpg: OSError\n  b.jpg: OSError"
+    worker = "Caught BadImageError in DataLoader worker process 1.\nOriginal Traceback:\n  x\n"
+    assert BadImageError(f"{worker}maepl.loaders.BadImageError: {batch}\n").user_message() == batch

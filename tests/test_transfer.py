@@ -332,6 +332,12 @@ def test_linprobe_beats_chance_and_knn(colours, pretrained, tmp_path):
     )
     assert knn["knn_top1"] > 60
     assert json.loads((tmp_path / "k" / "summary.json").read_text()) == knn
+    # --knn --eval on the probe's own run reads its checkpoint and writes nothing there (its
+    # summary.json used to be replaced by the kNN figure)
+    before = files_of(tmp_path / "lp")
+    out = ["--output_dir", str(tmp_path / "lp"), "--knn", "--eval", "--resume", "auto"]
+    assert linprobe.main(parse_config(LinprobeConfig, args + out))["knn_top1"] == knn["knn_top1"]
+    assert files_of(tmp_path / "lp") == before
 
 
 def test_finetune_without_model_or_weights_names_the_key(colours):
