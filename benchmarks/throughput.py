@@ -730,8 +730,10 @@ def main(argv: list[str] | None = None) -> int:
     hf = by_name.get("hf")
     ratio = plain["img_per_s"] / hf["img_per_s"] if plain and hf else float("nan")
     if args.json:
-        finite = lambda x: x if math.isfinite(x) else None  # noqa: E731
-        write_json(results, finite(ratio), complete=True, vs_official=finite(vs_official))
+        ratio_json, vs_official_json = (
+            x if math.isfinite(x) else None for x in (ratio, vs_official)
+        )
+        write_json(results, ratio_json, complete=True, vs_official=vs_official_json)
         print(f"wrote {args.json}")
     print(f"ratio_vs_hf={ratio:.3f}")
     return 0

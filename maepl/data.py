@@ -266,7 +266,8 @@ def load_splits(cfg) -> tuple[Dataset, Dataset, list[float], list[float]]:
 
     Labels are class indices, so both splits must have the same classes in the same order:
     an ImageFolder ``val/`` without one of ``train/``'s class folders, or with another, would
-    shift every label after it. That is a ``ConfigError`` naming the folders that differ.
+    shift every label after it. That is a ``ConfigError`` naming the folders that differ; so
+    is a ``nb_classes`` below the classes' count (labels past the head would fail in a step).
     """
     from .config import ConfigError
 
@@ -282,6 +283,10 @@ def load_splits(cfg) -> tuple[Dataset, Dataset, list[float], list[float]]:
             f"labels (class indices) would not match: only in the first {only_train}, only "
             f"in the second {only_val}"
             + ("" if only_train or only_val else " (same names in another order)")
+        )
+    if cfg.nb_classes and cfg.nb_classes < len(train_classes):
+        raise ConfigError(
+            f"nb_classes: {cfg.nb_classes}, but {cfg.dataset} has {len(train_classes)} classes"
         )
     return raw_train, raw_val, mean, std
 

@@ -66,6 +66,8 @@ def check_run_dir(cfg) -> None:
 def check_output_dir(cfg) -> None:
     """Refuse to start over a different run: its checkpoints and logs would be mixed with ours."""
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} is a file, not a folder")
     if (out / "config.yaml").exists() and not cfg.resume and not cfg.overwrite:
         raise ConfigError(
             f"output_dir: {out} already holds a run (config.yaml); pass --resume auto to "

@@ -161,8 +161,8 @@ def _load_pth(p: Path) -> dict[str, torch.Tensor]:
             f"finetune: {p} needs more than tensors and plain containers to unpickle, so it was "
             f"refused (maepl reads .pth files only with torch.load(weights_only=True)): {e}"
         ) from None
-    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:  # damaged, or not a
-        # torch file at all (a text file reads as a pickle with unknown opcodes: KeyError)
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:  # truncated, or a
+        # garbled pickle (unknown opcodes fail as KeyError or ValueError)
         raise ConfigError(
             f"finetune: {p} cannot be read as a torch file (damaged, or not one): "
             f"{type(e).__name__}: {e}"

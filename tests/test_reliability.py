@@ -1011,6 +1011,9 @@ def test_a_run_refused_after_its_checks_leaves_the_folder_as_it_was(tiny_cfg):
     with pytest.raises(ConfigError, match="no full step"):
         pretrain.main(fresh)
     assert not Path(fresh.output_dir).exists()  # the corrected rerun is not blocked
+    (out.parent / "a_file").write_text("x")
+    with pytest.raises(ConfigError, match="output_dir: .*a_file is a file, not a folder"):
+        pretrain.main(tiny_cfg(output_dir=str(out.parent / "a_file")))
 
 
 def test_resume_under_another_batch_size_accumulation_or_process_count_is_refused(tiny_cfg, capsys):
