@@ -284,9 +284,10 @@ def load_splits(cfg) -> tuple[Dataset, Dataset, list[float], list[float]]:
             f"in the second {only_val}"
             + ("" if only_train or only_val else " (same names in another order)")
         )
-    if cfg.nb_classes and cfg.nb_classes < len(train_classes):
+    nb_classes = getattr(cfg, "nb_classes", None)  # a config of finetune.py or linprobe.py
+    if nb_classes and nb_classes < len(train_classes):
         raise ConfigError(
-            f"nb_classes: {cfg.nb_classes}, but {cfg.dataset} has {len(train_classes)} classes"
+            f"nb_classes: {nb_classes}, but {cfg.dataset} has {len(train_classes)} classes"
         )
     return raw_train, raw_val, mean, std
 
