@@ -169,6 +169,12 @@ def mae_recipe_blr(images: int, lp: dict) -> float:
     return MAE_LP_LR_STEPS / steps * 256 / lp["batch_size"]
 
 
+def own_data_path(dataset: str, data_path: str | None) -> str | None:
+    """The data_path a run on ``dataset`` reads: none for the embedded sample (the refcpu
+    budget's --data_path is its test set's, which the scripts would refuse beside 'sample')."""
+    return None if dataset == "sample" else data_path
+
+
 def linprobe_mae_recipe(
     folder: Path,
     dataset: str,
@@ -187,7 +193,7 @@ def linprobe_mae_recipe(
     cfg = LinprobeConfig(
         finetune=str(folder),
         dataset=dataset,
-        data_path=data_path,
+        data_path=own_data_path(dataset, data_path),
         **lp,
         blr=blr,
         seed=seed,
@@ -313,7 +319,7 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace, out
             **pre,
             **overrides,
             "seed": seed,
-            "data_path": data_path,
+            "data_path": own_data_path(pre["dataset"], data_path),
             "output_dir": str(run_dir),
             "vis_every": 1000,
             "log_every": 10,
@@ -403,7 +409,7 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace, out
             ft = FinetuneConfig(
                 finetune=str(export),
                 dataset=cfg.dataset,
-                data_path=data_path,
+                data_path=cfg.data_path,
                 epochs=budget["ft_epochs"],
                 warmup_epochs=0.2,
                 blr=5e-3,

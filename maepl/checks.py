@@ -128,6 +128,18 @@ def _validate_common(cfg: TrainConfig) -> None:
         "data_path",
         "required for dataset imagefolder",
     )
+    _check(
+        not (cfg.data_path and cfg.dataset == "sample"),
+        "data_path",
+        f"{cfg.data_path!r} would be ignored: dataset 'sample' is the subset embedded in the "
+        "package; drop --data_path, or read that folder with --dataset fashion-mnist or "
+        "imagefolder",
+    )
+    _check(
+        not (cfg.download and cfg.dataset != "fashion-mnist"),
+        "download",
+        f"only dataset fashion-mnist downloads; dataset {cfg.dataset!r} would ignore it",
+    )
     if cfg.data_path and cfg.dataset == "imagefolder":
         _check(Path(cfg.data_path).is_dir(), "data_path", f"no such folder {cfg.data_path}")
     weights = getattr(cfg, "finetune", "")  # finetune.py, linprobe.py: before the model

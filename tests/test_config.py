@@ -91,6 +91,19 @@ def test_missing_data_path_is_named():
         parse_config(PretrainConfig, ["--data_path", "/no/such/dir"])
 
 
+@pytest.mark.parametrize(
+    "cls,base", [(PretrainConfig, []), (FinetuneConfig, ["--model", "vit_tiny_patch16_224"])]
+)
+def test_a_flag_the_dataset_would_ignore_is_refused(cls, base, tmp_path):
+    # the embedded sample reads no folder: a --data_path beside it was silently unused
+    with pytest.raises(ConfigError, match="data_path: .*would be ignored"):
+        parse_config(cls, base + ["--dataset", "sample", "--data_path", str(tmp_path)])
+    with pytest.raises(ConfigError, match="download: .*'imagefolder'"):
+        parse_config(cls, base + ["--data_path", str(tmp_path), "--download", "true"])
+    ok = parse_config(cls, base + ["--dataset", "fashion-mnist", "--data_path", str(tmp_path)])
+    assert ok.data_path == str(tmp_path)
+
+
 def run_cli(*args, cwd=ROOT):
     return subprocess.run(
         [sys.executable, "pretrain.py", *args], cwd=cwd, capture_output=True, text=True, timeout=120
