@@ -23,6 +23,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
+from maepl.checks import mixup_active
 from maepl.config import SHAPE_KEYS, ConfigError, FinetuneConfig, parse_config
 from maepl.data import build_finetune_transform, build_transform, default_crop_pct, load_splits
 from maepl.export import export_encoder
@@ -128,7 +129,7 @@ def main(cfg: FinetuneConfig) -> dict:
         cfg.color_jitter,
     )
     dataset = SeededTransformDataset(raw_train, train_tf, cfg.seed, strict=cfg.strict_data)
-    mixup_on = cfg.mixup > 0 or cfg.cutmix > 0
+    mixup_on = mixup_active(cfg)
 
     # ------------------------------------------------------------------ model
     # built and loaded before Run writes anything: weights that do not fit leave no run behind
@@ -221,6 +222,7 @@ def main(cfg: FinetuneConfig) -> dict:
         Mixup(
             mixup_alpha=cfg.mixup,
             cutmix_alpha=cfg.cutmix,
+            cutmix_minmax=cfg.cutmix_minmax,
             prob=cfg.mixup_prob,
             switch_prob=cfg.mixup_switch_prob,
             mode=cfg.mixup_mode,

@@ -270,6 +270,11 @@ def _as_recorded(cfg, keys: tuple[str, ...]):
     return dataclasses.replace(cfg, **updates)
 
 
+def mixup_active(cfg: FinetuneConfig) -> bool:
+    """Mixup or cutmix is on (timm's Mixup turns cutmix on for a cutmix_minmax, as MAE does)."""
+    return cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None
+
+
 def validate_finetune(cfg: FinetuneConfig) -> FinetuneConfig:
     _validate_common(cfg)
     _check(
@@ -298,8 +303,14 @@ def validate_finetune(cfg: FinetuneConfig) -> FinetuneConfig:
     ):
         _check(getattr(cfg, key) >= 0, key, "must be >= 0")
     _check(0 < cfg.layer_decay <= 1, "layer_decay", "must be in (0, 1]")
+    mm = cfg.cutmix_minmax
     _check(
-        not ((cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2),
+        mm is None or (len(mm) == 2 and 0 < mm[0] < mm[1] <= 1),
+        "cutmix_minmax",
+        f"must be two fractions min,max with 0 < min < max <= 1, got {mm}",
+    )
+    _check(
+        not (mixup_active(cfg) and cfg.batch_size % 2),
         "batch_size",
         f"mixup/cutmix need an even batch size, got {cfg.batch_size}",
     )

@@ -154,6 +154,9 @@ class FinetuneConfig(TrainConfig):
     smoothing: float = 0.1  # label smoothing
     mixup: float = 0.8  # mixup alpha; 0: off
     cutmix: float = 1.0  # cutmix alpha; 0: off
+    # cutmix box side as a fraction of the image, drawn in [min, max] instead of from the
+    # alpha (timm's cutmix_minmax; turns cutmix on): e.g. 0.2,0.8
+    cutmix_minmax: list[float] | None = None
     mixup_prob: float = 1.0  # probability of mixup or cutmix per batch (or pair, element)
     mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
     mixup_mode: str = "batch"  # batch | pair | elem: what one mixing draw applies to

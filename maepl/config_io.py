@@ -159,11 +159,104 @@ def field_comments(cls) -> dict[str, str]:
     return out
 
 
+# ---------------------------------------------------------------------------- official flags
+# Flags of the official MAE scripts (main_pretrain.py, main_finetune.py, main_linprobe.py)
+# that maepl spells or handles otherwise: a command written for them runs, or says why not.
+# Each applies where the config has the key named second (None: every config).
+_OFFICIAL_SAME = {  # the same setting in maepl's words
+    "cls_token": (["--global_pool", "token"], "global_pool"),
+    "no_pin_mem": (["--pin_mem", "false"], None),
+}
+_OFFICIAL_DONE = {  # accepted and dropped: maepl always does what they ask for
+    "dist_eval": ("evaluation is always split over the processes", "global_pool"),
+    "local_rank": (
+        "`python -m torch.distributed.launch` passes it; the rank is read from "
+        "the launcher's environment",
+        None,
+    ),
+}
+_LAUNCHER = (
+    "the process group comes from the launcher: `torchrun --nproc_per_node N` (with --nnodes "
+    "and --rdzv_endpoint for several nodes) or `accelerate launch`"
+)
+_OFFICIAL_REFUSED = {
+    "log_dir": ("TensorBoard events go to <output_dir>/tensorboard (log.jsonl beside them)", None),
+    "device": (
+        "Accelerate places each process on its GPU when CUDA is visible (choose them "
+        "with CUDA_VISIBLE_DEVICES), else on the CPU",
+        None,
+    ),
+    "world_size": (_LAUNCHER, None),
+    "dist_url": (_LAUNCHER, None),
+    "dist_on_itp": (_LAUNCHER, None),
+    "start_epoch": (
+        "a resume continues at the step, epoch and batch its checkpoint records "
+        "(--resume <checkpoint folder> or --resume auto)",
+        None,
+    ),
+    "resplit": ("the official main_finetune.py parses it but never uses it", "reprob"),
+}
+_BARE = {"global_pool": "avg"}  # the official --global_pool takes no value: mean pooling
+
+
+def _flag_name(word: str) -> str | None:
+    return word[2:].split("=", 1)[0].replace("-", "_") if word.startswith("--") else None
+
+
+def translate_official_flags(cls, argv: list[str]) -> list[str]:
+    """``argv`` with the official MAE flags above put in maepl's words; a ConfigError names
+    one maepl has no use for and says what to do instead."""
+    keys = {f.name for f in _user_fields(cls)}
+    out: list[str] = []
+    words = iter(argv)
+    for word in words:
+        name = _flag_name(word)
+        if name in keys or name is None:
+            out.append(word)
+            continue
+        for table in (_OFFICIAL_SAME, _OFFICIAL_DONE, _OFFICIAL_REFUSED):
+            if name in table and (table[name][1] is None or table[name][1] in keys):
+                break
+        else:
+            out.append(word)  # argparse names it, with the flags it knows
+            continue
+        if name in _OFFICIAL_REFUSED:
+            raise ConfigError(
+                f"{name}: an official MAE flag maepl has no use for: "
+                f"{_OFFICIAL_REFUSED[name][0]}; drop --{name}"
+            )
+        if name in _OFFICIAL_SAME:
+            out += _OFFICIAL_SAME[name][0]
+        elif name == "local_rank" and "=" not in word:
+            next(words, None)  # its value
+    given = {_flag_name(w) for w in argv}
+    if "cls_token" in given and "global_pool" in given and "global_pool" in keys:
+        raise ConfigError("cls_token: means --global_pool token; give one of the two")
+    return out
+
+
+def official_flags_help(cls) -> str:
+    """The epilog of --help: which official MAE flags this script reads, and how."""
+    keys = {f.name for f in _user_fields(cls)}
+
+    def fits(table: dict) -> list[str]:
+        return [k for k, (_, need) in table.items() if need is None or need in keys]
+
+    lines = ["official MAE flags:"]
+    lines += [f"  --{k}: read as {' '.join(_OFFICIAL_SAME[k][0])}" for k in fits(_OFFICIAL_SAME)]
+    lines += [f"  --{k}: accepted; {_OFFICIAL_DONE[k][0]}" for k in fits(_OFFICIAL_DONE)]
+    if "global_pool" in keys:
+        lines.append("  --global_pool with no value: --global_pool avg")
+    lines.append(f"  refused, with what to do instead: {', '.join(fits(_OFFICIAL_REFUSED))}")
+    return "\n".join(lines)
+
+
 def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
     """argparse with one flag per field, MAE's underscore names plus dashed spellings; each
     flag's help is the field's comment in maepl/config.py and its default."""
     parser = argparse.ArgumentParser(
         description=description,
+        epilog=official_flags_help(cls),
         allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,  # the docstring's usage lines
     )
@@ -175,6 +268,10 @@ def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
         kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, metavar="V")
         if inner is bool:  # "--flag" alone means true, "--flag false" is accepted too
             kw.update(nargs="?", const="true")
+        elif f.name in _BARE:
+            kw.update(nargs="?", const=_BARE[f.name])
+        elif typing.get_origin(inner) is list:  # "--mean 0.5 0.5 0.5" (timm) or "0.5,0.5,0.5"
+            kw.update(nargs="+")
         what = comments.get(f.name)
         help_ = f"{what} (default: {f.default!r})" if what else f"default: {f.default!r}"
         parser.add_argument(*names, **kw, help=help_.replace("%", "%%"))
@@ -184,11 +281,14 @@ def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
 def parse_config(cls, argv: list[str] | None = None, description: str = ""):
     """Defaults < --config YAML < flags; returns a validated, resolved config."""
     parser = build_parser(cls, description)
-    ns = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    argv = translate_official_flags(cls, sys.argv[1:] if argv is None else argv)
+    ns = vars(parser.parse_args(argv))
     values = load_yaml(ns.pop("config"), cls) if ns.get("config") else {}
     ns.pop("config", None)
     types_ = _field_types(cls)
     for key, text in ns.items():
+        if isinstance(text, list):  # a list flag's words: "0.5 0.5" and "0.5,0.5" alike
+            text = ",".join(text)
         values[key] = _coerce(key, text, types_[key], from_text=True)
     cfg = cls(**values)
     return cfg.validate() if hasattr(cfg, "validate") else cfg

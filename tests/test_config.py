@@ -3,7 +3,14 @@ import sys
 
 import pytest
 
-from maepl.config import ConfigError, FinetuneConfig, PretrainConfig, load_yaml, parse_config
+from maepl.config import (
+    ConfigError,
+    FinetuneConfig,
+    LinprobeConfig,
+    PretrainConfig,
+    load_yaml,
+    parse_config,
+)
 
 from .conftest import ROOT
 
@@ -104,6 +111,38 @@ def test_a_flag_the_dataset_would_ignore_is_refused(cls, base, tmp_path):
     assert ok.data_path == str(tmp_path)
 
 
+FT = ["--model", "vit_tiny_patch16_224", "--dataset", "sample"]
+
+
+def test_official_mae_flags_run_or_say_why_not():
+    # the official README's linear-probe and fine-tune commands, in their own flag words
+    lp = parse_config(LinprobeConfig, FT + ["--cls_token", "--dist_eval", "--no_pin_mem"])
+    assert lp.global_pool == "token" and lp.pin_mem is False
+    lp = parse_config(LinprobeConfig, FT + ["--global_pool"])  # official: no value = mean pool
+    assert lp.global_pool == "avg"
+    ft = parse_config(FinetuneConfig, FT + ["--local-rank=1", "--dist_eval", "--local_rank", "0"])
+    assert ft.global_pool == "avg" and ft.pin_mem is True
+    ft = parse_config(FinetuneConfig, FT + ["--cutmix_minmax", "0.2", "0.8"])  # nargs '+'
+    assert ft.cutmix_minmax == [0.2, 0.8]
+    assert parse_config(FinetuneConfig, FT + ["--mean", "0.5,0.5,0.5"]).mean == [0.5] * 3
+    for flag, says in [
+        (["--log_dir", "x"], "log_dir: .*<output_dir>/tensorboard"),
+        (["--device", "cuda"], "device: .*CUDA_VISIBLE_DEVICES"),
+        (["--world_size", "8"], "world_size: .*torchrun"),
+        (["--dist_url", "env://"], "dist_url: .*torchrun"),
+        (["--start_epoch", "3"], "start_epoch: .*--resume"),
+        (["--resplit"], "resplit: .*never uses it"),
+        (["--cls_token", "--global_pool", "avg"], "cls_token: .*one of the two"),
+    ]:
+        with pytest.raises(ConfigError, match=says):
+            parse_config(FinetuneConfig, FT + flag)
+    # where the official script has no such flag, argparse names it as unknown
+    with pytest.raises(SystemExit):
+        parse_config(PretrainConfig, ["--dataset", "sample", "--cls_token"])
+    with pytest.raises(ConfigError, match="cutmix_minmax: .*0 < min < max"):
+        parse_config(FinetuneConfig, FT + ["--cutmix_minmax", "0.8", "0.2"])
+
+
 def run_cli(*args, cwd=ROOT):
     return subprocess.run(
         [sys.executable, "pretrain.py", *args], cwd=cwd, capture_output=True, text=True, timeout=120
@@ -170,6 +209,7 @@ FT = ["--model", "vit_tiny_patch16_224", "--dataset", "sample"]
         (["--remode", "pixl"], "remode"),
         (["--color_jitter", "-0.1"], "color_jitter"),
         (["--batch_size", "7"], "batch_size: mixup/cutmix need an even"),
+        (["--batch_size", "7", *"--mixup 0 --cutmix 0 --cutmix_minmax 0.2,0.8".split()], "batch"),
     ],
 )
 def test_bad_finetune_augmentation_is_named_before_any_data(flags, key):

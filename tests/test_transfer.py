@@ -14,6 +14,7 @@ import timm
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from timm.data import Mixup
 from timm.optim import param_groups_layer_decay
 
 import finetune
@@ -295,8 +296,14 @@ def test_finetune_from_scratch_and_with_positional_labels_beats_chance(colours, 
     assert again["top1"] == pytest.approx(summary["top1"]) and again["n"] == 27
 
 
-def test_finetune_of_a_pretrained_export_with_mixup_runs(colours, pretrained, tmp_path):
-    args = [
+@pytest.mark.parametrize("mix", ["alphas", "cutmix_minmax"])
+def test_finetune_of_a_pretrained_export_with_mixup_runs(
+    colours, pretrained, tmp_path, mix, monkeypatch
+):
+    built = []  # the Mixup finetune.py builds: MAE's --cutmix_minmax reaches it
+    monkeypatch.setattr(finetune, "Mixup", lambda **kw: built.append(kw) or Mixup(**kw))
+    minmax = ["--mixup", "0", "--cutmix", "0", "--cutmix_minmax", "0.3", "0.7"]
+    args = (minmax if mix == "cutmix_minmax" else []) + [
         "--finetune",
         str(pretrained / "export" / "encoder"),
         "--data_path",
@@ -310,6 +317,9 @@ def test_finetune_of_a_pretrained_export_with_mixup_runs(colours, pretrained, tm
     summary = finetune.main(cfg)
     assert summary["top1"] > 45 and np.isfinite(summary["loss"])
     assert "pos_loss" not in summary  # no position head: no column, not zeros
+    assert len(built) == 1 and built[0]["cutmix_minmax"] == (
+        None if mix == "alphas" else [0.3, 0.7]
+    )
     written = json.loads((tmp_path / "ft" / "summary.json").read_text())
     assert written["top1"] == summary["top1"] and written["best_top1"] == summary["best_top1"]
 
