@@ -281,6 +281,12 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
         found = complete_checkpoints(output_dir)
         return found[-1] if found else None
     path = Path(resume)
+    if path.is_file():
+        raise ConfigError(
+            f"resume: {path} is a file: maepl resumes training only from its own checkpoint "
+            "folders (step_XXXXXXXX); finetune.py and linprobe.py start from a weights file "
+            f"(an official MAE .pth, an export) with --finetune {path}"
+        )
     if not path.is_dir() or not (path / MARKER).is_file() or not (path / "state.json").is_file():
         raise ConfigError(
             f"resume: {path} is not a complete maepl checkpoint folder (a step_XXXXXXXX folder "

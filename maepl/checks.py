@@ -29,9 +29,11 @@ def resolve_model(cfg: TrainConfig, need_cls: bool = True) -> TrainConfig:
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
-    from .models.encoder import PRESETS, encoder_from_config
+    from .models.encoder import OFFICIAL_VIT_NAMES, PRESETS, encoder_from_config
 
     preset = dict(PRESETS.get(cfg.model, {}))
+    if cfg.model in OFFICIAL_VIT_NAMES:
+        preset = dict(encoder=OFFICIAL_VIT_NAMES[cfg.model])
     if not preset:
         if not cfg.model.startswith("vit_") or not timm.is_model(cfg.model):
             names = ", ".join(sorted(PRESETS))
@@ -276,6 +278,10 @@ def mixup_active(cfg: FinetuneConfig) -> bool:
 
 
 def validate_finetune(cfg: FinetuneConfig) -> FinetuneConfig:
+    if cfg.eval and cfg.resume and Path(cfg.resume).is_file() and not cfg.finetune:
+        # the official `main_finetune.py --eval --resume mae_finetuned_vit_base.pth`: here
+        # --resume continues checkpoint folders, and a weights file is evaluated as --finetune
+        cfg = dataclasses.replace(cfg, finetune=cfg.resume, resume="")
     _validate_common(cfg)
     _check(
         not cfg.eval or bool(cfg.finetune or cfg.resume),

@@ -408,6 +408,25 @@ def test_runs_of_different_precision_follow_each_other_in_one_process(
     assert np.isfinite(ft["loss"]) and lp["n"] == 27
 
 
+def test_official_eval_command_evaluates_a_finetuned_pth(colours, token_classifier, tmp_path):
+    # main_finetune.py --eval --resume mae_finetuned_vit_base.pth: a fine-tuned classifier
+    # saved the official way ('model' holds timm keys and the head), evaluated as it is
+    out, trained = token_classifier
+    pth = tmp_path / "mae_finetuned.pth"
+    sd = load_file(out / "export" / "last" / "model.safetensors")
+    torch.save({"model": sd, "epoch": 0, "args": argparse.Namespace(global_pool=False)}, pth)
+    args = ["--eval", "--resume", str(pth), "--model", "vit_tiny_patch16_224", *SHAPE]
+    args += ["--cls_token", "--nb_classes", "3", "--data_path", str(colours)]
+    args += ["--output_dir", str(tmp_path / "ev"), "--num_workers", "0", "--dist_eval"]
+    cfg = parse_config(FinetuneConfig, args)
+    assert (cfg.finetune, cfg.resume) == (str(pth), "")
+    top = finetune.main(cfg)
+    assert top["top1"] == pytest.approx(trained["top1"]) and top["n"] == 27
+    # training cannot continue from it: the error says what to pass instead
+    with pytest.raises(ConfigError, match=f"resume: .*is a file.*--finetune {pth}"):
+        parse_config(FinetuneConfig, [a for a in args if a != "--eval"])
+
+
 def test_eval_takes_pooling_classes_and_pos_embed_from_the_export(
     colours, token_classifier, tmp_path
 ):

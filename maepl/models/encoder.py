@@ -57,6 +57,16 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# The official MAE fine-tuning and linear-probe names (its models_vit.py): the same ViTs as
+# timm's *_224 models, so that `--model vit_base_patch16` in a command written for
+# main_finetune.py or main_linprobe.py builds what it built there.
+OFFICIAL_VIT_NAMES = {
+    "vit_base_patch16": "vit_base_patch16_224",
+    "vit_large_patch16": "vit_large_patch16_224",
+    "vit_huge_patch14": "vit_huge_patch14_224",
+}
+
+
 def build_encoder(
     name: str,
     input_size: int | None = None,
