@@ -7,6 +7,7 @@ Every key is checked: an unknown key, a value of the wrong type or out of range 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -59,7 +60,9 @@ class TrainConfig:
     warmup_epochs: float = 40  # linear lr warm-up from 0, in epochs (fractions allowed)
     weight_decay: float = 0.05  # none on norms, biases, tokens and position embeddings
     clip_grad: float | None = None  # clip the global gradient norm to this; None: no clipping
-    mixed_precision: str = "auto"  # auto (bf16 on GPUs that support it, else no) | bf16 | fp16 | no
+    # auto | bf16 | fp16 | no; auto: `accelerate launch --mixed_precision` bf16 or fp16 if
+    # given, else bf16 on GPUs that support it, else no
+    mixed_precision: str = "auto"
     compile: bool = False  # torch.compile the model (static shapes: masking keeps len_keep)
     # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune |
     # max-autotune-no-cudagraphs
@@ -206,7 +209,12 @@ class LinprobeConfig(TrainConfig):
 
 
 def resolve_precision(name: str) -> str:
-    """``auto``: bf16 on GPUs that support it, full precision elsewhere."""
+    """``auto``: what ``accelerate launch --mixed_precision`` (or ``accelerate config``) chose,
+    if bf16 or fp16; else bf16 on GPUs that support it, full precision elsewhere. The launcher
+    writes "no" when nothing was chosen, so "no" from it cannot override: ask maepl for it."""
     if name != "auto":
         return name
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
+    if launcher in ("bf16", "fp16"):
+        return launcher
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"

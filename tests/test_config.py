@@ -306,3 +306,15 @@ def test_a_bad_image_from_a_worker_is_reported_without_the_workers_traceback():
     batch = "every image of a batch is unreadable:\n  a.jpg: OSError\n  b.jpg: OSError"
     worker = "Caught BadImageError in DataLoader worker process 1.\nOriginal Traceback:\n  x\n"
     assert BadImageError(f"{worker}maepl.loaders.BadImageError: {batch}\n").user_message() == batch
+
+
+def test_auto_precision_follows_accelerate_launch(monkeypatch):
+    from maepl.config import resolve_precision
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    cpu = resolve_precision("auto")  # this machine's own choice
+    for launcher, expected in [("bf16", "bf16"), ("fp16", "fp16"), ("no", cpu), ("", cpu)]:
+        # accelerate launch --mixed_precision X writes X; "no" when nothing was chosen
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+        assert resolve_precision("auto") == expected
+        assert resolve_precision("no") == "no"  # maepl's own flag wins, as Accelerator's does
