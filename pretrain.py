@@ -56,7 +56,7 @@ def main(cfg: PretrainConfig) -> dict:
     mae = run.unwrapped
     n_params = sum(p.numel() for p in mae.encoder.parameters())
     run.accelerator.print(
-        f"encoder {cfg.encoder} ({n_params / 1e6:.3g} M params), grid {mae.grid_h}x{mae.grid_w}, "
+        f"encoder {cfg.encoder} ({n_params:,} params), grid {mae.grid_h}x{mae.grid_w}, "
         f"pos_label={cfg.pos_label} pos_embed={cfg.pos_embed} labelled tokens/img="
         f"{mae.num_labelled if mae.pos_head is not None else 0}\n"
         f"{len(dataset)} images, {run.describe()}"

@@ -644,7 +644,7 @@ def main() -> None:
         default=None,
         choices=("auto", "no", "bf16", "fp16"),
         help="precision of the pretraining, linprobe.py and fine-tuning stages (default auto:\n"
-        "bf16 on GPUs, none on CPU)",
+        "accelerate launch's bf16 or fp16 if given, else bf16 on GPUs, none on CPU)",
     )
     p.add_argument(
         "--time_limit",

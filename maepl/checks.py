@@ -10,7 +10,9 @@ import math
 from dataclasses import fields
 from pathlib import Path
 
-from .config import FinetuneConfig, LinprobeConfig, PretrainConfig, TrainConfig
+import torch
+
+from .config import FinetuneConfig, LinprobeConfig, PretrainConfig, TrainConfig, resolve_precision
 from .config_io import ConfigError
 
 
@@ -36,9 +38,10 @@ def resolve_model(cfg: TrainConfig, need_cls: bool = True) -> TrainConfig:
         preset = dict(encoder=OFFICIAL_VIT_NAMES[cfg.model])
     if not preset:
         if not cfg.model.startswith("vit_") or not timm.is_model(cfg.model):
-            names = ", ".join(sorted(PRESETS))
+            names = ", ".join(sorted(PRESETS) + sorted(OFFICIAL_VIT_NAMES))
             raise ConfigError(
-                f"model: {cfg.model!r} is neither a preset ({names}) nor a timm vit_*"
+                f"model: {cfg.model!r} is neither a preset or official MAE name ({names}) nor "
+                "a timm vit_*"
             )
         preset = dict(encoder=cfg.model)
     preset = {"decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16, **preset}
@@ -81,6 +84,13 @@ def _validate_common(cfg: TrainConfig) -> None:
     _choice("pos_embed", cfg.pos_embed, ("sincos", "learned", "none", *auto))
     _choice("dataset", cfg.dataset, ("imagefolder", "fashion-mnist", "sample"))
     _choice("mixed_precision", cfg.mixed_precision, ("auto", "bf16", "fp16", "no"))
+    _check(
+        resolve_precision(cfg.mixed_precision) != "fp16" or torch.cuda.is_available(),
+        "mixed_precision",
+        "fp16 needs a CUDA GPU: on a CPU Accelerate neither casts to fp16 nor scales the loss, "
+        "so the run would be float32 without the overflow guard; use bf16 or no"
+        + (" (auto took fp16 from accelerate launch)" if cfg.mixed_precision == "auto" else ""),
+    )
     modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
     _choice("compile_mode", cfg.compile_mode, modes)
     _check(
@@ -278,7 +288,8 @@ def mixup_active(cfg: FinetuneConfig) -> bool:
 
 
 def validate_finetune(cfg: FinetuneConfig) -> FinetuneConfig:
-    if cfg.eval and cfg.resume and Path(cfg.resume).is_file() and not cfg.finetune:
+    resume_file = cfg.resume not in ("", "auto") and Path(cfg.resume).is_file()
+    if cfg.eval and resume_file and not cfg.finetune:
         # the official `main_finetune.py --eval --resume mae_finetuned_vit_base.pth`: here
         # --resume continues checkpoint folders, and a weights file is evaluated as --finetune
         cfg = dataclasses.replace(cfg, finetune=cfg.resume, resume="")

@@ -168,7 +168,11 @@ _OFFICIAL_SAME = {  # the same setting in maepl's words
     "no_pin_mem": (["--pin_mem", "false"], None),
 }
 _OFFICIAL_DONE = {  # accepted and dropped: maepl always does what they ask for
-    "dist_eval": ("evaluation is always split over the processes", "global_pool"),
+    "dist_eval": (
+        "the classifier's evaluation is always split over the processes (linprobe.py --knn "
+        "runs on the main process)",
+        "global_pool",
+    ),
     "local_rank": (
         "`python -m torch.distributed.launch` passes it; the rank is read from "
         "the launcher's environment",
@@ -208,8 +212,11 @@ def translate_official_flags(cls, argv: list[str]) -> list[str]:
     one maepl has no use for and says what to do instead."""
     keys = {f.name for f in _user_fields(cls)}
     out: list[str] = []
-    words = iter(argv)
-    for word in words:
+    skip = False
+    for i, word in enumerate(argv):
+        if skip:  # the value of --local_rank N
+            skip = False
+            continue
         name = _flag_name(word)
         if name in keys or name is None:
             out.append(word)
@@ -225,14 +232,33 @@ def translate_official_flags(cls, argv: list[str]) -> list[str]:
                 f"{name}: an official MAE flag maepl has no use for: "
                 f"{_OFFICIAL_REFUSED[name][0]}; drop --{name}"
             )
+        if name != "local_rank" and "=" in word:  # the official ones take no value
+            raise ConfigError(f"{name}: takes no value (got {word!r})")
         if name in _OFFICIAL_SAME:
             out += _OFFICIAL_SAME[name][0]
-        elif name == "local_rank" and "=" not in word:
-            next(words, None)  # its value
-    given = {_flag_name(w) for w in argv}
-    if "cls_token" in given and "global_pool" in given and "global_pool" in keys:
-        raise ConfigError("cls_token: means --global_pool token; give one of the two")
+        elif name == "local_rank" and "=" not in word:  # a flag after it is not its value
+            skip = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+    pools = set(_flag_values(out, "global_pool", bare=_BARE["global_pool"]))
+    if "global_pool" in keys and len(pools) > 1:
+        raise ConfigError(
+            f"global_pool: given as {' and '.join(sorted(pools))} (--cls_token means "
+            "--global_pool token); give one"
+        )
     return out
+
+
+def _flag_values(argv: list[str], key: str, bare: str) -> list[str]:
+    """The values ``argv`` gives flag ``key`` (``bare`` where it has none)."""
+    found = []
+    for i, word in enumerate(argv):
+        if _flag_name(word) == key:
+            if "=" in word:
+                found.append(word.split("=", 1)[1])
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                found.append(argv[i + 1])
+            else:
+                found.append(bare)
+    return found
 
 
 def official_flags_help(cls) -> str:
@@ -287,8 +313,8 @@ def parse_config(cls, argv: list[str] | None = None, description: str = ""):
     ns.pop("config", None)
     types_ = _field_types(cls)
     for key, text in ns.items():
-        if isinstance(text, list):  # a list flag's words: "0.5 0.5" and "0.5,0.5" alike
-            text = ",".join(text)
+        if isinstance(text, list):  # a list flag's words: "0.5 0.5", "0.5,0.5", "0.5, 0.5"
+            text = ",".join(w.strip(",") for w in text if w.strip(","))
         values[key] = _coerce(key, text, types_[key], from_text=True)
     cfg = cls(**values)
     return cfg.validate() if hasattr(cfg, "validate") else cfg

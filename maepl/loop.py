@@ -13,7 +13,6 @@ SIGTERM/SIGINT stop, non-finite step skipping and the log. A script's loop reads
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import sys
 import time
@@ -48,6 +47,7 @@ from .run_dir import (
     check_run_dir,
     check_schedule,
     clear_overwritten,
+    recorded_config,
 )
 from .tracking import Tracker
 
@@ -159,8 +159,9 @@ class Run:
         # needs no host sync per step; other optimizers (foreach on CPU) are skipped from Python.
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         fused = all(g.get("fused") for g in inner.param_groups)
-        self.nonfinite.device_skip = fused and self.precision != "fp16"
-        self.nonfinite.scaler_skips = self.precision == "fp16"  # GradScaler's own skip
+        scaler = self.accelerator.scaler is not None  # fp16 on CUDA: the GradScaler's own skip
+        self.nonfinite.device_skip = fused and not scaler
+        self.nonfinite.scaler_skips = scaler
         self.generator = torch.Generator(device=self.device).manual_seed(
             seed * 1000 + self.rank + 1
         )
@@ -277,7 +278,7 @@ class Run:
             nonfinite_run=self.nonfinite.run,
             bad_images=self.bad_images,
             extra=self.extra_state,
-            config=dataclasses.asdict(self.cfg),
+            config=recorded_config(self.cfg),
             schedule=self._schedule(),
         )
         save_checkpoint(

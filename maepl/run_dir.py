@@ -23,15 +23,27 @@ RUN_KEYS = frozenset(
 )
 
 
+def recorded_config(cfg) -> dict:
+    """``cfg`` as a checkpoint records it: ``mixed_precision`` as resolved (``auto`` depends on
+    the machine and the launcher, so a resume elsewhere may train in another precision)."""
+    from .config import resolve_precision
+
+    return {**dataclasses.asdict(cfg), "mixed_precision": resolve_precision(cfg.mixed_precision)}
+
+
 def changed_settings(saved: dict, cfg) -> dict[str, tuple]:
     """Training settings of ``cfg`` that differ from a checkpoint's recorded config ``saved``:
     {key: (recorded, now)}. A resume may change them on purpose (``--epochs`` to extend a
     schedule, as MAE users do); it is told, and ``benchmarks/quality.py`` refuses it."""
-    now = dataclasses.asdict(cfg)
+    now = recorded_config(cfg)
+    unknown = {"mixed_precision"} if saved.get("mixed_precision") == "auto" else set()  # older
     return {
         k: (saved[k], now[k])
         for k in now
-        if k in saved and k not in RUN_KEYS and k not in SCHEDULE_KEYS and saved[k] != now[k]
+        if k in saved
+        and k not in RUN_KEYS | unknown
+        and k not in SCHEDULE_KEYS
+        and saved[k] != now[k]
     }
 
 

@@ -610,7 +610,9 @@ def test_quality_evaluation_stages_survive_a_stopped_session(tmp_path, monkeypat
 
     monkeypatch.setattr(quality.linprobe, "main", linprobe_main)
     monkeypatch.setattr(quality.finetune, "main", lambda c: ft_cfgs.append(c) or dict(top1=44.4))
-    args = quality_args(resume=True)
+    # a --data_path (the refcpu budget's test set) reaches no run on the sample: its scripts
+    # would refuse one there rather than ignore it
+    args = quality_args(resume=True, data_path=str(tmp_path / "test_set"))
     stages_file = tmp_path / "mae_s0" / "eval_stages.json"
 
     def run_one(a=args):
@@ -631,6 +633,7 @@ def test_quality_evaluation_stages_survive_a_stopped_session(tmp_path, monkeypat
     assert (lp_cfgs[1].resume, lp_cfgs[1].overwrite) == ("auto", False)  # continues its own
     assert (ft_cfgs[0].resume, ft_cfgs[0].overwrite) == ("", True)
     assert row["probe_cls"] == 70.0 and row["lp_cls"] == 55.5 and row["finetune_top1"] == 44.4
+    assert lp_cfgs[0].data_path is None and ft_cfgs[0].data_path is None
     seconds = json.loads(stages_file.read_text())["seconds"]  # both sessions' stages
     assert set(seconds) == {"probes", "linprobe", "finetune"}
     assert seconds["linprobe"] >= 0.4  # the two attempts added up

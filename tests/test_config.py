@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from maepl.config import (
     ConfigError,
@@ -118,13 +119,19 @@ def test_official_mae_flags_run_or_say_why_not():
     # the official README's linear-probe and fine-tune commands, in their own flag words
     lp = parse_config(LinprobeConfig, FT + ["--cls_token", "--dist_eval", "--no_pin_mem"])
     assert lp.global_pool == "token" and lp.pin_mem is False
+    ft = parse_config(FinetuneConfig, FT + ["--cls_token"])  # fine-tuning's default is avg
+    assert ft.global_pool == "token"
+    assert parse_config(FinetuneConfig, FT + ["--cls_token", "--global_pool", "token"])
+    ft = parse_config(FinetuneConfig, FT + ["--local_rank", "--no_pin_mem"])
+    assert ft.pin_mem is False  # a flag after a bare --local_rank is not taken as its value
     lp = parse_config(LinprobeConfig, FT + ["--global_pool"])  # official: no value = mean pool
     assert lp.global_pool == "avg"
-    ft = parse_config(FinetuneConfig, FT + ["--local-rank=1", "--dist_eval", "--local_rank", "0"])
+    ft = parse_config(FinetuneConfig, FT + ["--local-rank=1", "--dist_eval", "--local_rank", "-1"])
     assert ft.global_pool == "avg" and ft.pin_mem is True
     ft = parse_config(FinetuneConfig, FT + ["--cutmix_minmax", "0.2", "0.8"])  # nargs '+'
     assert ft.cutmix_minmax == [0.2, 0.8]
-    assert parse_config(FinetuneConfig, FT + ["--mean", "0.5,0.5,0.5"]).mean == [0.5] * 3
+    for words in (["0.5,0.5,0.5"], ["0.5", "0.5", "0.5"], ["0.5,", "0.5,", "0.5"]):
+        assert parse_config(FinetuneConfig, FT + ["--mean", *words]).mean == [0.5] * 3
     for flag, says in [
         (["--log_dir", "x"], "log_dir: .*<output_dir>/tensorboard"),
         (["--device", "cuda"], "device: .*CUDA_VISIBLE_DEVICES"),
@@ -132,7 +139,9 @@ def test_official_mae_flags_run_or_say_why_not():
         (["--dist_url", "env://"], "dist_url: .*torchrun"),
         (["--start_epoch", "3"], "start_epoch: .*--resume"),
         (["--resplit"], "resplit: .*never uses it"),
-        (["--cls_token", "--global_pool", "avg"], "cls_token: .*one of the two"),
+        (["--cls_token", "--global_pool", "avg"], "global_pool: given as avg and token"),
+        (["--no-pin-mem=false"], "no_pin_mem: takes no value"),
+        (["--cls_token=false"], "cls_token: takes no value"),
     ]:
         with pytest.raises(ConfigError, match=says):
             parse_config(FinetuneConfig, FT + flag)
@@ -318,3 +327,14 @@ def test_auto_precision_follows_accelerate_launch(monkeypatch):
         monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
         assert resolve_precision("auto") == expected
         assert resolve_precision("no") == "no"  # maepl's own flag wins, as Accelerator's does
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is real on CUDA")
+def test_fp16_without_cuda_is_refused(monkeypatch):
+    # on a CPU Accelerate neither casts to fp16 nor builds a GradScaler: a silent float32 run
+    # whose non-finite steps would not be skipped
+    with pytest.raises(ConfigError, match="mixed_precision: fp16 needs a CUDA GPU"):
+        parse_config(PretrainConfig, ["--dataset", "sample", "--mixed_precision", "fp16"])
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(ConfigError, match="auto took fp16 from accelerate launch"):
+        parse_config(PretrainConfig, ["--dataset", "sample"])

@@ -940,6 +940,23 @@ def test_a_resume_with_other_training_settings_says_so(tmp_path, tiny_cfg, capsy
     assert ev["step"] == 2 and ev["changed"] == {"epochs": [2, 3], "blr": [0.0015, 0.002]}
 
 
+def test_a_resume_in_another_resolved_precision_says_so(tmp_path, tiny_cfg, capsys, monkeypatch):
+    """--mixed_precision auto resolves by machine and launcher: the checkpoint records what it
+    resolved to, so a resume that trains in another precision is reported, not silent."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch --mixed_precision
+    cfg = tiny_cfg(max_steps=2, mixed_precision="auto")
+    pretrain.main(cfg)
+    (ckpt,) = (Path(cfg.output_dir) / "checkpoints").glob("step_*")
+    assert json.loads((ckpt / "state.json").read_text())["config"]["mixed_precision"] == "bf16"
+    capsys.readouterr()
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")  # resumed with plain python on a CPU
+    pretrain.main(dataclasses.replace(cfg, resume="auto", max_steps=3))
+    assert "mixed_precision 'bf16' -> 'no'" in capsys.readouterr().out
+    events = [json.loads(r) for r in (Path(cfg.output_dir) / "log.jsonl").read_text().splitlines()]
+    (ev,) = [e for e in events if e.get("event") == "resumed_with_changed_settings"]
+    assert ev["changed"] == {"mixed_precision": ["bf16", "no"]}
+
+
 def test_a_resume_drops_log_rows_it_will_replay_or_cannot_read(tmp_path, tiny_cfg):
     """--resume auto with no checkpoint yet (killed before the first save) starts at step 0:
     the killed run's rows go. A row cut short (a kill or a full disk while writing) is
