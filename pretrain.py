@@ -29,6 +29,7 @@ from maepl.models.encoder import encoder_model_args
 from maepl.models.mae import build_mae
 from maepl.optim import build_adamw, param_groups_weight_decay
 from maepl.tracking import reconstruction_grid
+from maepl.weights import load_mae_weights
 
 
 def main(cfg: PretrainConfig) -> dict:
@@ -49,6 +50,9 @@ def main(cfg: PretrainConfig) -> dict:
     # ------------------------------------------------------------------ model
     set_seed(cfg.seed)  # identical initial weights on every rank
     model = build_mae(cfg)
+    if cfg.initial_checkpoint and not run.resuming:  # loaded before the run writes anything
+        for note in load_mae_weights(model, cfg.initial_checkpoint, cfg.pos_embed):
+            run.accelerator.print(f"initial_checkpoint: {note}")
     optimizer = build_adamw(
         param_groups_weight_decay(model, cfg.weight_decay), run.lr, device_type=run.device.type
     )

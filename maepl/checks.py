@@ -204,6 +204,8 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
     _check(cfg.vis_every >= 1, "vis_every", "must be >= 1")
     _check(0 < cfg.crop_min <= 1, "crop_min", "must be in (0, 1]")
     _choice("data_pipeline", cfg.data_pipeline, ("cpu", "gpu"))
+    init = cfg.initial_checkpoint
+    _check(not init or Path(init).exists(), "initial_checkpoint", f"no such file or folder {init}")
     _check(cfg.model is not None, "model", "required")
     cfg = resolve_model(cfg, need_cls=True)
     _validate_resolved(cfg)

@@ -110,6 +110,9 @@ class PretrainConfig(TrainConfig):
     decoder_embed_dim: int | None = None  # None: preset, else MAE's 512 / 8 / 16
     decoder_depth: int | None = None  # decoder blocks; None: as decoder_embed_dim
     decoder_num_heads: int | None = None  # decoder attention heads; None: as decoder_embed_dim
+    # weights to start from (continued pretraining): a maepl export or checkpoint, or an
+    # official MAE .pth; a decoder or position head the file lacks starts fresh. --resume wins
+    initial_checkpoint: str = ""
     mask_ratio: float = 0.75  # fraction of patches removed from the encoder's input
     norm_pix_loss: bool = True  # regress each patch's pixels normalised by its mean and std
     crop_min: float = 0.2  # RandomResizedCrop scale lower bound

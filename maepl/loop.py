@@ -177,6 +177,11 @@ class Run:
         return self.step, self.epoch, self.batch_in_epoch
 
     @property
+    def resuming(self) -> bool:
+        """``resume()`` will load a checkpoint (weights loaded before it would be replaced)."""
+        return self._resume_from is not None
+
+    @property
     def last_saved(self) -> int:
         """The step of the last checkpoint saved or resumed from (-1: none yet)."""
         return self.saved_at[0]

@@ -19,7 +19,8 @@ SCHEDULE_KEYS = ("batch_size", "accum_iter", "num_processes")
 RUN_KEYS = frozenset(
     "config resume overwrite output_dir num_workers pin_mem log_every save_every "
     "save_every_steps keep_last async_save profile_steps profile_start vis_every strict_data "
-    "download data_path compile compile_mode max_nonfinite eval max_steps".split()
+    "download data_path compile compile_mode max_nonfinite eval max_steps "
+    "initial_checkpoint".split()  # a resume loads the checkpoint's weights, not these
 )
 
 
@@ -53,7 +54,7 @@ def check_overwrite_keeps_sources(cfg) -> None:
         return
     out = Path(cfg.output_dir).resolve()
     doomed = [out / name for name in OVERWRITTEN]
-    for key in ("finetune", "resume"):
+    for key in ("finetune", "resume", "initial_checkpoint"):
         value = getattr(cfg, key, "") or ""
         if not value or value == "auto" or not Path(value).exists():
             continue

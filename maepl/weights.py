@@ -1,5 +1,6 @@
-"""Loading pretrained encoders for fine-tuning and probing: maepl exports and checkpoints, and
-the official MAE release (``.pth``), without running any pickled code.
+"""Loading pretrained encoders for fine-tuning and probing, and whole MAE models to continue
+pretraining from: maepl exports and checkpoints, and the official MAE release (``.pth``),
+without running any pickled code.
 
 Everything is read with safetensors or ``torch.load(weights_only=True)``; the only class the
 unpickler may build beyond tensors and plain containers is ``argparse.Namespace`` (the ``args``
@@ -115,24 +116,35 @@ def stored_model(path: str | Path) -> dict | None:
     return out
 
 
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+def read_state_dict(
+    path: str | Path, key: str = "finetune"
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Encoder tensors with timm's key names, and the keys dropped as not-encoder.
 
     Accepts an export folder, a checkpoint folder, a ``.safetensors`` file, or a ``.pth``
-    holding a state dict directly or under ``model`` (MAE) / ``state_dict``.
+    holding a state dict directly or under ``model`` (MAE) / ``state_dict``. Errors name the
+    config ``key`` that gave ``path``.
     """
+    sd = _normalised_state_dict(path, key)
+    dropped = sorted(k for k in sd if k.startswith(_NOT_ENCODER))
+    return {k: v for k, v in sd.items() if k not in dropped}, dropped
+
+
+def _normalised_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
+    """All tensors of ``path``, the encoder's under timm's names, the rest (decoder, position
+    head) under maepl's, which are the official MAE code's too."""
     p = Path(path)
     if p.is_dir():
         p = p / "model.safetensors"
     if not p.exists():
-        raise ConfigError(f"finetune: no such file {p}")
+        raise ConfigError(f"{key}: no such file {p}")
     if p.suffix == ".safetensors":
         try:
             sd = load_file(p)
         except Exception as e:  # safetensors' own errors name neither the file nor the key
-            raise ConfigError(f"finetune: {p} cannot be read as safetensors: {e}") from None
+            raise ConfigError(f"{key}: {p} cannot be read as safetensors: {e}") from None
     else:
-        sd = _load_pth(p)
+        sd = _load_pth(p, key)
     # maepl's MAE wraps the encoder as "encoder."; DDP-saved files carry "module."
     if any(k.startswith("encoder.") for k in sd):
         sd = {k: v for k, v in sd.items() if not k.startswith("encoder.")} | {
@@ -141,16 +153,15 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     if any(k.startswith("vit.") for k in sd):  # a maepl fine-tuning checkpoint
         sd = {k[len("vit.") :]: v for k, v in sd.items() if k.startswith("vit.")}
-    dropped = sorted(k for k in sd if k.startswith(_NOT_ENCODER))
-    return {k: v for k, v in sd.items() if k not in dropped}, dropped
+    return sd
 
 
-def _load_pth(p: Path) -> dict[str, torch.Tensor]:
+def _load_pth(p: Path, key: str) -> dict[str, torch.Tensor]:
     with open(p, "rb") as f:  # torch.save writes a zip archive (a pickle before torch 1.6)
         head = f.read(4)
     if head != b"PK\x03\x04" and head[:1] != b"\x80":
         raise ConfigError(
-            f"finetune: {p} is not a torch file (neither a zip archive nor a pickle); weights "
+            f"{key}: {p} is not a torch file (neither a zip archive nor a pickle); weights "
             "are read from safetensors, maepl exports and checkpoints, or torch .pth files"
         )
     try:
@@ -158,13 +169,13 @@ def _load_pth(p: Path) -> dict[str, torch.Tensor]:
             obj = torch.load(p, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, AttributeError) as e:  # what weights_only refuses
         raise ConfigError(
-            f"finetune: {p} needs more than tensors and plain containers to unpickle, so it was "
+            f"{key}: {p} needs more than tensors and plain containers to unpickle, so it was "
             f"refused (maepl reads .pth files only with torch.load(weights_only=True)): {e}"
         ) from None
     except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:  # truncated, or a
         # garbled pickle (unknown opcodes fail as KeyError or ValueError)
         raise ConfigError(
-            f"finetune: {p} cannot be read as a torch file (damaged, or not one): "
+            f"{key}: {p} cannot be read as a torch file (damaged, or not one): "
             f"{type(e).__name__}: {e}"
         ) from None
     if isinstance(obj, dict):
@@ -173,14 +184,17 @@ def _load_pth(p: Path) -> dict[str, torch.Tensor]:
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise ConfigError(
-            f"finetune: {p} holds no state dict (expected tensors, or a 'model' entry)"
-        )
+        raise ConfigError(f"{key}: {p} holds no state dict (expected tensors, or a 'model' entry)")
     return obj
 
 
 def load_encoder_weights(
-    model: nn.Module, path: str | Path, pos_embed: str, exact: bool = False
+    model: nn.Module,
+    path: str | Path,
+    pos_embed: str,
+    exact: bool = False,
+    key: str = "finetune",
+    state: tuple[dict, list[str]] | None = None,
 ) -> dict[str, list[str]]:
     """Load pretrained encoder weights into a timm ViT (with a new head); returns a report.
 
@@ -194,8 +208,9 @@ def load_encoder_weights(
     included, and nothing is dropped or filled in, position embedding included (it may still
     be resampled to another grid); ``pos_embed`` "sincos" then keeps the loaded values. Only
     ``head.*`` of a classifier is ignored when the model has no head (a frozen encoder).
+    ``state``: ``read_state_dict(path)``'s answer, when the caller has read it already.
     """
-    sd, dropped = read_state_dict(path)
+    sd, dropped = state if state is not None else read_state_dict(path, key)
     notes = [f"dropped {len(dropped)} pretraining-only keys"] if dropped else []
     prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
     head = model.get_classifier()
@@ -235,7 +250,7 @@ def load_encoder_weights(
     bad_missing = [k for k in missing if k not in allowed]
     if bad_missing or unexpected:
         raise ConfigError(
-            f"finetune: {path} does not fit {type(model).__name__}: missing keys "
+            f"{key}: {path} does not fit {type(model).__name__}: missing keys "
             f"{bad_missing}, unexpected keys {list(unexpected)}"
         )
     if pos_embed == "sincos" and model.pos_embed is not None and not exact:
@@ -245,6 +260,64 @@ def load_encoder_weights(
                 "pos_embed of the checkpoint replaced by fixed sin-cos (--pos_embed sincos)"
             )
     return dict(missing=list(missing), unexpected=list(unexpected), notes=notes)
+
+
+# the parts of maepl's MAE (and the official one's) beside the encoder, by key prefix;
+# decoder_pos_embed is fixed sin-cos and never loaded
+_DECODER = ("decoder_embed.", "decoder_blocks.", "decoder_norm.", "decoder_pred.", "mask_token")
+_POS_HEAD = ("pos_head.", "pos_mask_token")
+
+
+def load_mae_weights(mae: nn.Module, path: str | Path, pos_embed: str) -> list[str]:
+    """Start pretraining from ``path`` (continued pretraining, e.g. from MAE's ImageNet
+    release); returns notes on what was loaded and what starts fresh.
+
+    The encoder loads from anything ``--finetune`` reads (resampling the position
+    embedding to a new grid). The decoder and mask token load from the same file when it has
+    them, and must then fit the decoder these flags build; a file without them (an encoder
+    export, MAE's ``mae_pretrain_vit_*.pth``) leaves them fresh. The position head loads when
+    the file has one of the same shapes, else starts fresh.
+    """
+    key = "initial_checkpoint"
+    sd = _normalised_state_dict(path, key)
+    encoder = {k: v for k, v in sd.items() if not k.startswith(_NOT_ENCODER)}
+    notes = load_encoder_weights(mae.encoder, path, pos_embed, key=key, state=(encoder, []))[
+        "notes"
+    ]
+    notes.append(f"encoder loaded ({len(encoder)} tensors)")
+    own = dict(mae.named_parameters())
+    for part, prefixes in (("decoder", _DECODER), ("position head", _POS_HEAD)):
+        theirs = {k: v for k, v in sd.items() if k.startswith(prefixes)}
+        ours = {k: p for k, p in own.items() if k.startswith(prefixes)}
+        misfit = sorted(
+            k
+            for k in ours.keys() | theirs.keys()
+            if k not in ours or k not in theirs or ours[k].shape != theirs[k].shape
+        )
+        if not ours or not theirs:
+            if ours or theirs:
+                notes.append(f"{part}: {'fresh (none in the file)' if ours else 'not used'}")
+            continue
+        if misfit and part == "decoder":
+            shown = ", ".join(
+                f"{k} {tuple(theirs[k].shape) if k in theirs else 'absent'} in the file, "
+                f"{tuple(ours[k].shape) if k in ours else 'absent'} here"
+                for k in misfit[:4]
+            )
+            raise ConfigError(
+                f"{key}: the decoder of {path} does not fit the one these flags build "
+                f"({len(misfit)} keys differ: {shown}); set --decoder_embed_dim, "
+                "--decoder_depth, --decoder_num_heads, --patch_size and --in_chans as it was "
+                "trained"
+            )
+        if misfit:
+            notes.append(f"{part}: fresh (the file's differs in {len(misfit)} keys)")
+            continue
+        with torch.no_grad():
+            for k, p in ours.items():
+                p.copy_(theirs[k])
+        notes.append(f"{part} loaded ({len(ours)} tensors)")
+    return notes
 
 
 def _check_exact(model: nn.Module, sd: dict, head_params: dict, path) -> None:

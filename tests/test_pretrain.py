@@ -359,3 +359,42 @@ def test_profile_steps_writes_a_trace_and_tables(tiny_cfg, capsys):
     assert "profile of steps 4-5" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="profile_steps.*past max_steps = 6"):
         tiny_cfg(max_steps=6, profile_steps=4, profile_start=3)
+
+
+def test_pretraining_continues_from_an_initial_checkpoint(tiny_cfg, tmp_path, capsys):
+    """--initial_checkpoint: continued pretraining (MAE's ImageNet weights on one's own data).
+    A first step at the warm-up's lr 0 leaves the weights as loaded, so the new run's export
+    must equal the file it started from: encoder, decoder and position head."""
+    first = tiny_cfg(max_steps=3, output_dir=str(tmp_path / "a"))
+    pretrain.main(first)
+    full = tmp_path / "a" / "export" / "mae.safetensors"
+    start = dict(max_steps=1, warmup_epochs=1, seed=5)  # another seed: other initial weights
+    pretrain.main(tiny_cfg(**start, initial_checkpoint=str(full), output_dir=str(tmp_path / "b")))
+    assert "initial_checkpoint: decoder loaded" in capsys.readouterr().out
+    theirs, ours = load_file(full), load_file(tmp_path / "b" / "export" / "mae.safetensors")
+    assert theirs.keys() == ours.keys() and any(k.startswith("pos_head.") for k in ours)
+    assert all(torch.equal(theirs[k], ours[k]) for k in ours)
+
+    # an official-release-style .pth with the encoder only: the decoder starts fresh
+    enc = load_file(tmp_path / "a" / "export" / "encoder" / "model.safetensors")
+    torch.save({"model": enc}, tmp_path / "mae_pretrain.pth")
+    pth = str(tmp_path / "mae_pretrain.pth")
+    pretrain.main(tiny_cfg(**start, initial_checkpoint=pth, output_dir=str(tmp_path / "c")))
+    assert "initial_checkpoint: decoder: fresh (none in the file)" in capsys.readouterr().out
+    ours = load_file(tmp_path / "c" / "export" / "encoder" / "model.safetensors")
+    assert all(torch.equal(enc[k], ours[k]) for k in enc)
+
+    # a decoder that does not fit the flags is named, and nothing is written
+    bad = tiny_cfg(
+        initial_checkpoint=str(full), decoder_embed_dim=16, output_dir=str(tmp_path / "d")
+    )
+    with pytest.raises(ConfigError, match="initial_checkpoint: the decoder of .* --decoder_embed"):
+        pretrain.main(bad)
+    assert not (tmp_path / "d").exists()
+    with pytest.raises(ConfigError, match="initial_checkpoint: no such file"):
+        tiny_cfg(initial_checkpoint=str(tmp_path / "nope.pth"))
+    # --overwrite of the run that holds the file would delete it before it is read
+    again = tiny_cfg(initial_checkpoint=str(full), output_dir=str(tmp_path / "a"), overwrite=True)
+    with pytest.raises(ConfigError, match="initial_checkpoint: .* lies in .*export"):
+        pretrain.main(again)
+    assert full.exists()
