@@ -284,9 +284,9 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     if path.is_file():
         raise ConfigError(
             f"resume: {path} is a file: maepl resumes only from its own checkpoint folders "
-            "(step_XXXXXXXX). Weights to start from (an official MAE .pth, an export) are "
-            f"finetune.py's and linprobe.py's --finetune {path}; finetune.py --eval evaluates "
-            "such a file given as --resume too"
+            "(step_XXXXXXXX). Weights to start from (an official MAE .pth, an export) are given "
+            f"as pretrain.py's --initial_checkpoint {path} or finetune.py's and linprobe.py's "
+            "--finetune; finetune.py --eval evaluates such a file given as --resume too"
         )
     if not path.is_dir() or not (path / MARKER).is_file() or not (path / "state.json").is_file():
         raise ConfigError(

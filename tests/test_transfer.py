@@ -423,7 +423,9 @@ def test_official_eval_command_evaluates_a_finetuned_pth(colours, token_classifi
     top = finetune.main(cfg)
     assert top["top1"] == pytest.approx(trained["top1"]) and top["n"] == 27
     # training cannot continue from it: the error says what to pass instead
-    with pytest.raises(ConfigError, match=f"resume: .*is a file.*--finetune {pth}"):
+    with pytest.raises(
+        ConfigError, match=f"resume: .*is a file.*--initial_checkpoint {pth}.*--finetune"
+    ):
         parse_config(FinetuneConfig, [a for a in args if a != "--eval"])
 
 
