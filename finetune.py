@@ -142,8 +142,10 @@ def main(cfg: FinetuneConfig) -> dict:
     # RNG (MAE seeds seed + rank); a resume then restores each rank's saved state.
     torch.manual_seed(chain_seed(cfg.seed, run.rank))
     run.accelerator.print(
-        f"{cfg.encoder}: {nb_classes} classes; weights: "
-        f"{cfg.finetune or 'random init'}; " + "; ".join(report["notes"])
+        "; ".join(
+            [f"{cfg.encoder}: {nb_classes} classes", f"weights: {cfg.finetune or 'random init'}"]
+            + report["notes"]
+        )
     )
     vit = model.vit
     groups = param_groups_layer_decay(

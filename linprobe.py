@@ -106,7 +106,7 @@ def main(cfg: LinprobeConfig) -> dict:
     run = Run(cfg, "linprobe", LP_ARCH_KEYS)
     loader, sampler = run.train_loader(dataset)
     if cfg.finetune:
-        run.accelerator.print(f"encoder from {cfg.finetune}: " + "; ".join(report["notes"]))
+        run.accelerator.print("; ".join([f"encoder from {cfg.finetune}", *report["notes"]]))
 
     if cfg.knn:  # cheap check: frozen, un-augmented features, no training
         top1 = knn_probe(run, model, raw_train, raw_val, val_tf, cfg)

@@ -50,8 +50,10 @@ def main(cfg: PretrainConfig) -> dict:
     # ------------------------------------------------------------------ model
     set_seed(cfg.seed)  # identical initial weights on every rank
     model = build_mae(cfg)
-    if cfg.initial_checkpoint and not run.resuming:  # loaded before the run writes anything
-        for note in load_mae_weights(model, cfg.initial_checkpoint, cfg.pos_embed):
+    if cfg.initial_checkpoint and run.resuming:
+        run.accelerator.print("initial_checkpoint: not read (the resumed checkpoint's weights)")
+    elif cfg.initial_checkpoint:  # loaded before the run writes anything
+        for note in load_mae_weights(model, cfg):
             run.accelerator.print(f"initial_checkpoint: {note}")
     optimizer = build_adamw(
         param_groups_weight_decay(model, cfg.weight_decay), run.lr, device_type=run.device.type
@@ -60,7 +62,9 @@ def main(cfg: PretrainConfig) -> dict:
     mae = run.unwrapped
     n_params = sum(p.numel() for p in mae.encoder.parameters())
     run.accelerator.print(
-        f"encoder {cfg.encoder} ({n_params:,} params), grid {mae.grid_h}x{mae.grid_w}, "
+        f"encoder {cfg.embed_dim}-d x {cfg.depth} blocks x {cfg.num_heads} heads (timm "
+        f"{cfg.encoder}, {n_params:,} params), patch {cfg.patch_size}, grid "
+        f"{mae.grid_h}x{mae.grid_w}, "
         f"pos_label={cfg.pos_label} pos_embed={cfg.pos_embed} labelled tokens/img="
         f"{mae.num_labelled if mae.pos_head is not None else 0}\n"
         f"{len(dataset)} images, {run.describe()}"

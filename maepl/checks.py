@@ -12,7 +12,14 @@ from pathlib import Path
 
 import torch
 
-from .config import FinetuneConfig, LinprobeConfig, PretrainConfig, TrainConfig, resolve_precision
+from .config import (
+    SHAPE_KEYS,
+    FinetuneConfig,
+    LinprobeConfig,
+    PretrainConfig,
+    TrainConfig,
+    resolve_precision,
+)
 from .config_io import ConfigError
 
 
@@ -237,12 +244,33 @@ def _from_checkpoint(cfg):
         arch = stored_architecture(cfg.finetune) if cfg.finetune else None
         if arch is None:
             raise ConfigError(
-                "model: required (a timm vit_* name) unless --finetune points at "
+                "model: required (a timm vit_* name) unless --finetune or --resume points at "
                 "maepl weights that record their architecture"
             )
         updates = {k: v for k, v in arch.items() if getattr(cfg, k, None) is None}
         cfg = dataclasses.replace(cfg, **updates)
     return resolve_model(cfg, need_cls=False)
+
+
+def _from_resumed(cfg, keys: tuple[str, ...]):
+    """With ``--resume``, take what the checkpoint records for those of ``keys`` the command
+    leaves unset (None, "" or auto): the resumed or evaluated run is the one trained, so
+    ``--eval --resume auto`` needs no architecture flags."""
+    from .checkpoint import resolve_resume
+    from .run_dir import read_state
+
+    ckpt = resolve_resume(cfg.resume, cfg.output_dir) if cfg.resume else None
+    if ckpt is None:
+        return cfg
+    saved = read_state(ckpt).get("config", {})
+    updates = {
+        k: saved[k]
+        for k in keys
+        if saved.get(k) is not None and getattr(cfg, k) in (None, "", "auto")
+    }
+    if "finetune" in updates and not Path(updates["finetune"]).exists():
+        del updates["finetune"]  # the probe's checkpoint holds its encoder; the check names it
+    return dataclasses.replace(cfg, **updates)
 
 
 def _as_recorded(cfg, keys: tuple[str, ...]):
@@ -296,6 +324,7 @@ def validate_finetune(cfg: FinetuneConfig) -> FinetuneConfig:
         # --resume continues checkpoint folders, and a weights file is evaluated as --finetune
         cfg = dataclasses.replace(cfg, finetune=cfg.resume, resume="")
     _validate_common(cfg)
+    cfg = _from_resumed(cfg, (*SHAPE_KEYS, "pos_embed", "global_pool", "nb_classes"))
     _check(
         not cfg.eval or bool(cfg.finetune or cfg.resume),
         "eval",
@@ -370,6 +399,7 @@ def _check_augmentation(cfg: FinetuneConfig) -> None:
 
 def validate_linprobe(cfg: LinprobeConfig) -> LinprobeConfig:
     _validate_common(cfg)
+    cfg = _from_resumed(cfg, (*SHAPE_KEYS, "pos_embed", "nb_classes", "finetune"))
     _check(
         not cfg.eval or bool(cfg.resume),
         "eval",

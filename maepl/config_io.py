@@ -201,6 +201,14 @@ _OFFICIAL_REFUSED = {
     "resplit": ("the official main_finetune.py parses it but never uses it", "reprob"),
 }
 _BARE = {"global_pool": "avg"}  # the official --global_pool takes no value: mean pooling
+# a flag of another maepl script (timm's --initial_checkpoint where --finetune is meant, ...)
+_OTHER_SCRIPT = {
+    "initial_checkpoint": (
+        "finetune",
+        "finetune.py and linprobe.py start from weights with --finetune",
+    ),
+    "finetune": ("initial_checkpoint", "pretrain.py starts from weights with --initial_checkpoint"),
+}
 
 
 def _flag_name(word: str) -> str | None:
@@ -221,6 +229,8 @@ def translate_official_flags(cls, argv: list[str]) -> list[str]:
         if name in keys or name is None:
             out.append(word)
             continue
+        if name in _OTHER_SCRIPT and _OTHER_SCRIPT[name][0] in keys:
+            raise ConfigError(f"{name}: not a flag of this script: {_OTHER_SCRIPT[name][1]}")
         for table in (_OFFICIAL_SAME, _OFFICIAL_DONE, _OFFICIAL_REFUSED):
             if name in table and (table[name][1] is None or table[name][1] in keys):
                 break

@@ -211,6 +211,7 @@ def load_encoder_weights(
     ``state``: ``read_state_dict(path)``'s answer, when the caller has read it already.
     """
     sd, dropped = state if state is not None else read_state_dict(path, key)
+    _check_widths(model, sd, path, key)
     notes = [f"dropped {len(dropped)} pretraining-only keys"] if dropped else []
     prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
     head = model.get_classifier()
@@ -268,22 +269,38 @@ _DECODER = ("decoder_embed.", "decoder_blocks.", "decoder_norm.", "decoder_pred.
 _POS_HEAD = ("pos_head.", "pos_mask_token")
 
 
-def load_mae_weights(mae: nn.Module, path: str | Path, pos_embed: str) -> list[str]:
-    """Start pretraining from ``path`` (continued pretraining, e.g. from MAE's ImageNet
-    release); returns notes on what was loaded and what starts fresh.
+def load_mae_weights(mae: nn.Module, cfg) -> list[str]:
+    """Start pretraining from ``cfg.initial_checkpoint`` (continued pretraining, e.g. from
+    MAE's ImageNet release); returns notes on what was loaded and what starts fresh.
 
     The encoder loads from anything ``--finetune`` reads (resampling the position
     embedding to a new grid). The decoder and mask token load from the same file when it has
     them, and must then fit the decoder these flags build; a file without them (an encoder
     export, MAE's ``mae_pretrain_vit_*.pth``) leaves them fresh. The position head loads when
-    the file has one of the same shapes, else starts fresh.
+    the file has one of the same shapes on the same grid (its classes are grid positions),
+    else starts fresh.
     """
-    key = "initial_checkpoint"
+    key, path = "initial_checkpoint", cfg.initial_checkpoint
+    recorded = stored_architecture(path) or {}
+    # (input_size may change: the position embedding is resampled to the new grid)
+    fixed = {k: v for k, v in recorded.items() if k not in ("model", "input_size")}
+    differ = {k: v for k, v in fixed.items() if getattr(cfg, k) != v}
+    if differ:  # maepl weights say what they are: name the flags rather than the tensors
+        flags = " ".join(f"--{k} {v}" for k, v in fixed.items())
+        raise ConfigError(
+            f"{key}: {path} records another architecture ("
+            + ", ".join(f"{k} {v}, here {getattr(cfg, k)}" for k, v in differ.items())
+            + f"); pretrain it with {flags}"
+        )
     sd = _normalised_state_dict(path, key)
     encoder = {k: v for k, v in sd.items() if not k.startswith(_NOT_ENCODER)}
-    notes = load_encoder_weights(mae.encoder, path, pos_embed, key=key, state=(encoder, []))[
+    notes = load_encoder_weights(mae.encoder, path, cfg.pos_embed, key=key, state=(encoder, []))[
         "notes"
     ]
+    # the grid the file was trained on, from a position embedding's token count
+    here = {"decoder_pos_embed": mae.decoder_pos_embed, "pos_embed": mae.encoder.pos_embed}
+    grid = next((n for n in here if n in sd and here[n] is not None), None)
+    same_grid = grid is not None and sd[grid].shape[1] == here[grid].shape[1]
     notes.append(f"encoder loaded ({len(encoder)} tensors)")
     own = dict(mae.named_parameters())
     for part, prefixes in (("decoder", _DECODER), ("position head", _POS_HEAD)):
@@ -313,11 +330,37 @@ def load_mae_weights(mae: nn.Module, path: str | Path, pos_embed: str) -> list[s
         if misfit:
             notes.append(f"{part}: fresh (the file's differs in {len(misfit)} keys)")
             continue
+        if part == "position head" and not same_grid:
+            notes.append(f"{part}: fresh (its classes are the positions of another grid)")
+            continue
         with torch.no_grad():
             for k, p in ours.items():
                 p.copy_(theirs[k])
         notes.append(f"{part} loaded ({len(ours)} tensors)")
     return notes
+
+
+def _check_widths(model: nn.Module, sd: dict, path, key: str) -> None:
+    """Raise, naming the tensors, where the weights' shapes are not the model's (another width,
+    patch or channel count): load_state_dict would only raise a RuntimeError. The position
+    embedding may differ in its token count (it is resampled) and the head in its classes."""
+    own = model.state_dict()
+    wrong = []
+    for k in sorted(sd, key=lambda k: (k.startswith("blocks."), k)):  # the telling ones first
+        v = sd[k]
+        if k not in own or own[k].shape == v.shape or k.startswith("head."):
+            continue
+        if k == "pos_embed" and own[k].shape[-1] == v.shape[-1]:
+            continue
+        wrong.append(f"{k} {tuple(v.shape)} in the file, {tuple(own[k].shape)} here")
+    if wrong:
+        raise ConfigError(
+            f"{key}: {path} holds a model of other shapes than the one these flags build ("
+            + "; ".join(wrong[:3])
+            + (f"; {len(wrong) - 3} more" if len(wrong) > 3 else "")
+            + "): set --model and --input_size --patch_size --in_chans --embed_dim --depth "
+            "--num_heads as it was trained"
+        )
 
 
 def _check_exact(model: nn.Module, sd: dict, head_params: dict, path) -> None:

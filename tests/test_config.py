@@ -145,6 +145,11 @@ def test_official_mae_flags_run_or_say_why_not():
     ]:
         with pytest.raises(ConfigError, match=says):
             parse_config(FinetuneConfig, FT + flag)
+    # another maepl script's way to start from weights names that script's flag
+    with pytest.raises(ConfigError, match="initial_checkpoint: not a flag .*--finetune"):
+        parse_config(FinetuneConfig, FT + ["--initial_checkpoint", "w.pth"])
+    with pytest.raises(ConfigError, match="finetune: not a flag .*--initial_checkpoint"):
+        parse_config(PretrainConfig, ["--dataset", "sample", "--finetune", "w.pth"])
     # where the official script has no such flag, argparse names it as unknown
     with pytest.raises(SystemExit):
         parse_config(PretrainConfig, ["--dataset", "sample", "--cls_token"])

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -383,6 +384,18 @@ def test_pretraining_continues_from_an_initial_checkpoint(tiny_cfg, tmp_path, ca
     assert "initial_checkpoint: decoder: fresh (none in the file)" in capsys.readouterr().out
     ours = load_file(tmp_path / "c" / "export" / "encoder" / "model.safetensors")
     assert all(torch.equal(enc[k], ours[k]) for k in enc)
+
+    # on another grid the position head's classes mean other positions: it starts fresh
+    grid = tiny_cfg(**start, input_size=32, initial_checkpoint=str(full))
+    pretrain.main(dataclasses.replace(grid, output_dir=str(tmp_path / "e")))
+    out = capsys.readouterr().out
+    assert "pos_embed resampled" in out and "decoder loaded" in out
+    assert "position head: fresh (its classes are the positions of another grid)" in out
+    # maepl weights record their architecture: other shape flags are named as flags
+    with pytest.raises(ConfigError, match="records another architecture .*--embed_dim 48"):
+        pretrain.main(
+            tiny_cfg(initial_checkpoint=str(full), embed_dim=24, output_dir=str(tmp_path / "f"))
+        )
 
     # a decoder that does not fit the flags is named, and nothing is written
     bad = tiny_cfg(

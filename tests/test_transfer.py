@@ -668,7 +668,9 @@ def test_linprobe_of_a_vit_without_class_token(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["finetune", "linprobe"])
-def test_bad_weights_and_class_counts_are_named_before_any_run(colours, tmp_path, script):
+def test_bad_weights_and_class_counts_are_named_before_any_run(
+    colours, pretrained, tmp_path, script
+):
     """A missing --finetune path, a file that is not weights (text, garbage safetensors) and a
     head smaller than the dataset's classes: each a ConfigError naming the key or the file,
     before anything is written."""
@@ -685,4 +687,37 @@ def test_bad_weights_and_class_counts_are_named_before_any_run(colours, tmp_path
     cfg = parse_config(cls, ft_args(colours, out, "--nb_classes", "2", "--epochs", "1"))
     with pytest.raises(ConfigError, match="nb_classes: 2, but imagefolder has 3 classes"):
         mod.main(cfg)
+    # a foreign file of another width: named with the flags to set (was a RuntimeError)
+    pth = tmp_path / "w.pth"
+    torch.save({"model": load_file(pretrained / "export" / "encoder" / "model.safetensors")}, pth)
+    cfg = parse_config(cls, ft_args(colours, out, "--finetune", str(pth), "--embed_dim", "48"))
+    with pytest.raises(
+        ConfigError,
+        match=r"finetune: .*w\.pth holds a model of other shapes .*"
+        r"\(1, 1, 32\) in the file, \(1, 1, 48\) here.*--embed_dim",
+    ):
+        mod.main(cfg)
     assert not out.exists()
+
+
+def test_eval_resume_auto_needs_no_architecture_flags(
+    colours, pretrained, token_classifier, tmp_path
+):
+    """--eval --resume auto evaluates the run in --output_dir as it was trained: the model,
+    shapes, pooling and classes come from its checkpoint (before, --model was required)."""
+    run, trained = token_classifier
+    base = ["--data_path", str(colours), "--num_workers", "0", "--batch_size", "8"]
+    base += ["--output_dir", str(run)]
+    cfg = parse_config(FinetuneConfig, base + ["--eval", "--resume", "auto"])
+    assert (cfg.encoder, cfg.embed_dim, cfg.global_pool) == ("vit_tiny_patch16_224", 32, "token")
+    assert finetune.main(cfg)["top1"] == pytest.approx(trained["top1"])
+    lp = tmp_path / "lp"
+    args = ["--finetune", str(pretrained / "export" / "encoder"), "--epochs", "1"]
+    args += ["--warmup_epochs", "0", "--batch_size", "8", "--num_workers", "0"]
+    args += ["--data_path", str(colours)]
+    first = linprobe.main(parse_config(LinprobeConfig, args + ["--output_dir", str(lp)]))
+    again = parse_config(
+        LinprobeConfig, [*base[:6], "--output_dir", str(lp), "--eval", "--resume", "auto"]
+    )
+    assert again.finetune == str(pretrained / "export" / "encoder") and again.embed_dim == 32
+    assert linprobe.main(again)["top1"] == pytest.approx(first["top1"])
