@@ -212,7 +212,11 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
     _check(0 < cfg.crop_min <= 1, "crop_min", "must be in (0, 1]")
     _choice("data_pipeline", cfg.data_pipeline, ("cpu", "gpu"))
     init = cfg.initial_checkpoint
-    _check(not init or Path(init).exists(), "initial_checkpoint", f"no such file or folder {init}")
+    if init and not Path(init).exists():  # unread when --resume finds a checkpoint
+        from .checkpoint import resolve_resume
+
+        resumes = bool(cfg.resume) and resolve_resume(cfg.resume, cfg.output_dir) is not None
+        _check(resumes, "initial_checkpoint", f"no such file or folder {init}")
     _check(cfg.model is not None, "model", "required")
     cfg = resolve_model(cfg, need_cls=True)
     _validate_resolved(cfg)

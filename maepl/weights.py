@@ -179,9 +179,9 @@ def _load_pth(p: Path, key: str) -> dict[str, torch.Tensor]:
             f"{type(e).__name__}: {e}"
         ) from None
     if isinstance(obj, dict):
-        for key in ("model", "state_dict"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
+        for entry in ("model", "state_dict"):
+            if isinstance(obj.get(entry), dict):
+                obj = obj[entry]
                 break
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
         raise ConfigError(f"{key}: {p} holds no state dict (expected tensors, or a 'model' entry)")
@@ -266,7 +266,12 @@ def load_encoder_weights(
 # the parts of maepl's MAE (and the official one's) beside the encoder, by key prefix;
 # decoder_pos_embed is fixed sin-cos and never loaded
 _DECODER = ("decoder_embed.", "decoder_blocks.", "decoder_norm.", "decoder_pred.", "mask_token")
-_POS_HEAD = ("pos_head.", "pos_mask_token")
+# (part, key prefixes, tied to the grid: the position head's classes are grid positions)
+_MAE_PARTS = (
+    ("decoder", _DECODER, False),
+    ("position head", ("pos_head.",), True),
+    ("PE-drop token", ("pos_mask_token",), False),  # only with --pos_drop_ratio > 0
+)
 
 
 def load_mae_weights(mae: nn.Module, cfg) -> list[str]:
@@ -281,7 +286,10 @@ def load_mae_weights(mae: nn.Module, cfg) -> list[str]:
     else starts fresh.
     """
     key, path = "initial_checkpoint", cfg.initial_checkpoint
-    recorded = stored_architecture(path) or {}
+    try:
+        recorded = stored_architecture(path) or {}
+    except ConfigError:  # a config.json that is not maepl's or timm's: a foreign file
+        recorded = {}
     # (input_size may change: the position embedding is resampled to the new grid)
     fixed = {k: v for k, v in recorded.items() if k not in ("model", "input_size")}
     differ = {k: v for k, v in fixed.items() if getattr(cfg, k) != v}
@@ -294,6 +302,13 @@ def load_mae_weights(mae: nn.Module, cfg) -> list[str]:
         )
     sd = _normalised_state_dict(path, key)
     encoder = {k: v for k, v in sd.items() if not k.startswith(_NOT_ENCODER)}
+    if "fc_norm.weight" in encoder and "norm.weight" not in encoder:
+        raise ConfigError(
+            f"{key}: {path} is a classifier fine-tuned with average pooling (fc_norm, no final "
+            "norm), which the MAE encoder has no place for; start from pretraining weights, an "
+            "encoder export or a classifier fine-tuned with --global_pool token"
+        )
+    encoder = {k: v for k, v in encoder.items() if not k.startswith("head.")}  # a classifier's
     notes = load_encoder_weights(mae.encoder, path, cfg.pos_embed, key=key, state=(encoder, []))[
         "notes"
     ]
@@ -303,7 +318,7 @@ def load_mae_weights(mae: nn.Module, cfg) -> list[str]:
     same_grid = grid is not None and sd[grid].shape[1] == here[grid].shape[1]
     notes.append(f"encoder loaded ({len(encoder)} tensors)")
     own = dict(mae.named_parameters())
-    for part, prefixes in (("decoder", _DECODER), ("position head", _POS_HEAD)):
+    for part, prefixes, on_grid in _MAE_PARTS:
         theirs = {k: v for k, v in sd.items() if k.startswith(prefixes)}
         ours = {k: p for k, p in own.items() if k.startswith(prefixes)}
         misfit = sorted(
@@ -330,7 +345,7 @@ def load_mae_weights(mae: nn.Module, cfg) -> list[str]:
         if misfit:
             notes.append(f"{part}: fresh (the file's differs in {len(misfit)} keys)")
             continue
-        if part == "position head" and not same_grid:
+        if on_grid and not same_grid:
             notes.append(f"{part}: fresh (its classes are the positions of another grid)")
             continue
         with torch.no_grad():

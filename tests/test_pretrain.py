@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -411,3 +412,30 @@ def test_pretraining_continues_from_an_initial_checkpoint(tiny_cfg, tmp_path, ca
     with pytest.raises(ConfigError, match="initial_checkpoint: .* lies in .*export"):
         pretrain.main(again)
     assert full.exists()
+
+
+def test_initial_checkpoint_parts_load_on_their_own_terms(tiny_cfg, tmp_path, capsys):
+    """The PE-drop token does not decide whether the position head loads; an avg-pooled
+    classifier is refused by name; a resume does not need the file any more."""
+    first = tiny_cfg(max_steps=2, output_dir=str(tmp_path / "a"))
+    pretrain.main(first)
+    full = str(tmp_path / "a" / "export" / "mae.safetensors")
+    cfg = tiny_cfg(max_steps=1, pos_drop_ratio=0.0, initial_checkpoint=full)
+    pretrain.main(dataclasses.replace(cfg, output_dir=str(tmp_path / "b")))
+    out = capsys.readouterr().out
+    assert "position head loaded" in out and "PE-drop token: not used" in out
+    enc = load_file(tmp_path / "a" / "export" / "encoder" / "model.safetensors")
+    enc = {k: v for k, v in enc.items() if not k.startswith("norm.")}
+    enc.update({"fc_norm.weight": torch.ones(48), "fc_norm.bias": torch.zeros(48)})
+    torch.save({"model": enc}, tmp_path / "ft_avg.pth")
+    bad = tiny_cfg(initial_checkpoint=str(tmp_path / "ft_avg.pth"), output_dir=str(tmp_path / "c"))
+    with pytest.raises(ConfigError, match="initial_checkpoint: .*average pooling"):
+        pretrain.main(bad)
+    # the run resumes from its own checkpoint once the file it started from is gone
+    gone = tmp_path / "gone.safetensors"
+    shutil.copy(full, gone)
+    run = tiny_cfg(max_steps=1, initial_checkpoint=str(gone), output_dir=str(tmp_path / "d"))
+    pretrain.main(run)
+    gone.unlink()  # validated again: the check looks for the checkpoint --resume will load
+    pretrain.main(tiny_cfg(**{**vars(run), "resume": "auto", "max_steps": 2, "encoder": None}))
+    assert "initial_checkpoint: not read" in capsys.readouterr().out
