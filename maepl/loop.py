@@ -129,7 +129,7 @@ class Run:
             (samples_per_rank // cfg.batch_size) // cfg.accum_iter * cfg.accum_iter
         )
         self.steps_per_epoch = self.micro_per_epoch // cfg.accum_iter
-        if self.steps_per_epoch == 0:
+        if self.steps_per_epoch == 0 and not self.read_only:  # --eval trains no step
             raise ConfigError(
                 f"batch_size: {samples_per_rank} images per process give no full step of "
                 f"{cfg.batch_size} x accum_iter {cfg.accum_iter}"
@@ -142,6 +142,9 @@ class Run:
 
     def describe(self) -> str:
         cfg = self.cfg
+        if self.read_only:
+            where = f"precision {self.precision}, device {self.device}"
+            return f"{self.world} process(es), evaluation only, {where}"
         return (
             f"{self.world} process(es), effective batch {self.eff_batch} = {cfg.batch_size} x "
             f"{cfg.accum_iter} accum x {self.world}; base lr {cfg.blr:.2e}, actual lr "
@@ -258,7 +261,7 @@ class Run:
         self.bar = tqdm(
             total=self.stop_step,
             initial=self.step,
-            disable=not self.main,
+            disable=not self.main or self.read_only,
             desc=self.desc,
             dynamic_ncols=True,
         )

@@ -708,7 +708,8 @@ def test_eval_resume_auto_needs_no_architecture_flags(
     run, trained = token_classifier
     base = ["--data_path", str(colours), "--num_workers", "0", "--batch_size", "8"]
     base += ["--output_dir", str(run)]
-    cfg = parse_config(FinetuneConfig, base + ["--eval", "--resume", "auto"])
+    # (an evaluation plans no training: a batch above the 120 training images is no error)
+    cfg = parse_config(FinetuneConfig, base + ["--eval", "--resume", "auto", "--batch_size", "512"])
     assert (cfg.encoder, cfg.embed_dim, cfg.global_pool) == ("vit_tiny_patch16_224", 32, "token")
     assert finetune.main(cfg)["top1"] == pytest.approx(trained["top1"])
     lp = tmp_path / "lp"
