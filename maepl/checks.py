@@ -21,6 +21,7 @@ from .config import (
     resolve_precision,
 )
 from .config_io import ConfigError
+from .recorded import as_recorded, from_resumed, stored_architecture
 
 
 def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
@@ -243,8 +244,6 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
 def _from_checkpoint(cfg):
     """Without --model, take the architecture stored with the --finetune weights."""
     if cfg.model is None:
-        from .weights import stored_architecture
-
         arch = stored_architecture(cfg.finetune) if cfg.finetune else None
         if arch is None:
             raise ConfigError(
@@ -254,66 +253,6 @@ def _from_checkpoint(cfg):
         updates = {k: v for k, v in arch.items() if getattr(cfg, k, None) is None}
         cfg = dataclasses.replace(cfg, **updates)
     return resolve_model(cfg, need_cls=False)
-
-
-def _from_resumed(cfg, keys: tuple[str, ...]):
-    """With ``--resume``, take what the checkpoint records for those of ``keys`` the command
-    leaves unset (None, "" or auto): the resumed or evaluated run is the one trained, so
-    ``--eval --resume auto`` needs no architecture flags."""
-    from .checkpoint import resolve_resume
-    from .run_dir import read_state
-
-    ckpt = resolve_resume(cfg.resume, cfg.output_dir) if cfg.resume else None
-    if ckpt is None:
-        return cfg
-    saved = read_state(ckpt).get("config", {})
-    updates = {
-        k: saved[k]
-        for k in keys
-        if saved.get(k) is not None and getattr(cfg, k) in (None, "", "auto")
-    }
-    if "finetune" in updates and not Path(updates["finetune"]).exists():
-        del updates["finetune"]  # the probe's checkpoint holds its encoder; the check names it
-    return dataclasses.replace(cfg, **updates)
-
-
-def _as_recorded(cfg, keys: tuple[str, ...]):
-    """Fill ``pos_embed`` (when auto) and ``keys`` (when unset) from what maepl recorded beside
-    the --finetune weights; a value set that contradicts the record is a ConfigError naming
-    both. Weights without a record keep the values given (loading checks them)."""
-    from .weights import stored_model
-
-    rec = stored_model(cfg.finetune) if cfg.finetune else None
-    if rec is None:
-        return cfg
-    updates = {}
-    if "nb_classes" in keys and rec.get("nb_classes") == 0:
-        raise ConfigError(
-            f"finetune: {cfg.finetune} holds an encoder without a classifier head "
-            f"({rec['file']} records num_classes 0); --eval needs a fine-tuned classifier, "
-            "such as export/best or export/last of finetune.py"
-        )
-    for key in keys:
-        stored, given = rec.get(key), getattr(cfg, key)
-        if stored is None:
-            continue
-        if given is None:
-            updates[key] = stored
-        elif given != stored:
-            raise ConfigError(
-                f"{key}: {cfg.finetune} was trained with {key} {stored!r} ({rec['file']}), "
-                f"but {given!r} was given; evaluating it needs its own value"
-            )
-    if cfg.pos_embed == "auto":
-        updates["pos_embed"] = "learned" if rec["pos_embed"] else "none"
-    elif (cfg.pos_embed != "none") != rec["pos_embed"]:
-        has = "has a position embedding" if rec["pos_embed"] else "has none (--pos_embed none)"
-        raise ConfigError(
-            f"pos_embed: the encoder of {cfg.finetune} {has} ({rec['file']}), but "
-            f"{cfg.pos_embed!r} was given; leave pos_embed at auto to use the encoder as it "
-            "was trained"
-        )
-    return dataclasses.replace(cfg, **updates)
 
 
 def mixup_active(cfg: FinetuneConfig) -> bool:
@@ -328,14 +267,14 @@ def validate_finetune(cfg: FinetuneConfig) -> FinetuneConfig:
         # --resume continues checkpoint folders, and a weights file is evaluated as --finetune
         cfg = dataclasses.replace(cfg, finetune=cfg.resume, resume="")
     _validate_common(cfg)
-    cfg = _from_resumed(cfg, (*SHAPE_KEYS, "pos_embed", "global_pool", "nb_classes"))
+    cfg = from_resumed(cfg, (*SHAPE_KEYS, "pos_embed", "global_pool", "nb_classes"))
     _check(
         not cfg.eval or bool(cfg.finetune or cfg.resume),
         "eval",
         "needs the weights to evaluate: --finetune <export or checkpoint> or --resume",
     )
     if cfg.eval:  # the classifier as it was trained: head, pooling, position embedding
-        cfg = _as_recorded(cfg, ("nb_classes", "global_pool"))
+        cfg = as_recorded(cfg, ("nb_classes", "global_pool"))
     pos_embed = "learned" if cfg.pos_embed == "auto" else cfg.pos_embed
     cfg = dataclasses.replace(cfg, pos_embed=pos_embed, global_pool=cfg.global_pool or "avg")
     _choice("global_pool", cfg.global_pool, ("avg", "token"))
@@ -403,14 +342,14 @@ def _check_augmentation(cfg: FinetuneConfig) -> None:
 
 def validate_linprobe(cfg: LinprobeConfig) -> LinprobeConfig:
     _validate_common(cfg)
-    cfg = _from_resumed(cfg, (*SHAPE_KEYS, "pos_embed", "nb_classes", "finetune"))
+    cfg = from_resumed(cfg, (*SHAPE_KEYS, "pos_embed", "nb_classes", "finetune"))
     _check(
         not cfg.eval or bool(cfg.resume),
         "eval",
         "needs --resume <linprobe checkpoint, or auto>: the probe's head is saved only in "
         "linprobe.py's checkpoints (an encoder export has none)",
     )
-    cfg = _as_recorded(cfg, ())  # the frozen encoder as pretrained
+    cfg = as_recorded(cfg, ())  # the frozen encoder as pretrained
     if cfg.pos_embed == "auto":  # no --finetune, or foreign weights: loading checks the PE
         cfg = dataclasses.replace(cfg, pos_embed="learned")
     _choice("global_pool", cfg.global_pool, ("avg", "token"))
