@@ -264,7 +264,7 @@ def _flag_values(argv: list[str], key: str, bare: str) -> list[str]:
         if _flag_name(word) == key:
             if "=" in word:
                 found.append(word.split("=", 1)[1])
-            elif i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 found.append(argv[i + 1])
             else:
                 found.append(bare)

@@ -188,12 +188,12 @@ def load_mae_weights(mae: nn.Module, cfg) -> list[str]:
     """Start pretraining from ``cfg.initial_checkpoint`` (continued pretraining, e.g. from
     MAE's ImageNet release); returns notes on what was loaded and what starts fresh.
 
-    The encoder loads from anything ``--finetune`` reads (resampling the position
-    embedding to a new grid). The decoder and mask token load from the same file when it has
-    them, and must then fit the decoder these flags build; a file without them (an encoder
-    export, MAE's ``mae_pretrain_vit_*.pth``) leaves them fresh. The position head loads when
-    the file has one of the same shapes on the same grid (its classes are grid positions),
-    else starts fresh.
+    The encoder loads from pretraining weights, encoder exports and classifiers fine-tuned
+    with token pooling (resampling the position embedding to a new grid). The decoder and mask
+    token load from the same file when it has them, and must then fit the decoder these flags
+    build; a file without them (an encoder export, MAE's ``mae_pretrain_vit_*.pth``) leaves
+    them fresh. The position head loads when the file has one of the same shapes on the same
+    grid (its classes are grid positions), else starts fresh.
     """
     key, path = "initial_checkpoint", cfg.initial_checkpoint
     try:
@@ -231,15 +231,15 @@ def load_mae_weights(mae: nn.Module, cfg) -> list[str]:
     for part, prefixes, on_grid in _MAE_PARTS:
         theirs = {k: v for k, v in sd.items() if k.startswith(prefixes)}
         ours = {k: p for k, p in own.items() if k.startswith(prefixes)}
+        if not ours or not theirs:
+            if ours or theirs:
+                notes.append(f"{part}: {'fresh (none in the file)' if ours else 'not used'}")
+            continue
         misfit = sorted(
             k
             for k in ours.keys() | theirs.keys()
             if k not in ours or k not in theirs or ours[k].shape != theirs[k].shape
         )
-        if not ours or not theirs:
-            if ours or theirs:
-                notes.append(f"{part}: {'fresh (none in the file)' if ours else 'not used'}")
-            continue
         if misfit and part == "decoder":
             shown = ", ".join(
                 f"{k} {tuple(theirs[k].shape) if k in theirs else 'absent'} in the file, "

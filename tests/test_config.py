@@ -128,6 +128,15 @@ def test_official_mae_flags_run_or_say_why_not():
     assert lp.global_pool == "avg"
     ft = parse_config(FinetuneConfig, FT + ["--local-rank=1", "--dist_eval", "--local_rank", "-1"])
     assert ft.global_pool == "avg" and ft.pin_mem is True
+    # the official models_vit.py names build timm's ViTs of the same shapes
+    official = ["--model", "vit_large_patch16", "--dataset", "sample"]
+    ft = parse_config(FinetuneConfig, official)
+    assert (ft.encoder, ft.embed_dim, ft.depth, ft.patch_size) == (
+        "vit_large_patch16_224",
+        1024,
+        24,
+        16,
+    )
     ft = parse_config(FinetuneConfig, FT + ["--cutmix_minmax", "0.2", "0.8"])  # nargs '+'
     assert ft.cutmix_minmax == [0.2, 0.8]
     for words in (["0.5,0.5,0.5"], ["0.5", "0.5", "0.5"], ["0.5,", "0.5,", "0.5"]):

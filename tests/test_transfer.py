@@ -701,7 +701,7 @@ def test_bad_weights_and_class_counts_are_named_before_any_run(
 
 
 def test_eval_resume_auto_needs_no_architecture_flags(
-    colours, pretrained, token_classifier, tmp_path
+    colours, pretrained, token_classifier, tmp_path, capsys
 ):
     """--eval --resume auto evaluates the run in --output_dir as it was trained: the model,
     shapes, pooling and classes come from its checkpoint (before, --model was required)."""
@@ -712,6 +712,7 @@ def test_eval_resume_auto_needs_no_architecture_flags(
     cfg = parse_config(FinetuneConfig, base + ["--eval", "--resume", "auto", "--batch_size", "512"])
     assert (cfg.encoder, cfg.embed_dim, cfg.global_pool) == ("vit_tiny_patch16_224", 32, "token")
     assert finetune.main(cfg)["top1"] == pytest.approx(trained["top1"])
+    assert "evaluation only" in capsys.readouterr().out  # not a training schedule's lr, steps
     lp = tmp_path / "lp"
     args = ["--finetune", str(pretrained / "export" / "encoder"), "--epochs", "1"]
     args += ["--warmup_epochs", "0", "--batch_size", "8", "--num_workers", "0"]
