@@ -326,6 +326,10 @@ def parse_config(cls, argv: list[str] | None = None, description: str = ""):
         if isinstance(text, list):  # a list flag's words: "0.5 0.5", "0.5,0.5", "0.5, 0.5"
             text = ",".join(w.strip(",") for w in text if w.strip(","))
         values[key] = _coerce(key, text, types_[key], from_text=True)
+    if "eval" in values:  # finetune.py, linprobe.py
+        from .recorded import evaluated_as_trained
+
+        values = evaluated_as_trained(cls, values)
     cfg = cls(**values)
     return cfg.validate() if hasattr(cfg, "validate") else cfg
 

@@ -10,7 +10,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .config import SHAPE_KEYS
+from .config import ARCH_KEYS, SHAPE_KEYS
 from .config_io import ConfigError
 
 
@@ -122,6 +122,40 @@ def from_resumed(cfg, keys: tuple[str, ...]):
     if "finetune" in updates and not Path(updates["finetune"]).exists():
         del updates["finetune"]  # the probe's checkpoint holds its encoder; the check names it
     return dataclasses.replace(cfg, **updates)
+
+
+# what --eval --resume takes from the checkpoint where the command (flags or --config) does
+# not give it: the model with its heads, and the transform of the evaluation; the data too,
+# as a pair (another --data_path with the trained run's --dataset would mix two datasets)
+EVAL_KEYS = (*ARCH_KEYS, "global_pool", "nb_classes", "crop_pct", "mean", "std")
+DATA_KEYS = ("dataset", "data_path")
+
+
+def evaluated_as_trained(cls, given: dict) -> dict:
+    """``--eval --resume <checkpoint folder or auto>``: ``given`` (the keys the command set)
+    with the EVAL_KEYS it leaves out as the checkpoint records them, so a run fine-tuned with
+    ``--pos_label abs --crop_pct 0.9`` or probed with ``--global_pool avg`` is evaluated as it
+    was trained, also where maepl has a default of its own. Training resumes keep the
+    command's values (changes are reported, architecture changes refused)."""
+    from .checkpoint import resolve_resume
+    from .config_io import _user_fields
+    from .run_dir import read_state
+
+    resume = given.get("resume") or ""
+    if not given.get("eval") or not resume or (resume != "auto" and Path(resume).is_file()):
+        return given  # (finetune.py --eval --resume <weights file>: evaluated as --finetune)
+    out = given.get(
+        "output_dir", next(f.default for f in _user_fields(cls) if f.name == "output_dir")
+    )
+    ckpt = resolve_resume(resume, out)
+    if ckpt is None:
+        return given  # Run names the missing checkpoint
+    saved = read_state(ckpt).get("config", {})
+    names = {f.name for f in _user_fields(cls)}
+    keys = [k for k in EVAL_KEYS if k in names and k in saved and k not in given]
+    if not any(k in given for k in DATA_KEYS):
+        keys += [k for k in DATA_KEYS if k in saved]
+    return {**given, **{k: saved[k] for k in keys}}
 
 
 def as_recorded(cfg, keys: tuple[str, ...]):

@@ -591,6 +591,44 @@ def files_of(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
+def test_eval_resume_auto_takes_the_trained_settings(colours, pretrained, tmp_path):
+    """--eval --resume auto --output_dir <run> alone evaluates the run as it was trained, also
+    where maepl has a default of its own: the data, --pos_label, --crop_pct, --mean/--std, and
+    linprobe's --global_pool (before session 15 they had to be given again). What the command
+    gives still wins, and the data is taken only as a pair."""
+    enc = str(pretrained / "export" / "encoder")
+    ft, lp = tmp_path / "ft", tmp_path / "lp"
+    train = ["--finetune", enc, "--data_path", str(colours), "--num_workers", "0"]
+    train += ["--crop_pct", "0.8", "--mean", "0.4", "0.5", "0.6", "--std", "0.2", "0.25", "0.3"]
+    train += "--epochs 1 --warmup_epochs 0 --batch_size 8".split()
+    recipe = "--pos_label abs --blr 5e-2 --aa null --mixup 0 --cutmix 0 --reprob 0".split()
+    trained = finetune.main(
+        parse_config(FinetuneConfig, train + recipe + ["--output_dir", str(ft)])
+    )
+    bare = ["--eval", "--resume", "auto", "--num_workers", "0"]
+    cfg = parse_config(FinetuneConfig, bare + ["--output_dir", str(ft)])
+    got = (cfg.pos_label, cfg.crop_pct, cfg.mean, cfg.std, cfg.data_path, cfg.encoder)
+    assert got == (
+        "abs",
+        0.8,
+        [0.4, 0.5, 0.6],
+        [0.2, 0.25, 0.3],
+        str(colours),
+        "vit_tiny_patch16_224",
+    )
+    assert finetune.main(cfg)["top1"] == pytest.approx(trained["top1"])
+    cfg = parse_config(FinetuneConfig, bare + ["--output_dir", str(ft), "--crop_pct", "1"])
+    assert (cfg.crop_pct, cfg.mean) == (1.0, [0.4, 0.5, 0.6])  # given wins, the rest taken
+    # another dataset given: its data path is not the trained run's (sample reads none)
+    cfg = parse_config(FinetuneConfig, bare + ["--output_dir", str(ft), "--dataset", "sample"])
+    assert (cfg.dataset, cfg.data_path) == ("sample", None)
+    probe = [*train, "--global_pool", "avg", "--output_dir", str(lp)]
+    first = linprobe.main(parse_config(LinprobeConfig, probe))
+    cfg = parse_config(LinprobeConfig, bare + ["--output_dir", str(lp)])
+    assert (cfg.global_pool, cfg.crop_pct, cfg.finetune) == ("avg", 0.8, enc)
+    assert linprobe.main(cfg)["top1"] == pytest.approx(first["top1"])
+
+
 def test_eval_of_a_checkpoint_leaves_its_run_as_it_was(colours, token_classifier, tmp_path):
     """--eval --resume <checkpoint> in the run's own output_dir reads it and writes nothing:
     before session 8 it cut log.jsonl back to the checkpoint's step, purged TensorBoard events
