@@ -103,17 +103,23 @@ def stored_model(path: str | Path) -> dict | None:
     return out
 
 
+def _resumed_config(resume: str, output_dir: str) -> dict | None:
+    """The config recorded by the checkpoint ``--resume`` names (None: no resume, or auto
+    found none; Run then names what is missing)."""
+    from .checkpoint import resolve_resume
+    from .run_dir import read_state
+
+    ckpt = resolve_resume(resume, output_dir) if resume else None
+    return None if ckpt is None else read_state(ckpt).get("config", {})
+
+
 def from_resumed(cfg, keys: tuple[str, ...]):
     """With ``--resume``, take what the checkpoint records for those of ``keys`` the command
     leaves unset (None, "" or auto): the resumed or evaluated run is the one trained, so
     ``--eval --resume auto`` needs no architecture flags."""
-    from .checkpoint import resolve_resume
-    from .run_dir import read_state
-
-    ckpt = resolve_resume(cfg.resume, cfg.output_dir) if cfg.resume else None
-    if ckpt is None:
+    saved = _resumed_config(cfg.resume, cfg.output_dir)
+    if saved is None:
         return cfg
-    saved = read_state(ckpt).get("config", {})
     updates = {
         k: saved[k]
         for k in keys
@@ -137,20 +143,14 @@ def evaluated_as_trained(cls, given: dict) -> dict:
     ``--pos_label abs --crop_pct 0.9`` or probed with ``--global_pool avg`` is evaluated as it
     was trained, also where maepl has a default of its own. Training resumes keep the
     command's values (changes are reported, architecture changes refused)."""
-    from .checkpoint import resolve_resume
     from .config_io import _user_fields
-    from .run_dir import read_state
 
     resume = given.get("resume") or ""
-    if not given.get("eval") or not resume or (resume != "auto" and Path(resume).is_file()):
+    if not given.get("eval") or (resume != "auto" and Path(resume).is_file()):
         return given  # (finetune.py --eval --resume <weights file>: evaluated as --finetune)
-    out = given.get(
-        "output_dir", next(f.default for f in _user_fields(cls) if f.name == "output_dir")
-    )
-    ckpt = resolve_resume(resume, out)
-    if ckpt is None:
-        return given  # Run names the missing checkpoint
-    saved = read_state(ckpt).get("config", {})
+    saved = _resumed_config(resume, given.get("output_dir", cls.output_dir))
+    if saved is None:
+        return given
     names = {f.name for f in _user_fields(cls)}
     keys = [k for k in EVAL_KEYS if k in names and k in saved and k not in given]
     if not any(k in given for k in DATA_KEYS):
