@@ -197,7 +197,7 @@ class LinprobeConfig(TrainConfig):
     # stored values, never replaced); learned | sincos | none must agree with that record
     pos_embed: str = "auto"
     finetune: str = ""  # the encoder to probe (export, checkpoint, official MAE .pth)
-    eval: bool = False  # evaluate --finetune / --resume weights and exit
+    eval: bool = False  # evaluate the trained probe of --resume (a checkpoint) and exit
     nb_classes: int | None = None  # None: the dataset's
     global_pool: str = "token"  # token (CLS after the final norm) | avg (mean of patch tokens)
     batch_size: int = 512
@@ -206,7 +206,7 @@ class LinprobeConfig(TrainConfig):
     epochs: int = 90
     warmup_epochs: float = 10
     crop_pct: float | None = None  # eval resize = input_size / crop_pct; None: as finetune.py
-    knn: bool = False  # also report kNN accuracy on frozen, un-augmented features
+    knn: bool = False  # report kNN accuracy on frozen, un-augmented features and exit (no probe)
     knn_k: int = 20  # neighbours that vote
     knn_t: float = 0.07  # temperature of the votes' weights exp(similarity / t)
 
