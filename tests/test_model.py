@@ -142,15 +142,35 @@ def test_plain_mae_never_drops_pe():
 
 @pytest.mark.parametrize("kind", ["abs", "rel"])
 def test_position_loss_reads_only_labelled_tokens(kind):
-    mae = make_mae(mask_ratio=0.5, pos_label=kind, pos_drop_ratio=0.5)
+    mae = make_mae(mask_ratio=0.5, pos_label=kind, pos_drop_ratio=0.5).eval()
+    with torch.no_grad():
+        mae.pos_mask_token.normal_()
     imgs = torch.randn(2, 3, 16, 16)
     noise = mae.make_noise(2, torch.device("cpu"))
+    # which visible tokens lost their PE, found from behaviour: the encoder inputs that change
+    # when the PE mask token changes
+    inputs = []
+    hook = mae.encoder.blocks.register_forward_pre_hook(lambda m, a: inputs.append(a[0].clone()))
+    read = {}
+    head_forward = mae.pos_head.forward
+    mae.pos_head.forward = lambda z, pos, *a: read.update(z=z, pos=pos) or head_forward(z, pos, *a)
     out = mae(imgs, **noise)
+    latent, ids_keep, _, _ = mae.forward_encoder(imgs, noise["noise"], noise["drop_noise"])
+    with torch.no_grad():
+        mae.pos_mask_token.add_(1.0)
+    mae.forward_encoder(imgs, noise["noise"], noise["drop_noise"])
+    hook.remove()
+    changed = (inputs[1] != inputs[2]).any(-1)[:, 1:]  # [N, K] visible tokens, CLS excluded
+    assert changed.sum(1).tolist() == [mae.num_drop] * 2 and 0 < mae.num_drop < mae.len_keep
+    for b in range(2):  # the head read exactly those tokens' encoder outputs and positions
+        rows = changed[b].nonzero().flatten()
+        assert sorted(read["pos"][b].tolist()) == sorted(ids_keep[b, rows].tolist())
+        order = read["pos"][b].argsort()
+        want = latent[b, 1:][rows][ids_keep[b, rows].argsort()]
+        assert torch.allclose(read["z"][b][order], want, atol=1e-6)
     # chance level of the head's classes at init
     classes = 16 if kind == "abs" else 49
     assert abs(out["pos_loss"].item() - math.log(classes)) < 1.0
-    out["pos_loss"].backward()
-    assert mae.pos_mask_token.grad is not None and mae.pos_mask_token.grad.abs().sum() > 0
 
 
 def test_a_drop_ratio_that_hides_nothing_is_refused():

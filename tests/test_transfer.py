@@ -315,7 +315,8 @@ def test_finetune_of_a_pretrained_export_with_mixup_runs(
     cfg = parse_config(FinetuneConfig, args)  # architecture read from the export
     assert (cfg.encoder, cfg.embed_dim, cfg.input_size) == ("vit_tiny_patch16_224", 32, 16)
     summary = finetune.main(cfg)
-    assert summary["top1"] > 45 and np.isfinite(summary["loss"])
+    # three colours, 27 images: it learns them (100 % measured), far above chance (33 %)
+    assert summary["top1"] >= 85 and np.isfinite(summary["loss"])
     assert "pos_loss" not in summary  # no position head: no column, not zeros
     assert len(built) == 1 and built[0]["cutmix_minmax"] == (
         None if mix == "alphas" else [0.3, 0.7]
@@ -351,7 +352,7 @@ def test_linprobe_beats_chance_and_knn(colours, pretrained, tmp_path):
 
 
 def test_finetune_without_model_or_weights_names_the_key(colours):
-    with pytest.raises(ConfigError, match="model"):
+    with pytest.raises(ConfigError, match="model: required .* unless --finetune or --resume"):
         parse_config(FinetuneConfig, ["--data_path", str(colours)])
 
 
@@ -390,10 +391,20 @@ def test_finetune_passes_the_fused_position_loss_to_its_head(colours, tmp_path):
 
 
 def test_runs_of_different_precision_follow_each_other_in_one_process(
-    colours, pretrained, tmp_path
+    colours, pretrained, tmp_path, monkeypatch
 ):
     """Accelerate keeps one precision per process: a bf16 fine-tune, then a linear probe at the
-    default precision in the same process (benchmarks/quality.py does this) must both run."""
+    default precision in the same process (benchmarks/quality.py does this) must both run, each
+    at its own precision."""
+    import accelerate
+
+    used, real_init = [], accelerate.Accelerator.__init__
+
+    def recording_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        used.append(self.mixed_precision)
+
+    monkeypatch.setattr(accelerate.Accelerator, "__init__", recording_init)
     common = ["--finetune", str(pretrained / "export" / "encoder"), "--data_path", str(colours)]
     common += "--batch_size 8 --num_workers 0 --epochs 1 --warmup_epochs 0".split()
     ft = finetune.main(
@@ -406,6 +417,7 @@ def test_runs_of_different_precision_follow_each_other_in_one_process(
         parse_config(LinprobeConfig, common + ["--output_dir", str(tmp_path / "lp")])
     )
     assert np.isfinite(ft["loss"]) and lp["n"] == 27
+    assert used == ["bf16", "no"]
 
 
 def test_official_eval_command_evaluates_a_finetuned_pth(colours, token_classifier, tmp_path):
