@@ -45,7 +45,9 @@ QUALITY_S=${QUALITY_S:-400}
 QUALITY_PAR=${QUALITY_PAR:-1}
 MPS=${MPS:-0}
 VARIANTS=${VARIANTS:-mae,apl_drop,apl_no_pe,apl_pe_kept,apl_drop_smooth,rpl_drop}
-REUSE=${REUSE:-benchmarks/results/quality_gpu.json}
+# rows of earlier GPU sessions only: benchmarks/results/quality_gpu.json holds the CPU-measured
+# rows of the same budget, which pair with no GPU row (quality.py pairs by seed and device)
+REUSE=${REUSE:-benchmarks/results/quality_gpu_on_gpu.json}
 BUDGET_S=${BUDGET_S:-100000}
 THROUGHPUT_ONLY=${THROUGHPUT_ONLY:-apl,official,plain,rpl,plain_bf16s,apl_bf16s,plain_bf16w,hf}
 GRAPHS_ONLY=${GRAPHS_ONLY:-plain,plain_bf16s,apl_bf16s}

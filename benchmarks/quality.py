@@ -454,12 +454,18 @@ def aggregate(rows: list[dict], keys: list[str]) -> dict[str, dict[str, str]]:
 
 def paired_gains(rows: list[dict], keys: list[str]) -> dict[str, dict[str, str]]:
     """Each variant minus plain MAE of the same seed (same data order and augmentations; the
-    initial weights and masks differ, since the variants' heads draw from the same RNG first):
-    mean ± sd of the per-seed differences, and how many seeds gained."""
-    mae = {r["seed"]: r for r in rows if r["variant"] == "mae"}
+    initial weights and masks differ, since the variants' heads draw from the same RNG first)
+    and the same device (rows merged with --reuse may come from a CPU and a GPU: a pair across
+    them would measure the machine): mean ± sd of the per-seed differences, and how many
+    seeds gained."""
+    mae = {(r["seed"], r.get("device")): r for r in rows if r["variant"] == "mae"}
     table = {}
     for name in dict.fromkeys(r["variant"] for r in rows if r["variant"] != "mae"):
-        pairs = [(r, mae[r["seed"]]) for r in rows if r["variant"] == name and r["seed"] in mae]
+        pairs = [
+            (r, mae[r["seed"], r.get("device")])
+            for r in rows
+            if r["variant"] == name and (r["seed"], r.get("device")) in mae
+        ]
         if not pairs:
             continue
         table[name] = {"seeds": str(len(pairs))}
@@ -758,9 +764,13 @@ def main() -> None:
         f"| {n} | " + " | ".join(v.get(k, "–") for k in cols) + " |" for n, v in table.items()
     ]
     gains = paired_gains(rows, keys[:6])
+    devices = sorted({str(r.get("device")) for r in rows})
+    if len(devices) > 1:  # the means above pool them; the gains below never pair across them
+        lines += ["", f"rows from {len(devices)} devices ({', '.join(devices)}): see each row's"]
+        lines[-1] += " device; gains pair rows of the same seed and device only"
     if gains:
         cols = ["seeds", *keys[:6]]
-        lines += ["", "Gain over plain MAE, paired by seed:", ""]
+        lines += ["", "Gain over plain MAE, paired by seed and device:", ""]
         lines += ["| variant | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         lines += [
             f"| {n} | " + " | ".join(v.get(k, "–") for k in cols) + " |" for n, v in gains.items()

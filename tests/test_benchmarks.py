@@ -399,6 +399,25 @@ def test_quality_time_limit_lets_a_resumable_run_save_first(tmp_path, monkeypatc
     assert log.count("=== ") == 2 and log.count("--job mae:0") == 2
 
 
+def test_quality_pairs_rows_of_the_same_seed_and_device_only():
+    quality = load_script("quality")
+    cpu, gpu = "cpu x2", "NVIDIA H200"
+    rows = [
+        dict(variant="mae", seed=0, device=cpu, probe_cls=85.0),
+        dict(variant="mae", seed=1, device=cpu, probe_cls=84.0),
+        dict(variant="apl_drop", seed=0, device=cpu, probe_cls=86.0),
+        dict(variant="apl_drop", seed=1, device=cpu, probe_cls=84.5),
+        dict(variant="rpl_drop", seed=0, device=gpu, probe_cls=90.0),  # no GPU plain MAE
+        dict(variant="mae", seed=2, device=gpu, probe_cls=80.0),
+        dict(variant="apl_pe_kept", seed=2, device=gpu, probe_cls=81.5),
+        dict(variant="apl_pe_kept", seed=0, device=gpu, probe_cls=99.0),  # CPU MAE only
+    ]
+    gains = quality.paired_gains(rows, ["probe_cls"])
+    assert gains["apl_drop"] == {"seeds": "2", "probe_cls": "+0.75 ± 0.35 (2/2 up)"}
+    assert gains["apl_pe_kept"] == {"seeds": "1", "probe_cls": "+1.50 ± 0.00 (1/1 up)"}
+    assert "rpl_drop" not in gains
+
+
 def test_quality_rows_are_replaced_whole(tmp_path, monkeypatch):
     """A study's rows span sessions: a write that fails half-way leaves the earlier row."""
     from pathlib import Path
