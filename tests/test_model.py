@@ -171,6 +171,8 @@ def test_position_loss_reads_only_labelled_tokens(kind):
     # chance level of the head's classes at init
     classes = 16 if kind == "abs" else 49
     assert abs(out["pos_loss"].item() - math.log(classes)) < 1.0
+    out["pos_loss"].backward()  # the hidden tokens' stand-in PE learns from the position task
+    assert mae.pos_mask_token.grad is not None and mae.pos_mask_token.grad.abs().sum() > 0
 
 
 def test_a_drop_ratio_that_hides_nothing_is_refused():
