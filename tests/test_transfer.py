@@ -393,9 +393,9 @@ def test_finetune_passes_the_fused_position_loss_to_its_head(colours, tmp_path):
 def test_runs_of_different_precision_follow_each_other_in_one_process(
     colours, pretrained, tmp_path, monkeypatch
 ):
-    """Accelerate keeps one precision per process: a bf16 fine-tune, then a linear probe at the
-    default precision in the same process (benchmarks/quality.py does this) must both run, each
-    at its own precision."""
+    """Accelerate keeps one precision per process: a bf16 fine-tune, then a float32 linear probe
+    (`--mixed_precision no`) in the same process (benchmarks/quality.py does this) must both run,
+    each at its own precision."""
     import accelerate
 
     used, real_init = [], accelerate.Accelerator.__init__
