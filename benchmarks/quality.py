@@ -680,6 +680,13 @@ def main() -> None:
         help="rows lacking linprobe.py's MAE-recipe column (rows of older code) get it from\n"
         "the exports kept under these earlier --out folders (and --out)",
     )
+    p.add_argument(
+        "--report_only",
+        action="store_true",
+        help="run nothing: write results.json / results.md from the --reuse rows and (with\n"
+        "--resume) the runs finished under --out, listing the rest as not run (to merge a\n"
+        "run finished with --job into a study without starting the study's other runs)",
+    )
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # NAME:SEED, one subprocess
     args = p.parse_args()
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -691,6 +698,8 @@ def main() -> None:
     if args.epochs is not None and args.epochs < 1:
         p.error("--epochs must be >= 1")
     args.fill_lp = [Path(d) for d in (args.fill_lp or "").split(",") if d]
+    if args.report_only and (args.fill_lp or args.job):
+        p.error("--report_only runs nothing: it takes neither --fill_lp nor --job")
     missing = [str(d) for d in args.fill_lp if not d.is_dir()]
     if missing:
         p.error(f"--fill_lp: no such folder: {', '.join(missing)}")
@@ -722,7 +731,10 @@ def main() -> None:
         if finished:
             print(f"resume: {len(finished)} runs already finished under {out}; {len(todo)} to run")
     t0 = time.perf_counter()
-    not_run = run_jobs(args, todo, out)
+    if args.report_only:
+        not_run = [f"{name}_s{seed}" for name, seed in todo]  # as run_jobs names them
+    else:
+        not_run = run_jobs(args, todo, out)
     done = dict(reused)
     for name, seed in todo + finished:
         if row_path(out, name, seed).exists():

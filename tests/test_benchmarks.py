@@ -418,6 +418,29 @@ def test_quality_pairs_rows_of_the_same_seed_and_device_only():
     assert "rpl_drop" not in gains
 
 
+def test_quality_report_only_merges_a_finished_run_without_running_the_rest(tmp_path):
+    # a run finished with --job joins a study's rows; the study's other runs are not started
+    row = dict(device="cpu x2", pretrain_s=1.0)
+    rows = [dict(row, variant="mae", seed=0, probe_cls=85.0)]
+    rows += [dict(row, variant="apl_drop", seed=0, probe_cls=86.0)]
+    reuse = tmp_path / "old.json"
+    reuse.write_text(json.dumps(dict(budget="smoke", epochs=1, rows=rows, sweeps=[])))
+    out = tmp_path / "out"
+    (out / "rows").mkdir(parents=True)
+    finished = dict(row, variant="apl_pe_kept", seed=0, probe_cls=87.5)
+    (out / "rows" / "apl_pe_kept_s0.json").write_text(json.dumps(finished))
+    study = ["--seeds", "2", "--variants", "mae,apl_drop,apl_pe_kept", "--reuse", str(reuse)]
+    r = run(*SMOKE_MAE[:3], *study, "--resume", "--report_only", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["rows"] == rows + [finished]
+    assert res["not_run"] == ["mae_s1", "apl_drop_s1", "apl_pe_kept_s1"]
+    assert "| apl_pe_kept | 1 | +2.50 ± 0.00 (1/1 up) |" in r.stdout
+    assert not list((out / "logs").glob("*")) and "resumed from" not in r.stdout
+    r = run(*SMOKE_MAE, "--report_only", "--job", "mae:0", "--out", str(out))
+    assert r.returncode != 0 and "--report_only runs nothing" in r.stderr
+
+
 def test_quality_rows_are_replaced_whole(tmp_path, monkeypatch):
     """A study's rows span sessions: a write that fails half-way leaves the earlier row."""
     from pathlib import Path
