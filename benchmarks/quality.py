@@ -778,8 +778,11 @@ def main() -> None:
     gains = paired_gains(rows, keys[:6])
     devices = sorted({str(r.get("device")) for r in rows})
     if len(devices) > 1:  # the means above pool them; the gains below never pair across them
-        lines += ["", f"rows from {len(devices)} devices ({', '.join(devices)}; each row's is in"]
-        lines[-1] += " results.json): gains pair rows of the same seed and device only"
+        lines += [
+            "",
+            f"rows from {len(devices)} devices ({', '.join(devices)}; each row's is in "
+            "results.json): gains pair rows of the same seed and device only",
+        ]
     if gains:
         cols = ["seeds", *keys[:6]]
         lines += ["", "Gain over plain MAE, paired by seed and device:", ""]

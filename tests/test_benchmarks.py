@@ -429,13 +429,18 @@ def test_quality_report_only_merges_a_finished_run_without_running_the_rest(tmp_
     (out / "rows").mkdir(parents=True)
     finished = dict(row, variant="apl_pe_kept", seed=0, probe_cls=87.5)
     (out / "rows" / "apl_pe_kept_s0.json").write_text(json.dumps(finished))
-    study = ["--seeds", "2", "--variants", "mae,apl_drop,apl_pe_kept", "--reuse", str(reuse)]
+    on_gpu = dict(row, variant="rpl_drop", seed=0, probe_cls=90.0, device="NVIDIA H200")
+    (out / "rows" / "rpl_drop_s0.json").write_text(json.dumps(on_gpu))  # no GPU MAE to pair
+    variants = "mae,apl_drop,apl_pe_kept,rpl_drop"
+    study = ["--seeds", "2", "--variants", variants, "--reuse", str(reuse)]
     r = run(*SMOKE_MAE[:3], *study, "--resume", "--report_only", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
-    assert res["rows"] == rows + [finished]
-    assert res["not_run"] == ["mae_s1", "apl_drop_s1", "apl_pe_kept_s1"]
+    assert res["rows"] == rows + [finished, on_gpu]
+    assert res["not_run"] == ["mae_s1", "apl_drop_s1", "apl_pe_kept_s1", "rpl_drop_s1"]
     assert "| apl_pe_kept | 1 | +2.50 ± 0.00 (1/1 up) |" in r.stdout
+    assert "rows from 2 devices (NVIDIA H200, cpu x2;" in r.stdout
+    assert "| rpl_drop | 1 | +" not in r.stdout  # listed with its mean, never paired
     assert not list((out / "logs").glob("*")) and "resumed from" not in r.stdout
     r = run(*SMOKE_MAE, "--report_only", "--job", "mae:0", "--out", str(out))
     assert r.returncode != 0 and "--report_only runs nothing" in r.stderr
