@@ -87,11 +87,15 @@ def build_classifier(cfg: FinetuneConfig, nb_classes: int) -> tuple[Classifier, 
 def evaluate(run: Run, model: nn.Module, raw_val, transform, cfg) -> dict[str, float]:
     """Top-1/top-5 (%) of ``model`` (images -> logits) over the whole validation set, each
     image counted once over all processes."""
-    loader = eval_loader(raw_val, transform, cfg.batch_size, cfg.num_workers, run.world, run.rank)
+    loader = eval_loader(
+        raw_val, transform, cfg.batch_size, cfg.num_workers, run.world, run.rank, cfg.strict_data
+    )
     was_training = model.training
     model.eval()
     counts = torch.zeros(3, device=run.device)  # correct@1, correct@5, images
-    for x, y, _ in loader:
+    skipped = []
+    for x, y, bad in loader:
+        skipped += bad
         if not len(y):
             continue
         x, y = x.to(run.device), y.to(run.device)
@@ -107,6 +111,8 @@ def evaluate(run: Run, model: nn.Module, raw_val, transform, cfg) -> dict[str, f
         ).float()
     # shards are disjoint and unpadded, so summing counts is exact (no gather needed)
     c1, c5, n = run.accelerator.reduce(counts, "sum").tolist()
+    if skipped:  # the accuracy is over the readable images only: say so
+        print(f"[rank {run.rank}] evaluation skipped unreadable images: {skipped}", file=sys.stderr)
     model.train(was_training)
     return dict(top1=100 * c1 / max(n, 1), top5=100 * c5 / max(n, 1), n=int(n))
 

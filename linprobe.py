@@ -165,7 +165,12 @@ def knn_probe(run: Run, model: Probe, raw_train, raw_val, transform, cfg) -> flo
         feats = []
         for raw in (raw_train, raw_val):
             xs, ys = [], []
-            for x, y, _ in eval_loader(raw, transform, cfg.batch_size, cfg.num_workers):
+            loader = eval_loader(
+                raw, transform, cfg.batch_size, cfg.num_workers, 1, 0, cfg.strict_data
+            )
+            for x, y, bad in loader:
+                if bad:  # features of the readable images only
+                    print(f"kNN probe skipped unreadable images: {bad}", file=sys.stderr)
                 if len(y):
                     with run.accelerator.autocast():
                         xs.append(model.features(x.to(run.device)).float().cpu())

@@ -75,7 +75,7 @@ class TrainConfig:
     download: bool = False  # fashion-mnist only: allow a torchvision download
     num_workers: int = 8  # data-loading worker processes per process
     pin_mem: bool = True  # page-locked host batches for faster copies to the GPU
-    strict_data: bool = False  # fail on the first unreadable image instead of skipping it
+    strict_data: bool = False  # fail on the first unreadable image (train or eval), not skip it
     mean: list[float] | None = None  # None: the dataset's
     std: list[float] | None = None  # None: the dataset's
     # --- output

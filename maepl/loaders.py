@@ -195,10 +195,12 @@ def eval_loader(
     num_workers: int,
     num_replicas: int = 1,
     rank: int = 0,
+    strict: bool = False,
 ) -> torch.utils.data.DataLoader:
     """Rank ``rank`` reads samples rank, rank + num_replicas, ...: every sample exactly once
-    over all processes, no padding (so counts can simply be summed across processes)."""
-    ds = SeededTransformDataset(dataset, transform, seed=0)
+    over all processes, no padding (so counts can simply be summed across processes).
+    Unreadable images come back named in each batch's third item (``strict``: raise)."""
+    ds = SeededTransformDataset(dataset, transform, seed=0, strict=strict)
     shard = list(range(rank, len(ds), num_replicas))
     return torch.utils.data.DataLoader(
         torch.utils.data.Subset(ds, shard),

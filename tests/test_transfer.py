@@ -4,6 +4,8 @@ import argparse
 import json
 import os
 import pickle
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +23,7 @@ import finetune
 import linprobe
 import pretrain
 from maepl.config import ConfigError, FinetuneConfig, LinprobeConfig, PretrainConfig, parse_config
+from maepl.loaders import BadImageError
 from maepl.models.pos_embed import sincos_2d
 from maepl.weights import load_encoder_weights, read_state_dict
 
@@ -349,6 +352,34 @@ def test_linprobe_beats_chance_and_knn(colours, pretrained, tmp_path):
     out = ["--output_dir", str(tmp_path / "lp"), "--knn", "--eval", "--resume", "auto"]
     assert linprobe.main(parse_config(LinprobeConfig, args + out))["knn_top1"] == knn["knn_top1"]
     assert files_of(tmp_path / "lp") == before
+
+
+def test_unreadable_validation_images_are_named_or_fatal_under_strict_data(
+    colours, pretrained, tmp_path, capsys
+):
+    data = tmp_path / "data"
+    shutil.copytree(colours, data)
+    (data / "val" / "red" / "empty.png").write_bytes(b"")  # 28 files, 27 readable
+    args = [
+        "--finetune",
+        str(pretrained / "export" / "encoder"),
+        "--data_path",
+        str(data),
+        *"--batch_size 16 --num_workers 0 --epochs 1 --warmup_epochs 0".split(),
+    ]
+    summary = linprobe.main(
+        parse_config(LinprobeConfig, args + ["--output_dir", str(tmp_path / "a")])
+    )
+    assert summary["n"] == 27  # the accuracy is over the readable images, and says so
+    assert "evaluation skipped unreadable images" in capsys.readouterr().err
+    linprobe.main(
+        parse_config(LinprobeConfig, args + ["--knn", "--output_dir", str(tmp_path / "b")])
+    )
+    assert re.search(r"kNN probe skipped unreadable images: .*empty\.png", capsys.readouterr().err)
+    for extra in ([], ["--knn"]):  # --strict_data covers validation too
+        out = ["--strict_data", "--output_dir", str(tmp_path / f"strict{len(extra)}")]
+        with pytest.raises(BadImageError, match=r"unreadable image .*empty\.png"):
+            linprobe.main(parse_config(LinprobeConfig, args + extra + out))
 
 
 def test_finetune_without_model_or_weights_names_the_key(colours):
