@@ -28,7 +28,7 @@ from maepl.loaders import BadImageError, SeededTransformDataset, eval_loader
 from maepl.loop import Run
 from maepl.models.encoder import encoder_from_config
 from maepl.run_dir import check_run_dir
-from maepl.weights import load_encoder_weights
+from maepl.weights import fill_sincos, load_encoder_weights
 
 LP_ARCH_KEYS = SHAPE_KEYS + ("global_pool", "nb_classes", "finetune")
 
@@ -85,6 +85,9 @@ def build_probe(cfg: LinprobeConfig, nb_classes: int) -> tuple[Probe, dict]:
     report = {"notes": ["random init"]}
     if cfg.finetune:
         report = load_encoder_weights(encoder, cfg.finetune, cfg.pos_embed, exact=True)
+    elif cfg.pos_embed == "sincos":  # a random encoder as MAE initialises it: fixed sin-cos
+        fill_sincos(encoder)
+        report["notes"].append("pos_embed sin-cos")
     return Probe(encoder, nb_classes, cfg.global_pool), report
 
 

@@ -382,6 +382,16 @@ def test_unreadable_validation_images_are_named_or_fatal_under_strict_data(
             linprobe.main(parse_config(LinprobeConfig, args + extra + out))
 
 
+@pytest.mark.parametrize("pos_embed", ["sincos", "learned"])
+def test_a_random_probe_encoder_gets_the_position_embedding_asked_for(colours, pos_embed):
+    args = ["--model", "vit_tiny_patch16_224", *SHAPE, "--data_path", str(colours)]
+    args += ["--pos_embed", pos_embed]
+    probe, report = linprobe.build_probe(parse_config(LinprobeConfig, args), 3)
+    sincos = sincos_2d(32, 4, 4, cls_token=True)
+    assert torch.equal(probe.encoder.pos_embed[0], sincos) == (pos_embed == "sincos")
+    assert ("pos_embed sin-cos" in report["notes"]) == (pos_embed == "sincos")
+
+
 def test_finetune_without_model_or_weights_names_the_key(colours):
     with pytest.raises(ConfigError, match="model: required .* unless --finetune or --resume"):
         parse_config(FinetuneConfig, ["--data_path", str(colours)])
