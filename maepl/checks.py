@@ -195,6 +195,9 @@ def _validate_pos_label(cfg, labelled: int) -> None:
     _check(cfg.pos_pairs >= 0, "pos_pairs", "must be >= 0")
     _check(cfg.pos_ce_chunk >= 0, "pos_ce_chunk", "must be >= 0 (0 = plain cross-entropy)")
     _check(cfg.pos_pairs == 0 or cfg.pos_label == "rel", "pos_pairs", "only for pos_label rel")
+    head = "only with a position head (pos_label abs or rel); it would do nothing"
+    _check(cfg.pos_ce_chunk == 0 or cfg.pos_label != "none", "pos_ce_chunk", head)
+    _check(getattr(cfg, "pos_smoothing", 0) == 0 or cfg.pos_label != "none", "pos_smoothing", head)
     if cfg.pos_label == "rel" and cfg.pos_pairs:
         _check(
             cfg.pos_pairs <= labelled**2,

@@ -72,6 +72,8 @@ def test_unknown_yaml_key_suggests_the_right_one(tmp_path):
         (["--pos_drop_ratio", "0.05"], "pos_drop_ratio"),  # 12 visible * 0.05 hides nothing
         (["--pos_pairs", "10", "--pos_label", "abs"], "pos_pairs"),
         (["--pos_ce_chunk", "-1"], "pos_ce_chunk"),
+        (["--pos_ce_chunk", "64", "--pos_label", "none"], "pos_ce_chunk: only with a position"),
+        (["--pos_smoothing", "1", "--pos_label", "none"], "pos_smoothing: only with a position"),
         (["--model", "resnet50"], "model"),
         (["--mixed_precision", "fp8"], "mixed_precision"),
         (["--pos_embed", "rope"], "pos_embed"),
