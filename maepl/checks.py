@@ -93,6 +93,12 @@ def _validate_common(cfg: TrainConfig) -> None:
     _choice("dataset", cfg.dataset, ("imagefolder", "fashion-mnist", "sample"))
     _choice("mixed_precision", cfg.mixed_precision, ("auto", "bf16", "fp16", "no"))
     _check(
+        cfg.output_dir.strip() != "",
+        "output_dir",
+        "empty; the official MAE code's '' (save nothing) has no equivalent here: every run "
+        "writes its config, checkpoints and log there, so give a folder (e.g. ./output_dir)",
+    )
+    _check(
         resolve_precision(cfg.mixed_precision) != "fp16" or torch.cuda.is_available(),
         "mixed_precision",
         "fp16 needs a CUDA GPU: on a CPU Accelerate neither casts to fp16 nor scales the loss, "

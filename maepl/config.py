@@ -44,10 +44,10 @@ class TrainConfig:
     model: str | None = "mae_vit_base_patch16"  # a preset (models.encoder.PRESETS) or a timm vit_*
     input_size: int | None = None  # None: from the preset / timm model (/ the checkpoint)
     patch_size: int | None = None  # None: from the preset / timm model (/ the checkpoint)
-    in_chans: int | None = None  # image channels, 1 or 3; None: as input_size
-    embed_dim: int | None = None  # encoder width; None: as input_size
-    depth: int | None = None  # encoder blocks; None: as input_size
-    num_heads: int | None = None  # encoder attention heads; None: as input_size
+    in_chans: int | None = None  # image channels, 1 or 3; None: from the preset / timm model
+    embed_dim: int | None = None  # encoder width; None: from the preset / timm model
+    depth: int | None = None  # encoder blocks; None: from the preset / timm model
+    num_heads: int | None = None  # encoder attention heads; None: from the preset / timm model
     pos_embed: str = "sincos"  # encoder PE: sincos (fixed, MAE values) | learned | none
     # --- optimisation
     batch_size: int = 64  # per process
@@ -87,12 +87,12 @@ class TrainConfig:
     profile_start: int = 10  # optimizer steps of this launch before the profiled ones
     save_every: int = 1  # epochs between checkpoints (and at the end)
     save_every_steps: int = 0  # also save every N optimizer steps (0: off)
-    keep_last: int = 2  # checkpoints kept
+    keep_last: int = 2  # complete checkpoints kept (0: all)
     # write the main process's checkpoint files in a background thread from a copy in host
     # memory (training goes on meanwhile); false: every process waits for the files
     async_save: bool = True
     resume: str = ""  # "" | auto | path to a checkpoint folder
-    overwrite: bool = False  # allow an output_dir that holds a different run
+    overwrite: bool = False  # start over: deletes the checkpoints, logs, exports there
 
     # resolved from the preset, not user-settable
     encoder: str | None = field(default=None, metadata={"internal": True})
@@ -108,8 +108,8 @@ class PretrainConfig(TrainConfig):
         return validate_pretrain(self)
 
     decoder_embed_dim: int | None = None  # None: preset, else MAE's 512 / 8 / 16
-    decoder_depth: int | None = None  # decoder blocks; None: as decoder_embed_dim
-    decoder_num_heads: int | None = None  # decoder attention heads; None: as decoder_embed_dim
+    decoder_depth: int | None = None  # decoder blocks; None: preset, else MAE's 8
+    decoder_num_heads: int | None = None  # decoder attention heads; None: preset, else MAE's 16
     # weights to start from (continued pretraining): a maepl export or checkpoint, or an
     # official MAE .pth; a decoder or position head the file lacks starts fresh. --resume wins
     initial_checkpoint: str = ""

@@ -145,9 +145,10 @@ class Run:
         if self.read_only:
             where = f"precision {self.precision}, device {self.device}"
             return f"{self.world} process(es), evaluation only, {where}"
+        base_lr = self.lr * 256 / self.eff_batch  # --blr, or what a given --lr amounts to
         return (
             f"{self.world} process(es), effective batch {self.eff_batch} = {cfg.batch_size} x "
-            f"{cfg.accum_iter} accum x {self.world}; base lr {cfg.blr:.2e}, actual lr "
+            f"{cfg.accum_iter} accum x {self.world}; base lr {base_lr:.2e}, actual lr "
             f"{self.lr:.2e}; {self.steps_per_epoch} steps/epoch, {self.total_steps} total, "
             f"precision {self.precision}, device {self.device}"
         )

@@ -86,6 +86,7 @@ def test_unknown_yaml_key_suggests_the_right_one(tmp_path):
         (["--seed", "-1"], "seed"),  # NumPy's seed range: set_seed would fail after output_dir
         (["--std", "0"], "std: must be > 0"),
         (["--mean", "nan"], "mean: must be finite"),
+        (["--output_dir", ""], "output_dir: empty"),  # the official "save nothing"; not "."
     ],
 )
 def test_bad_values_are_rejected_with_the_key(flags, key):

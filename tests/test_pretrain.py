@@ -450,3 +450,15 @@ def test_initial_checkpoint_parts_load_on_their_own_terms(tiny_cfg, tmp_path, ca
     gone.unlink()  # validated again: the check looks for the checkpoint --resume will load
     pretrain.main(tiny_cfg(**{**vars(run), "resume": "auto", "max_steps": 2, "encoder": None}))
     assert "initial_checkpoint: not read" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("lr", [None, 4e-3])
+def test_the_start_line_states_the_base_lr_the_run_uses(tiny_cfg, lr):
+    from maepl.loop import Run
+
+    cfg = tiny_cfg(lr=lr, blr=1.5e-3, batch_size=16, accum_iter=2)
+    run = Run(cfg, "pretrain", ())
+    run.plan(320)  # effective batch 32: lr = blr * 32 / 256 unless --lr is given
+    base, actual = (1.5e-3, 1.5e-3 / 8) if lr is None else (4e-3 * 8, 4e-3)
+    assert run.lr == pytest.approx(actual)
+    assert f"base lr {base:.2e}, actual lr {actual:.2e}" in run.describe()
