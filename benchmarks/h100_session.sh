@@ -54,6 +54,24 @@ GRAPHS_ONLY=${GRAPHS_ONLY:-plain,plain_bf16s,apl_bf16s}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 log() { echo "=== $(date +%T) $*"; }
+# A device call brings back at most 8 files from $OUT: on exit (also after a timeout's
+# SIGTERM), every file there but session.log (which tee is still writing) goes into one
+# archive, $OUT/outputs.tar.gz; unpack it with `tar xzf` before reading or committing.
+MPS_STARTED=0
+pack() {
+  local n
+  n=$(find "$OUT" -type f ! -name session.log ! -name outputs.tar.gz | wc -l)
+  [ "$n" -gt 0 ] || return 0
+  tar czf /tmp/outputs.tar.gz -C "$OUT" --exclude=./session.log --exclude=./outputs.tar.gz . &&
+    find "$OUT" -mindepth 1 ! -name session.log -delete &&
+    mv /tmp/outputs.tar.gz "$OUT/" && echo "=== packed $n files into \$OUT/outputs.tar.gz"
+}
+cleanup() {
+  if [ "$MPS_STARTED" = 1 ]; then echo quit | nvidia-cuda-mps-control; fi
+  pack
+}
+trap cleanup EXIT
+trap 'exit 143' TERM
 # cap WANT seconds by what BUDGET_S leaves (minus a margin for copying results); never below
 # 1 s: `timeout 0` would mean no limit at all, and a negative one is an error
 cap() {
@@ -107,7 +125,7 @@ sec_quality() {
   if [ "$MPS" = 1 ]; then
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
     mkdir -p /tmp/mps_pipe /tmp/mps_log
-    nvidia-cuda-mps-control -d && echo "MPS started" && trap 'echo quit | nvidia-cuda-mps-control' EXIT
+    nvidia-cuda-mps-control -d && echo "MPS started" && MPS_STARTED=1
   fi
   log "quality, gpu budget: $QUALITY_PAR at once for $QUALITY_S s (MPS=$MPS)"
   reuse=(); [ -f "$REUSE" ] && reuse=(--reuse "$REUSE")

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -718,3 +719,27 @@ def test_quality_evaluation_stages_survive_a_stopped_session(tmp_path, monkeypat
     lp_answers.append(dict(top1=57.0))
     row = run_one(quality_args(resume=False))
     assert len(probed) == 4 and row["lp_cls"] == 57.0
+
+
+def test_the_device_session_packs_its_outputs_into_one_archive(tmp_path):
+    """A device call brings back at most 8 files: h100_session.sh leaves session.log (tee's)
+    and one archive of everything else, here two files of the quality section's kind."""
+    import tarfile
+
+    out = tmp_path / "out"
+    (out / "quality" / "rows").mkdir(parents=True)
+    (out / "quality" / "rows" / "mae_s0.json").write_text("{}")
+    (out / "gputests.txt").write_text("1 passed")
+    (out / "session.log").write_text("partial")
+    env = dict(os.environ, SECTIONS="no_such_section", OUT=str(out))
+    run = subprocess.run(
+        ["bash", "benchmarks/h100_session.sh"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert "unknown section 'no_such_section'" in run.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["outputs.tar.gz", "session.log"]
+    with tarfile.open(out / "outputs.tar.gz") as tar:
+        names = {m.name for m in tar.getmembers() if m.isfile()}
+        assert names == {"./quality/rows/mae_s0.json", "./gputests.txt"}
+        assert tar.extractfile("./gputests.txt").read() == b"1 passed"
+    assert (out / "session.log").read_text() == "partial"  # tee's file is left alone
