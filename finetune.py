@@ -23,6 +23,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
+from maepl.checkpoint import raise_together
 from maepl.checks import mixup_active
 from maepl.config import SHAPE_KEYS, ConfigError, FinetuneConfig, parse_config
 from maepl.data import build_finetune_transform, build_transform, default_crop_pct, load_splits
@@ -93,22 +94,26 @@ def evaluate(run: Run, model: nn.Module, raw_val, transform, cfg) -> dict[str, f
     was_training = model.training
     model.eval()
     counts = torch.zeros(3, device=run.device)  # correct@1, correct@5, images
-    skipped = []
-    for x, y, bad in loader:
-        skipped += bad
-        if not len(y):
-            continue
-        x, y = x.to(run.device), y.to(run.device)
-        with run.accelerator.autocast():
-            logits = model(x).float()
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        counts += torch.stack(
-            [
-                (top5[:, 0] == y).sum(),
-                (top5 == y[:, None]).any(1).sum(),
-                torch.tensor(len(y), device=run.device),
-            ]
-        ).float()
+    skipped, error = [], None
+    try:  # --strict_data: an unreadable image stops every process, none waits in reduce
+        for x, y, bad in loader:
+            skipped += bad
+            if not len(y):
+                continue
+            x, y = x.to(run.device), y.to(run.device)
+            with run.accelerator.autocast():
+                logits = model(x).float()
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            counts += torch.stack(
+                [
+                    (top5[:, 0] == y).sum(),
+                    (top5 == y[:, None]).any(1).sum(),
+                    torch.tensor(len(y), device=run.device),
+                ]
+            ).float()
+    except BadImageError as err:
+        error = err
+    raise_together(run.accelerator, error, "evaluation")
     # shards are disjoint and unpadded, so summing counts is exact (no gather needed)
     c1, c5, n = run.accelerator.reduce(counts, "sum").tolist()
     if skipped:  # the accuracy is over the readable images only: say so

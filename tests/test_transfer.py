@@ -425,6 +425,33 @@ def test_distributed_evaluation_counts_each_image_once(colours, tmp_path, token_
     assert f"top1={single['top1']:.2f}" in r.stdout.splitlines()[-1]
 
 
+def test_an_unreadable_image_in_distributed_evaluation_stops_every_process(
+    colours, tmp_path, token_classifier
+):
+    """--strict_data on 2 processes: the rank that reads the bad file raises, the other one
+    stops too with a PeerError naming it (before, it waited in the evaluation's reduce until
+    torchrun, seeing the first rank fail, killed it)."""
+    data = tmp_path / "data"
+    shutil.copytree(colours, data)
+    (data / "val" / "red" / "empty.png").write_bytes(b"")  # one file: one rank reads it
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [
+        *torchrun("finetune.py", 29547),
+        "--finetune",
+        str(token_classifier[0] / "export" / "last"),
+        "--data_path",
+        str(data),
+        "--eval",
+        "--strict_data",
+        *"--batch_size 4 --num_workers 0 --output_dir".split(),
+        str(tmp_path / "dist"),
+    ]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0
+    assert re.search(r"unreadable image .*empty\.png", r.stderr), r.stderr[-3000:]
+    assert "evaluation: failed on process" in r.stderr, r.stderr[-3000:]
+
+
 def test_finetune_passes_the_fused_position_loss_to_its_head(colours, tmp_path):
     args = ft_args(colours, tmp_path / "ft", "--pos_label", "rel", "--pos_ce_chunk", "16")
     model, _ = finetune.build_classifier(parse_config(FinetuneConfig, args), 3)
