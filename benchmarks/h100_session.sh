@@ -2,7 +2,7 @@
 # One prepared GPU session (one GPU: an H100 up to session 9; `status` describes an H200 in
 # session 13; ~15 minutes of device time in all, start-up included).
 # Sections, chosen with SECTIONS (comma-separated, in this order), each under its own timeout
-# so that one failure leaves the rest standing; results land in $OUT (small files only):
+# so that one failure leaves the rest standing; results land in $OUT/outputs.tar.gz (below):
 #   gputests    the tests that skip themselves without CUDA, then jpeg_decoders.py (~1 min)
 #   calib       one gpu-budget pretraining alone: eager, compiled, compiled with CUDA graphs
 #               (CALIB_MODES), 300 steps each: steps/s; then (CALIB_PROFILE=1) an eager run
@@ -51,35 +51,27 @@ REUSE=${REUSE:-benchmarks/results/quality_gpu_on_gpu.json}
 BUDGET_S=${BUDGET_S:-100000}
 THROUGHPUT_ONLY=${THROUGHPUT_ONLY:-apl,official,plain,rpl,plain_bf16s,apl_bf16s,plain_bf16w,hf}
 GRAPHS_ONLY=${GRAPHS_ONLY:-plain,plain_bf16s,apl_bf16s}
-mkdir -p "$OUT"
+# A device call brings back at most 8 files from $OUT, and the quality section alone writes
+# dozens: the sections write into a work folder, packed after each section (and on exit) into
+# one archive, $OUT/outputs.tar.gz, replaced atomically, so a call killed mid-section still
+# returns every section finished before; `tar xzf` it before reading or committing. $OUT
+# itself holds only that archive and session.log (the caller's tee).
+RESULTS=$OUT
+OUT=$(mktemp -d /tmp/maepl_work.XXXXXX)
+mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 log() { echo "=== $(date +%T) $*"; }
-# A device call brings back at most 8 files from $OUT: on exit (also after a timeout's
-# SIGTERM), every file there but session.log (which tee is still writing) goes into one
-# archive, $OUT/outputs.tar.gz; unpack it with `tar xzf` before reading or committing.
-MPS_STARTED=0
 pack() {
-  local n
-  n=$(find "$OUT" -type f ! -name session.log ! -name outputs.tar.gz | wc -l)
-  [ "$n" -gt 0 ] || return 0
-  tar czf /tmp/outputs.tar.gz -C "$OUT" --exclude=./session.log --exclude=./outputs.tar.gz . &&
-    find "$OUT" -mindepth 1 ! -name session.log -delete &&
-    mv /tmp/outputs.tar.gz "$OUT/" && echo "=== packed $n files into \$OUT/outputs.tar.gz"
+  tar czf "$RESULTS/outputs.tar.gz.part" -C "$OUT" . &&
+    mv -f "$RESULTS/outputs.tar.gz.part" "$RESULTS/outputs.tar.gz"
 }
+MPS_STARTED=0
 cleanup() {
-  if [ "$MPS_STARTED" = 1 ]; then echo quit | nvidia-cuda-mps-control; fi
-  pack
+  pack && log "packed $(find "$OUT" -type f | wc -l) files into \$OUT/outputs.tar.gz"
+  if [ "$MPS_STARTED" = 1 ]; then echo quit | timeout 20 nvidia-cuda-mps-control; fi
 }
 trap cleanup EXIT
 trap 'exit 143' TERM
-# cap WANT seconds by what BUDGET_S leaves (minus a margin for copying results); never below
-# 1 s: `timeout 0` would mean no limit at all, and a negative one is an error
-cap() {
-  local left=$((BUDGET_S - SECONDS - 30))
-  left=$(($1 < left ? $1 : left))
-  echo $((left < 1 ? 1 : left))
-}
-
 log versions
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, torchvision, timm, accelerate; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'accelerate', accelerate.__version__)"
@@ -228,13 +220,20 @@ sec_ckpt() {
   tail -4 /tmp/checkpoint_stall.txt  # into session.log: no file of its own
 }
 
+sec_selftest() {  # for tests/test_benchmarks.py on any machine: one file, then a pause
+  SELFTEST_N=$((${SELFTEST_N:-0} + 1))
+  echo "selftest $SELFTEST_N at ${SECONDS}s" > "$OUT/selftest_$SELFTEST_N.txt"
+  sleep "${SELFTEST_SLEEP:-0}"
+}
+
 for section in ${SECTIONS//,/ }; do
   if ! declare -F "sec_$section" > /dev/null; then
-    echo "unknown section '$section' (gputests, calib, quality, crops, throughput, pipeline, e2e, sdpa, graphs, cppwrap, ckpt)"
+    echo "unknown section '$section' (gputests, calib, quality, crops, throughput, pipeline, e2e, sdpa, graphs, cppwrap, ckpt, selftest)"
   elif [ $((BUDGET_S - SECONDS)) -lt 40 ]; then
     log "skipped $section: $((BUDGET_S - SECONDS)) s of BUDGET_S left"
   else
     "sec_$section"
+    pack
   fi
 done
 log end

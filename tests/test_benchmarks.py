@@ -721,25 +721,54 @@ def test_quality_evaluation_stages_survive_a_stopped_session(tmp_path, monkeypat
     assert len(probed) == 4 and row["lp_cls"] == 57.0
 
 
-def test_the_device_session_packs_its_outputs_into_one_archive(tmp_path):
-    """A device call brings back at most 8 files: h100_session.sh leaves session.log (tee's)
-    and one archive of everything else, here two files of the quality section's kind."""
+def _session_archive(out) -> dict[str, bytes]:
     import tarfile
 
+    with tarfile.open(out / "outputs.tar.gz") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def test_the_device_session_packs_its_outputs_into_one_archive(tmp_path):
+    """A device call brings back at most 8 files: h100_session.sh leaves in $OUT only the
+    caller's session.log and one archive of what its sections wrote."""
     out = tmp_path / "out"
-    (out / "quality" / "rows").mkdir(parents=True)
-    (out / "quality" / "rows" / "mae_s0.json").write_text("{}")
-    (out / "gputests.txt").write_text("1 passed")
-    (out / "session.log").write_text("partial")
-    env = dict(os.environ, SECTIONS="no_such_section", OUT=str(out))
+    out.mkdir()
+    (out / "session.log").write_text("partial")  # the caller's tee
+    env = dict(os.environ, SECTIONS="selftest,no_such_section,selftest", OUT=str(out))
     run = subprocess.run(
         ["bash", "benchmarks/h100_session.sh"], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert run.returncode == 0, run.stderr
     assert "unknown section 'no_such_section'" in run.stdout
     assert sorted(p.name for p in out.iterdir()) == ["outputs.tar.gz", "session.log"]
-    with tarfile.open(out / "outputs.tar.gz") as tar:
-        names = {m.name for m in tar.getmembers() if m.isfile()}
-        assert names == {"./quality/rows/mae_s0.json", "./gputests.txt"}
-        assert tar.extractfile("./gputests.txt").read() == b"1 passed"
-    assert (out / "session.log").read_text() == "partial"  # tee's file is left alone
+    files = _session_archive(out)
+    assert sorted(files) == ["./selftest_1.txt", "./selftest_2.txt"], files
+    assert (out / "session.log").read_text() == "partial"
+
+
+def test_a_device_session_killed_mid_section_keeps_the_sections_before(tmp_path):
+    """The device tool kills a command past its limit with its whole process group: the
+    archive, rebuilt after each section, still holds what the finished sections wrote."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    env = dict(os.environ, SECTIONS="selftest,selftest", SELFTEST_SLEEP="5", OUT=str(out))
+    proc = subprocess.Popen(
+        ["bash", "benchmarks/h100_session.sh"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "outputs.tar.gz").exists() and time.monotonic() < deadline:
+            time.sleep(0.5)  # the first section ends after its 5 s pause, then is packed
+        time.sleep(1)  # the second section has started: its file exists, unpacked
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    files = _session_archive(out)
+    assert list(files) == ["./selftest_1.txt"], files  # not the second section's
