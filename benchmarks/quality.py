@@ -437,6 +437,19 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace, out
     return row
 
 
+def num(x: float, sign: str = "") -> str:
+    """Two decimals; a small non-zero value (a collapsed position loss, 0.0002) keeps two
+    significant digits instead of printing as 0.00."""
+    return f"{x:{sign}.2f}" if x == 0 or abs(x) >= 0.005 else f"{x:{sign}.1e}"
+
+
+def mean_sd(vals: list[float], sign: str = "") -> str:
+    """``mean ± sd`` over seeds; one seed has no spread to show, so the mean alone."""
+    if len(vals) == 1:
+        return num(vals[0], sign)
+    return f"{num(statistics.mean(vals), sign)} ± {num(statistics.stdev(vals))}"
+
+
 def aggregate(rows: list[dict], keys: list[str]) -> dict[str, dict[str, str]]:
     table = {}
     for name in dict.fromkeys(r["variant"] for r in rows):
@@ -447,8 +460,7 @@ def aggregate(rows: list[dict], keys: list[str]) -> dict[str, dict[str, str]]:
             if k.startswith("pos_") and mine[0].get("pos_label") == "none":
                 vals = []  # no position head (rows of older code stored 0.0 here)
             if vals:
-                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                table[name][k] = f"{statistics.mean(vals):.2f} ± {sd:.2f}"
+                table[name][k] = mean_sd(vals)
     return table
 
 
@@ -472,9 +484,8 @@ def paired_gains(rows: list[dict], keys: list[str]) -> dict[str, dict[str, str]]
         for k in keys:
             d = [r[k] - m[k] for r, m in pairs if r.get(k) is not None and m.get(k) is not None]
             if d:
-                sd = statistics.stdev(d) if len(d) > 1 else 0.0
                 up = sum(x > 0 for x in d)
-                table[name][k] = f"{statistics.mean(d):+.2f} ± {sd:.2f} ({up}/{len(d)} up)"
+                table[name][k] = f"{mean_sd(d, '+')} ({up}/{len(d)} up)"
     return table
 
 

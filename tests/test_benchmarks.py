@@ -81,7 +81,7 @@ def test_quality_smoke_budget(tmp_path):
         for v in ("mae", "apl_drop")
     )
     d = [apl[s] - mae[s] for s in (0, 1)]
-    assert f"| apl_drop | 2 | {sum(d) / 2:+.2f} ± " in gains
+    assert f"| apl_drop | 2 | {load_script('quality').num(sum(d) / 2, '+')} ± " in gains
     assert f"({sum(x > 0 for x in d)}/2 up)" in gains
 
 
@@ -415,7 +415,7 @@ def test_quality_pairs_rows_of_the_same_seed_and_device_only():
     ]
     gains = quality.paired_gains(rows, ["probe_cls"])
     assert gains["apl_drop"] == {"seeds": "2", "probe_cls": "+0.75 ± 0.35 (2/2 up)"}
-    assert gains["apl_pe_kept"] == {"seeds": "1", "probe_cls": "+1.50 ± 0.00 (1/1 up)"}
+    assert gains["apl_pe_kept"] == {"seeds": "1", "probe_cls": "+1.50 (1/1 up)"}  # no spread
     assert "rpl_drop" not in gains
 
 
@@ -439,7 +439,7 @@ def test_quality_report_only_merges_a_finished_run_without_running_the_rest(tmp_
     res = json.loads((out / "results.json").read_text())
     assert res["rows"] == rows + [finished, on_gpu]
     assert res["not_run"] == ["mae_s1", "apl_drop_s1", "apl_pe_kept_s1", "rpl_drop_s1"]
-    assert "| apl_pe_kept | 1 | +2.50 ± 0.00 (1/1 up) |" in r.stdout
+    assert "| apl_pe_kept | 1 | +2.50 (1/1 up) |" in r.stdout
     assert "rows from 2 devices (NVIDIA H200, cpu x2;" in r.stdout
     assert "| rpl_drop | 1 | +" not in r.stdout  # listed with its mean, never paired
     assert not list((out / "logs").glob("*")) and "resumed from" not in r.stdout
@@ -474,8 +474,19 @@ def test_quality_table_has_no_position_columns_for_plain_mae():
         dict(variant="apl_drop", seed=0, pos_label="abs", pos_loss=3.37, probe_cls=77.0),
     ]
     table = quality.aggregate(rows, ["probe_cls", "pos_loss"])
-    assert "pos_loss" not in table["mae"] and table["mae"]["probe_cls"] == "75.00 ± 0.00"
-    assert table["apl_drop"]["pos_loss"] == "3.37 ± 0.00"
+    assert "pos_loss" not in table["mae"] and table["mae"]["probe_cls"] == "75.00"
+    assert table["apl_drop"]["pos_loss"] == "3.37"  # one seed: the value, no ± 0.00
+
+
+def test_quality_tables_keep_a_collapsed_position_loss_visible():
+    quality = load_script("quality")
+    rows = [
+        dict(variant="apl_pe_kept", seed=s, pos_label="abs", pos_loss=v, probe_cls=85.0 + s)
+        for s, v in ((0, 0.00021), (1, 0.00017))
+    ]
+    table = quality.aggregate(rows, ["probe_cls", "pos_loss"])
+    assert table["apl_pe_kept"]["pos_loss"] == "1.9e-04 ± 2.8e-05"  # not "0.00 ± 0.00"
+    assert table["apl_pe_kept"]["probe_cls"] == "85.50 ± 0.71"
 
 
 def test_jpeg_decoders_compares_luma_and_chroma_of_the_decoders():
