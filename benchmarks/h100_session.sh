@@ -61,6 +61,13 @@ OUT=$(mktemp -d /tmp/maepl_work.XXXXXX)
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 log() { echo "=== $(date +%T) $*"; }
+# cap WANT seconds by what BUDGET_S leaves (minus a margin for copying results); never below
+# 1 s: `timeout 0` would mean no limit at all, and a negative one is an error
+cap() {
+  local left=$((BUDGET_S - SECONDS - 30))
+  left=$(($1 < left ? $1 : left))
+  echo $((left < 1 ? 1 : left))
+}
 pack() {
   tar czf "$RESULTS/outputs.tar.gz.part" -C "$OUT" . &&
     mv -f "$RESULTS/outputs.tar.gz.part" "$RESULTS/outputs.tar.gz"
@@ -223,7 +230,7 @@ sec_ckpt() {
 sec_selftest() {  # for tests/test_benchmarks.py on any machine: one file, then a pause
   SELFTEST_N=$((${SELFTEST_N:-0} + 1))
   echo "selftest $SELFTEST_N at ${SECONDS}s" > "$OUT/selftest_$SELFTEST_N.txt"
-  sleep "${SELFTEST_SLEEP:-0}"
+  timeout "$(cap 60)" sleep "${SELFTEST_SLEEP:-0}"  # under a cap, as every section
 }
 
 for section in ${SECTIONS//,/ }; do
