@@ -74,7 +74,8 @@ pack() {
 }
 MPS_STARTED=0
 cleanup() {
-  pack && log "packed $(find "$OUT" -type f | wc -l) files into \$OUT/outputs.tar.gz"
+  pack && log "packed $(find "$OUT" -type f | wc -l) files into \$OUT/outputs.tar.gz" &&
+    rm -rf "$OUT"  # the work folder: all of it is in the archive
   if [ "$MPS_STARTED" = 1 ]; then echo quit | timeout 20 nvidia-cuda-mps-control; fi
 }
 trap cleanup EXIT

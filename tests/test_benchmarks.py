@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -746,6 +747,7 @@ def test_the_device_session_packs_its_outputs_into_one_archive(tmp_path):
     out.mkdir()
     (out / "session.log").write_text("partial")  # the caller's tee
     env = dict(os.environ, SECTIONS="selftest,no_such_section,selftest", OUT=str(out))
+    work_dirs = set(Path("/tmp").glob("maepl_work.*"))
     run = subprocess.run(
         ["bash", "benchmarks/h100_session.sh"], cwd=ROOT, env=env, capture_output=True, text=True
     )
@@ -757,6 +759,7 @@ def test_the_device_session_packs_its_outputs_into_one_archive(tmp_path):
     files = _session_archive(out)
     assert sorted(files) == ["./selftest_1.txt", "./selftest_2.txt"], files
     assert (out / "session.log").read_text() == "partial"
+    assert set(Path("/tmp").glob("maepl_work.*")) == work_dirs  # its work folder removed
 
 
 def test_a_device_session_killed_mid_section_keeps_the_sections_before(tmp_path):
@@ -767,6 +770,7 @@ def test_a_device_session_killed_mid_section_keeps_the_sections_before(tmp_path)
 
     out = tmp_path / "out"
     env = dict(os.environ, SECTIONS="selftest,selftest", SELFTEST_SLEEP="5", OUT=str(out))
+    work_dirs = set(Path("/tmp").glob("maepl_work.*"))
     proc = subprocess.Popen(
         ["bash", "benchmarks/h100_session.sh"],
         cwd=ROOT,
@@ -783,5 +787,7 @@ def test_a_device_session_killed_mid_section_keeps_the_sections_before(tmp_path)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        for left in set(Path("/tmp").glob("maepl_work.*")) - work_dirs:  # killed: no cleanup
+            shutil.rmtree(left)
     files = _session_archive(out)
     assert list(files) == ["./selftest_1.txt"], files  # not the second section's
