@@ -96,6 +96,8 @@ sec_gputests() {
   grep -E "^(FAILED|ERROR|SKIPPED)| in [0-9.]+s" "$OUT/gputests.txt" | cut -c1-300
   log "nvJPEG vs the CPU decoder (and libjpeg-turbo's repeating upsampler, if djpeg is there)"
   timeout -k 20 "$(cap 60)" python benchmarks/jpeg_decoders.py 2>&1 | tail -6
+  log "the same on random-pixel JPEGs (the chroma upsampler's worst case; session 5's test images)"
+  timeout -k 20 "$(cap 60)" python benchmarks/jpeg_decoders.py --pattern noise 2>&1 | tail -6
 }
 
 sec_calib() {

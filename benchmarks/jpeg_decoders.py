@@ -11,8 +11,11 @@ repeating each sample where libjpeg-turbo, behind PIL and torchvision's CPU deco
 For each: the mean absolute difference in RGB, in luma (ITU-R 601 Y, stored at full resolution, so
 it should only differ by rounding) and in chroma (Cb, Cr); over the decoded images and over
 GpuAugment's 224 px crops of them. Last line: ``rgb_mean_steps=<repeat>,<cuda>``.
+``--pattern noise`` writes uniform random pixels instead of photo-like content: the worst case
+for chroma upsampling (every chroma sample differs from its neighbours), as in the random-noise
+JPEGs the CUDA tests once used.
 
-    python benchmarks/jpeg_decoders.py [--images 32] [--size 256 384]
+    python benchmarks/jpeg_decoders.py [--images 32] [--size 256 384] [--pattern photo|noise]
 """
 
 from __future__ import annotations
@@ -80,13 +83,18 @@ def main() -> None:
     p.add_argument("--images", type=int, default=32)
     p.add_argument("--size", type=int, nargs=2, default=(256, 384), help="min and max side, px")
     p.add_argument("--quality", type=int, default=90)
+    p.add_argument("--pattern", choices=("photo", "noise"), default="photo")
     args = p.parse_args()
     rng = np.random.default_rng(0)
     files = []
     for _ in range(args.images):
         h, w = (int(v) for v in rng.integers(args.size[0], args.size[1] + 1, 2))
         buf = io.BytesIO()
-        Image.fromarray(photo_like(h, w, rng)).save(buf, "JPEG", quality=args.quality)
+        if args.pattern == "noise":
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        else:
+            pixels = photo_like(h, w, rng)
+        Image.fromarray(pixels).save(buf, "JPEG", quality=args.quality)
         files.append(buf.getvalue())  # PIL's default subsampling: 4:2:0
     tensors = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
     cpu, _ = decode_batch(tensors, torch.device("cpu"))
@@ -98,7 +106,10 @@ def main() -> None:
     if torch.cuda.is_available():
         others["cuda"] = decode_batch(tensors, torch.device("cuda"))[0]
         print(f"cuda: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"{args.images} JPEGs, {args.size[0]}-{args.size[1]} px, quality {args.quality}, 4:2:0")
+    print(
+        f"{args.images} {args.pattern} JPEGs, {args.size[0]}-{args.size[1]} px, "
+        f"quality {args.quality}, 4:2:0"
+    )
     augment = GpuAugment(224, 3, (0.5,) * 3, (0.5,) * 3, 0.2, seed=0, rank=0, device="cpu")
 
     def crops(images: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -492,7 +492,8 @@ def test_quality_tables_keep_a_collapsed_position_loss_visible():
 
 def test_jpeg_decoders_compares_luma_and_chroma_of_the_decoders():
     """Without djpeg or a GPU nothing is compared and it says so; with djpeg, repeated chroma
-    changes chroma far more than luma (luma is stored at full resolution)."""
+    changes chroma far more than luma (luma is stored at full resolution), and far more on
+    random-pixel JPEGs (``--pattern noise``) than on photo-like ones."""
     r = run("benchmarks/jpeg_decoders.py", "--images", "3", "--size", "48", "64")
     assert r.returncode == 0, r.stderr[-3000:]
     last = r.stdout.strip().splitlines()[-1]
@@ -505,6 +506,14 @@ def test_jpeg_decoders_compares_luma_and_chroma_of_the_decoders():
     (line,) = [s for s in r.stdout.splitlines() if s.startswith("repeat vs cpu, decoded")]
     luma, chroma = (float(line.split(k)[1].split()[0]) for k in ("luma", "chroma"))
     assert 0 < repeat and luma < chroma / 2
+    # random pixels: every chroma sample differs from its neighbours, the upsampler's worst case
+    r = run(
+        "benchmarks/jpeg_decoders.py", "--images", "3", "--size", "48", "64", "--pattern", "noise"
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "3 noise JPEGs" in r.stdout
+    noise = float(r.stdout.strip().splitlines()[-1].split("=")[1].split(",")[0])
+    assert noise > 5 * repeat, (noise, repeat)
 
 
 def test_checkpoint_stall_prints_both_stalls(tmp_path):
