@@ -100,6 +100,17 @@ def test_sample_dataset_counts(sample_train: ArrayImageDataset) -> None:
     assert isinstance(label, int)
 
 
+def test_sample_starts_with_fashion_mnists_first_training_images(sample_train) -> None:
+    """Runs without the Debian files: the digest of Fashion-MNIST's first four training images
+    (train-images-idx3-ubyte.gz, pixels after the 16-byte header; labels 9, 0, 0, 3)."""
+    import hashlib
+
+    pixels = np.stack([np.asarray(sample_train[i][0]) for i in range(4)]).tobytes()
+    digest = "f320432bdc7b92ff96201b44977275600afde76be08ab27476c01c33f16ca593"
+    assert hashlib.sha256(pixels).hexdigest() == digest
+    assert [sample_train[i][1] for i in range(4)] == [9, 0, 0, 3]
+
+
 @pytest.mark.skipif(not DEBIAN_TRAIN_IMAGES.exists(), reason="Debian Fashion-MNIST not installed")
 def test_sample_first_image_matches_debian(sample_train: ArrayImageDataset) -> None:
     with gzip.open(DEBIAN_TRAIN_IMAGES, "rb") as f:
