@@ -93,10 +93,24 @@ def test_resume_reaches_the_same_weights(tiny_cfg, tmp_path):
 
 
 def test_two_process_cpu_run_keeps_ranks_identical(tmp_path):
+    """Two processes end with the same weights: each saves its own model's final state (a
+    driver around pretrain.main), compared here tensor by tensor, beside the run's own check."""
     out = tmp_path / "dist"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import os, sys, torch, pretrain\n"
+        "from maepl.config import PretrainConfig, parse_config\n"
+        "built = []\n"
+        "build = pretrain.build_mae\n"
+        "pretrain.build_mae = lambda cfg: built.append(build(cfg)) or built[-1]\n"
+        "pretrain.main(parse_config(PretrainConfig, sys.argv[2:]))\n"
+        "state = {k: v.detach().clone() for k, v in built[0].state_dict().items()}\n"
+        "torch.save(state, f\"{sys.argv[1]}/rank{os.environ['RANK']}.pt\")\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [
-        *torchrun("pretrain.py", 29531),
+        *torchrun(str(driver), 29531),
+        str(tmp_path),
         "--model",
         "mae_vit_micro_patch4_28",
         "--dataset",
@@ -128,6 +142,12 @@ def test_two_process_cpu_run_keeps_ranks_identical(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ranks_in_sync"] is True and summary["step"] == 6
+    import yaml
+
+    ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
+    saved = config_from_dict(PretrainConfig, yaml.safe_load((out / "config.yaml").read_text()))
+    assert ranks[0].keys() == ranks[1].keys() == build_mae(saved).state_dict().keys()
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
     # one writer: each log step once, one events file, one export, rank files from both
     assert [row["step"] for row in read_log(out)] == [2, 4, 6]
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
