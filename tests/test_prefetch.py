@@ -4,6 +4,7 @@ batches as inline, raises its errors in the main thread and leaves no thread beh
 from __future__ import annotations
 
 import threading
+import time
 import traceback
 
 import psutil
@@ -122,7 +123,10 @@ def test_leaving_early_stops_the_thread_while_it_waits_on_a_full_queue():
     with Prefetcher(loader_of(raw, 32), aug, 0, 0, 10**9, "cpu") as batches:
         for _ in batches:
             break
-        assert prefetch_threads()
+        deadline = time.monotonic() + 30  # let the thread fill the queue and block on it
+        while not batches._queue.full() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert batches._queue.full() and prefetch_threads()
     assert not prefetch_threads()
 
 
