@@ -3,7 +3,8 @@
 # session 13; ~15 minutes of device time in all, start-up included).
 # Sections, chosen with SECTIONS (comma-separated, in this order), each under its own timeout
 # so that one failure leaves the rest standing; results land in $OUT/outputs.tar.gz (below):
-#   gputests    the tests that skip themselves without CUDA, then jpeg_decoders.py (~1 min)
+#   gputests    the tests that skip themselves without CUDA, then jpeg_decoders.py on
+#               photo-like and random-pixel JPEGs (~1 min)
 #   calib       one gpu-budget pretraining alone: eager, compiled, compiled with CUDA graphs
 #               (CALIB_MODES), 300 steps each: steps/s; then (CALIB_PROFILE=1) an eager run
 #               under cProfile: where the host's time goes
