@@ -273,6 +273,17 @@ def set_aside_checkpoints_after(output_dir: str | Path, step: int) -> Path | Non
     return dest
 
 
+def is_run_folder(path: str | Path) -> bool:
+    """A maepl run's output folder (its config.yaml, checkpoints/, export/), which holds
+    weights only below it."""
+    path = Path(path)
+    return (
+        (path / "config.yaml").is_file()
+        and not (path / "model.safetensors").exists()
+        and ((path / "checkpoints").is_dir() or (path / "export").is_dir())
+    )
+
+
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     """``auto``: newest complete checkpoint under output_dir (None if none); else a path."""
     if not resume:
@@ -287,6 +298,12 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
             "(step_XXXXXXXX). Weights to start from (an official MAE .pth, an export) are given "
             f"as pretrain.py's --initial_checkpoint {path} or finetune.py's and linprobe.py's "
             "--finetune; finetune.py --eval evaluates such a file given as --resume too"
+        )
+    if is_run_folder(path):
+        raise ConfigError(
+            f"resume: {path} is a run's folder, not one of its checkpoints: --resume auto "
+            f"--output_dir {path} continues its latest complete checkpoint (or give one of "
+            f"{path / 'checkpoints'}/step_XXXXXXXX)"
         )
     if not path.is_dir() or not (path / MARKER).is_file() or not (path / "state.json").is_file():
         raise ConfigError(

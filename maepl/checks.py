@@ -170,10 +170,25 @@ def _validate_common(cfg: TrainConfig) -> None:
         _check(Path(cfg.data_path).is_dir(), "data_path", f"no such folder {cfg.data_path}")
     weights = getattr(cfg, "finetune", "")  # finetune.py, linprobe.py: before the model
     _check(not weights or Path(weights).exists(), "finetune", f"no such file or folder {weights}")
+    if weights:
+        _not_a_run_folder("finetune", weights)
     if cfg.resume and cfg.resume != "auto":  # a folder that is no checkpoint: before the data
         from .checkpoint import resolve_resume
 
         resolve_resume(cfg.resume, cfg.output_dir)
+
+
+def _not_a_run_folder(key: str, path: str) -> None:
+    """The likeliest first mistake: a run's output folder given where its weights belong."""
+    from .checkpoint import is_run_folder
+
+    if is_run_folder(path):
+        exports = sorted(str(p) for p in Path(path, "export").glob("*") if p.suffix != ".json")
+        raise ConfigError(
+            f"{key}: {path} is a run's output folder, not weights; give what it exported ("
+            + (", ".join(exports) or "nothing yet")
+            + f") or one of its checkpoints ({Path(path, 'checkpoints')}/step_XXXXXXXX)"
+        )
 
 
 def _validate_resolved(cfg: TrainConfig) -> None:
@@ -222,6 +237,8 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
     _check(0 < cfg.crop_min <= 1, "crop_min", "must be in (0, 1]")
     _choice("data_pipeline", cfg.data_pipeline, ("cpu", "gpu"))
     init = cfg.initial_checkpoint
+    if init:
+        _not_a_run_folder("initial_checkpoint", init)
     if init and not Path(init).exists():  # unread when --resume finds a checkpoint
         from .checkpoint import resolve_resume
 
@@ -292,16 +309,12 @@ def validate_finetune(cfg: FinetuneConfig) -> FinetuneConfig:
     if cfg.aa is not None and cfg.aa.lower() in ("none", "null", ""):  # YAML: aa: none
         cfg = dataclasses.replace(cfg, aa=None)
     _check(cfg.color_jitter is None or cfg.color_jitter >= 0, "color_jitter", "must be >= 0")
-    for key in (
-        "drop_path",
-        "smoothing",
-        "mixup",
-        "cutmix",
-        "reprob",
-        "mixup_prob",
-        "mixup_switch_prob",
-    ):
-        _check(getattr(cfg, key) >= 0, key, "must be >= 0")
+    for key in ("mixup", "cutmix"):  # Beta distribution concentrations (0: off)
+        _check(cfg.__dict__[key] >= 0, key, "must be >= 0")
+    for key in ("reprob", "mixup_prob", "mixup_switch_prob"):  # probabilities
+        _check(0 <= cfg.__dict__[key] <= 1, key, f"must be in [0, 1], got {cfg.__dict__[key]}")
+    for key in ("drop_path", "smoothing"):  # 1 would drop every block, or every label
+        _check(0 <= cfg.__dict__[key] < 1, key, f"must be in [0, 1), got {cfg.__dict__[key]}")
     _check(0 < cfg.layer_decay <= 1, "layer_decay", "must be in (0, 1]")
     mm = cfg.cutmix_minmax
     _check(

@@ -261,6 +261,26 @@ def test_yaml_spellings_the_command_line_accepts(tmp_path):
         parse_config(FinetuneConfig, ["--config", str(y), "--model", "vit_tiny_patch16_224"])
 
 
+@pytest.mark.parametrize(
+    "flag, value, says",
+    [
+        ("smoothing", "1.0", r"\[0, 1\)"),  # timm's LabelSmoothingCrossEntropy asserts < 1
+        ("drop_path", "1.5", r"\[0, 1\)"),  # a keep probability of -0.5 in the first step
+        ("reprob", "2", r"\[0, 1\]"),
+        ("mixup_prob", "3", r"\[0, 1\]"),
+        ("mixup_switch_prob", "-0.1", r"\[0, 1\]"),
+        ("mixup", "-1", ">= 0"),
+    ],
+)
+def test_finetune_rates_out_of_range_are_refused_before_the_run(flag, value, says, tmp_path):
+    """Refused while parsing, so no run folder is claimed (a traceback from timm after
+    config.yaml was written made the corrected command meet 'already holds a run')."""
+    out = ["--output_dir", str(tmp_path / "run")]
+    with pytest.raises(ConfigError, match=rf"{flag}: must be (in )?{says}"):
+        parse_config(FinetuneConfig, FT + out + [f"--{flag}", value])
+    assert not (tmp_path / "run").exists()
+
+
 def test_finetune_colour_jitter_only_when_asked_as_in_mae():
     from torchvision import transforms
 
