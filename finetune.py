@@ -1,7 +1,7 @@
 """Fine-tune a pretrained ViT (or train one from scratch) with MAE's recipe, on Accelerate.
 
     python finetune.py --finetune output/quickstart/export/encoder --dataset sample --epochs 10
-    python finetune.py --model vit_base_patch16_224 --finetune mae_pretrain_vit_base.pth \
+    python finetune.py --model vit_base_patch16_224 --finetune mae_pretrain_vit_base.pth \\
         --data_path /imagenet --blr 5e-4 --layer_decay 0.65 --epochs 100
     python finetune.py --finetune runs/ft/export/best --eval --dataset sample
 
@@ -217,9 +217,11 @@ def main(cfg: FinetuneConfig) -> dict:
         run.close()
         return top
 
+    evaluated: dict[int, dict] = {}  # step -> accuracy: the final weights are evaluated once
+
     def on_epoch_end() -> None:
         nonlocal best
-        top = evaluate(run, clf.vit, raw_val, val_tf, cfg)
+        top = evaluated[run.step] = evaluate(run, clf.vit, raw_val, val_tf, cfg)
         run.log({f"val_{k}": v for k, v in top.items()})
         run.accelerator.print(
             f"epoch {run.epoch}: val top1 {top['top1']:.2f} "
@@ -268,8 +270,8 @@ def main(cfg: FinetuneConfig) -> dict:
 
     # ------------------------------------------------------------------ finish
     summary = run.finish()
-    if not run.stopped:
-        top = evaluate(run, clf.vit, raw_val, val_tf, cfg)
+    if not run.stopped:  # the last epoch's figures, unless --max_steps ended it early
+        top = evaluated.get(run.step) or evaluate(run, clf.vit, raw_val, val_tf, cfg)
         summary.update(top, best_top1=max(best, top["top1"]))
         export("last", top)
         if top["top1"] > best:

@@ -2,7 +2,7 @@
 
     python linprobe.py --finetune output/quickstart/export/encoder --dataset sample --epochs 10
     python linprobe.py --finetune output/quickstart/export/encoder --dataset sample --knn
-    python linprobe.py --model vit_base_patch16_224 --finetune mae_pretrain_vit_base.pth \
+    python linprobe.py --model vit_base_patch16_224 --finetune mae_pretrain_vit_base.pth \\
         --data_path /imagenet --batch_size 512 --accum_iter 32   # MAE's effective 16384
 
 Head: BatchNorm1d(affine=False, eps 1e-6) + Linear (init std 0.01) on the CLS token after
@@ -107,17 +107,18 @@ def main(cfg: LinprobeConfig) -> dict:
     set_seed(cfg.seed)
     model, report = build_probe(cfg, nb_classes)
     run = Run(cfg, "linprobe", LP_ARCH_KEYS)
-    loader, sampler = run.train_loader(dataset)
     if cfg.finetune:
         run.accelerator.print("; ".join([f"encoder from {cfg.finetune}", *report["notes"]]))
 
-    if cfg.knn:  # cheap check: frozen, un-augmented features, no training
+    if cfg.knn:  # cheap check: frozen, un-augmented features, no training (so no step plan:
+        # a training split smaller than one batch is fine here)
         top1 = knn_probe(run, model, raw_train, raw_val, val_tf, cfg)
         run.accelerator.print(f"knn_top1={top1:.2f}")
         run.write_summary({"knn_top1": top1})
         run.close()
         return {"knn_top1": top1}
 
+    loader, sampler = run.train_loader(dataset)
     optimizer = Lars(lars_groups(model.head, cfg.weight_decay), lr=run.lr, momentum=0.9)
     model, optimizer = run.prepare(model, optimizer, cfg.seed)
     probe = run.unwrapped
@@ -132,8 +133,10 @@ def main(cfg: LinprobeConfig) -> dict:
         run.close()
         return top
 
+    evaluated: dict[int, dict] = {}  # step -> accuracy: the final weights are evaluated once
+
     def on_epoch_end() -> None:
-        top = evaluate(run, probe, raw_val, val_tf, cfg)
+        top = evaluated[run.step] = evaluate(run, probe, raw_val, val_tf, cfg)
         run.log({f"val_{k}": v for k, v in top.items()})
         run.accelerator.print(
             f"epoch {run.epoch}: val top1 {top['top1']:.2f} top5 {top['top5']:.2f}"
@@ -149,8 +152,8 @@ def main(cfg: LinprobeConfig) -> dict:
         run.end_micro(dict(loss=loss))
 
     summary = run.finish()
-    if not run.stopped:
-        top = evaluate(run, probe, raw_val, val_tf, cfg)
+    if not run.stopped:  # the last epoch's figures, unless --max_steps ended it early
+        top = evaluated.get(run.step) or evaluate(run, probe, raw_val, val_tf, cfg)
         summary.update(top)
         run.accelerator.print(f"top1={top['top1']:.2f} top5={top['top5']:.2f}")
         run.write_summary(summary)

@@ -41,7 +41,9 @@ class TrainConfig:
     """Keys shared by pretrain.py, finetune.py and linprobe.py (MAE's names where it has one)."""
 
     # --- model
-    model: str | None = "mae_vit_base_patch16"  # a preset (models.encoder.PRESETS) or a timm vit_*
+    # a preset: mae_vit_base_patch16 | mae_vit_large_patch16 | mae_vit_huge_patch14 (MAE's) |
+    # mae_vit_tiny_patch4_28 | mae_vit_micro_patch4_28 | mae_vit_small_patch4_32; or a timm vit_*
+    model: str | None = "mae_vit_base_patch16"
     input_size: int | None = None  # None: from the preset / timm model (/ the checkpoint)
     patch_size: int | None = None  # None: from the preset / timm model (/ the checkpoint)
     in_chans: int | None = None  # image channels, 1 or 3; None: from the preset / timm model
@@ -202,7 +204,7 @@ class LinprobeConfig(TrainConfig):
     global_pool: str = "token"  # token (CLS after the final norm) | avg (mean of patch tokens)
     batch_size: int = 512
     blr: float = 0.1
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # LARS weight decay, on the head's weight matrix only (MAE: 0)
     epochs: int = 90
     warmup_epochs: float = 10
     crop_pct: float | None = None  # eval resize = input_size / crop_pct; None: as finetune.py

@@ -89,6 +89,11 @@ class Run:
         if self._resume_from is not None:  # refused here, before any model is built
             saved = check_architecture(self._resume_from, cfg, arch_keys)
             self.changed = changed_settings(saved, cfg)
+            if "finetune" in arch_keys and saved.get("finetune") != cfg.finetune:
+                acc.print(  # accepted by check_architecture: moved, or another path to it
+                    f"note: resume: the encoder was read from {saved.get('finetune')} "
+                    f"(now {cfg.finetune or 'not given'}); the checkpoint's copy is resumed"
+                )
             if not self.read_only:
                 missing = check_schedule(self._resume_from, self._schedule())
                 if missing:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -129,13 +130,33 @@ def check_schedule(ckpt: Path, now: dict[str, int]) -> list[str]:
     return [k for k in SCHEDULE_KEYS if saved.get(k) is None]
 
 
+def same_weights(saved: str | None, now: str | None) -> bool:
+    """Whether a resumed probe's recorded ``--finetune`` and the command's name the same
+    encoder: the same string, or the same file or folder (relative or absolute). A recorded
+    path that no longer exists (the export moved) cannot be compared: the checkpoint holds the
+    frozen encoder it was trained on, and that is what the resume loads."""
+    if saved == now:
+        return True
+    if not saved:  # the probe was trained on a random encoder
+        return False
+    if not Path(saved).exists():
+        return True
+    return bool(now) and Path(now).exists() and os.path.samefile(saved, now)
+
+
 def check_architecture(ckpt: Path, cfg, arch_keys: tuple[str, ...]) -> dict:
     """Refuse to resume ``ckpt`` under other values of ``arch_keys``; returns its config."""
     saved = read_state(ckpt).get("config", {})
-    changed = [k for k in arch_keys if saved.get(k) != getattr(cfg, k)]
+    changed = [
+        k
+        for k in arch_keys
+        if saved.get(k) != getattr(cfg, k)
+        and not (k == "finetune" and same_weights(saved.get(k), cfg.finetune))
+    ]
     if changed:
         raise ConfigError(
-            f"resume: {ckpt} was trained with other values of {', '.join(changed)} "
-            f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)})"
+            f"resume: {ckpt} was trained with other values of {', '.join(changed)} ("
+            + ", ".join(f"{k}={saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in changed)
+            + ")"
         )
     return saved

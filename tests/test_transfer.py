@@ -346,6 +346,11 @@ def test_linprobe_beats_chance_and_knn(colours, pretrained, tmp_path):
     )
     assert knn["knn_top1"] > 60
     assert json.loads((tmp_path / "k" / "summary.json").read_text()) == knn
+    # kNN trains nothing: a batch larger than the 120 training images is no reason to refuse
+    big = ["--knn", "--batch_size", "512", "--output_dir", str(tmp_path / "k512")]
+    assert linprobe.main(parse_config(LinprobeConfig, args + big))["knn_top1"] == pytest.approx(
+        knn["knn_top1"]
+    )
     # --knn --eval on the probe's own run reads its checkpoint and writes nothing there (its
     # summary.json used to be replaced by the kNN figure)
     before = files_of(tmp_path / "lp")
@@ -685,9 +690,13 @@ def test_eval_resume_auto_takes_the_trained_settings(colours, pretrained, tmp_pa
     train += ["--crop_pct", "0.8", "--mean", "0.4", "0.5", "0.6", "--std", "0.2", "0.25", "0.3"]
     train += "--epochs 1 --warmup_epochs 0 --batch_size 8".split()
     recipe = "--pos_label abs --blr 5e-2 --aa null --mixup 0 --cutmix 0 --reprob 0".split()
-    trained = finetune.main(
-        parse_config(FinetuneConfig, train + recipe + ["--output_dir", str(ft)])
-    )
+    calls, evaluate = [], finetune.evaluate
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(finetune, "evaluate", lambda *a: calls.append(1) or evaluate(*a))
+        trained = finetune.main(
+            parse_config(FinetuneConfig, train + recipe + ["--output_dir", str(ft)])
+        )
+    assert len(calls) == 1  # the epoch's evaluation is the final one (not repeated)
     bare = ["--eval", "--resume", "auto", "--num_workers", "0"]
     cfg = parse_config(FinetuneConfig, bare + ["--output_dir", str(ft)])
     got = (cfg.pos_label, cfg.crop_pct, cfg.mean, cfg.std, cfg.data_path, cfg.encoder)
@@ -710,6 +719,53 @@ def test_eval_resume_auto_takes_the_trained_settings(colours, pretrained, tmp_pa
     cfg = parse_config(LinprobeConfig, bare + ["--output_dir", str(lp)])
     assert (cfg.global_pool, cfg.crop_pct, cfg.finetune) == ("avg", 0.8, enc)
     assert linprobe.main(cfg)["top1"] == pytest.approx(first["top1"])
+
+
+def test_a_run_folder_given_for_its_weights_names_what_to_give(pretrained):
+    run = str(pretrained)
+    export = re.escape(str(pretrained / "export" / "encoder"))
+    data = ["--dataset", "sample"]
+    for cls, key in ((FinetuneConfig, "finetune"), (LinprobeConfig, "finetune")):
+        with pytest.raises(ConfigError, match=rf"{key}: .* a run's output folder.*{export}"):
+            parse_config(cls, [*data, "--finetune", run])
+    with pytest.raises(ConfigError, match=rf"initial_checkpoint: .*run's output folder.*{export}"):
+        parse_config(PretrainConfig, [*data, "--initial_checkpoint", run])
+    ft = [*data, "--model", "vit_tiny_patch16_224", "--resume", run]
+    with pytest.raises(ConfigError, match=rf"resume: .*--resume auto --output_dir {run} "):
+        parse_config(FinetuneConfig, ft)
+
+
+def test_a_probe_resumes_with_its_encoder_moved_or_named_another_way(
+    colours, pretrained, tmp_path, monkeypatch, capsys
+):
+    """The probe's checkpoint holds its frozen encoder: another spelling of the export's path,
+    or the export moved (given at its new place, or not at all), still resumes; a different
+    encoder is refused, naming both paths."""
+    shutil.copytree(pretrained / "export" / "encoder", tmp_path / "enc")
+    shutil.copytree(pretrained / "export" / "encoder", tmp_path / "other")
+    monkeypatch.chdir(tmp_path)
+    data = ["--data_path", str(colours), "--num_workers", "0", "--output_dir", "lp"]
+    train = [*data, "--finetune", str(tmp_path / "enc"), "--global_pool", "avg"]
+    train += "--epochs 2 --warmup_epochs 0 --batch_size 8 --blr 10".split()
+    calls = []
+    monkeypatch.setattr(linprobe, "evaluate", lambda *a: calls.append(1) or finetune.evaluate(*a))
+    first = linprobe.main(parse_config(LinprobeConfig, train))
+    assert len(calls) == 2  # once an epoch; the final figures are the last epoch's
+    logged = [r["val_top1"] for r in map(json.loads, open("lp/log.jsonl")) if "val_top1" in r]
+    assert logged[-1] == first["top1"]
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    bare = [*data, "--eval", "--resume", "auto"]
+    for path in ("enc", "./enc/"):  # relative, where the run recorded an absolute path
+        cfg = parse_config(LinprobeConfig, [*bare, "--finetune", path])
+        assert linprobe.main(cfg)["top1"] == pytest.approx(first["top1"])
+    assert "the checkpoint's copy is resumed" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=rf"finetune='{tmp_path}/enc', now 'other'"):
+        linprobe.main(parse_config(LinprobeConfig, [*bare, "--finetune", "other"]))
+    (tmp_path / "enc").rename(tmp_path / "moved")
+    for given in ([], ["--finetune", "moved"]):
+        cfg = parse_config(LinprobeConfig, bare + given)
+        assert linprobe.main(cfg)["top1"] == pytest.approx(first["top1"])
 
 
 def test_eval_of_a_checkpoint_leaves_its_run_as_it_was(colours, token_classifier, tmp_path):
