@@ -310,11 +310,11 @@ def validate_finetune(cfg: FinetuneConfig) -> FinetuneConfig:
         cfg = dataclasses.replace(cfg, aa=None)
     _check(cfg.color_jitter is None or cfg.color_jitter >= 0, "color_jitter", "must be >= 0")
     for key in ("mixup", "cutmix"):  # Beta distribution concentrations (0: off)
-        _check(cfg.__dict__[key] >= 0, key, "must be >= 0")
+        _check(getattr(cfg, key) >= 0, key, "must be >= 0")
     for key in ("reprob", "mixup_prob", "mixup_switch_prob"):  # probabilities
-        _check(0 <= cfg.__dict__[key] <= 1, key, f"must be in [0, 1], got {cfg.__dict__[key]}")
+        _check(0 <= getattr(cfg, key) <= 1, key, f"must be in [0, 1], got {getattr(cfg, key)}")
     for key in ("drop_path", "smoothing"):  # 1 would drop every block, or every label
-        _check(0 <= cfg.__dict__[key] < 1, key, f"must be in [0, 1), got {cfg.__dict__[key]}")
+        _check(0 <= getattr(cfg, key) < 1, key, f"must be in [0, 1), got {getattr(cfg, key)}")
     _check(0 < cfg.layer_decay <= 1, "layer_decay", "must be in (0, 1]")
     mm = cfg.cutmix_minmax
     _check(
