@@ -3,6 +3,8 @@ with a non-finite gradient norm skipped, counted, and stopped when too many come
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import signal
 import threading
 from collections.abc import Callable
@@ -16,9 +18,32 @@ WORKER_GRACE_S = 600
 
 
 def _worker_sigterm(_signum, _frame) -> None:
-    # outlive the main process's step boundary, then go: multiprocessing's exit handler also
-    # stops workers with SIGTERM, and a worker that ignored it for good would hang the exit
+    # outlive the main process's step boundary, then go (a worker that ignored SIGTERM for good
+    # would outlive a main process that is gone)
     signal.alarm(WORKER_GRACE_S)
+
+
+def kill_workers_at_exit() -> None:
+    """Main process, once: at exit, kill the DataLoader workers still alive. multiprocessing's
+    own exit handler stops daemonic children with SIGTERM and then joins them; our workers
+    outlive SIGTERM, so a main process that an exception ended with its loader's workers still
+    running (the loop's generator kept alive by the traceback) waited WORKER_GRACE_S in that
+    join. atexit runs handlers last-registered first, so this one runs before it."""
+    global _reaper
+    if _reaper is None:
+        _reaper = atexit.register(_kill_daemonic_children)
+
+
+_reaper = None
+
+
+def _kill_daemonic_children() -> None:
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if children and threading.current_thread() is threading.main_thread():
+        # torch's SIGCHLD handler would report the killed workers as the run's last error
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:  # DataLoader workers: what multiprocessing's handler terminates
+        child.kill()
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
@@ -133,8 +158,12 @@ class NonfiniteSteps:
             if bad:
                 report(step)
             if self.run >= self.max_run:
+                good = (
+                    f"the last checkpoint (step {last_saved}) holds finite weights"
+                    if last_saved >= 0
+                    else "no checkpoint was saved before them"
+                )
                 raise FloatingPointError(
                     f"step {step}: {self.run} consecutive steps with a non-finite gradient norm "
-                    f"(max_nonfinite={self.max_run}); the last checkpoint (step {last_saved}) "
-                    "holds finite weights"
+                    f"(max_nonfinite={self.max_run}); {good}"
                 )

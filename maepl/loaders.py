@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .data import Transform
-from .guard import ignore_stop_signals
+from .guard import ignore_stop_signals, kill_workers_at_exit
 
 _MASK64 = (1 << 64) - 1
 
@@ -202,11 +202,16 @@ def eval_loader(
     Unreadable images come back named in each batch's third item (``strict``: raise)."""
     ds = SeededTransformDataset(dataset, transform, seed=0, strict=strict)
     shard = list(range(rank, len(ds), num_replicas))
+    if num_workers:
+        kill_workers_at_exit()
     return torch.utils.data.DataLoader(
         torch.utils.data.Subset(ds, shard),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=collate_drop_bad,
+        # a signal to the process group during an evaluation stops the run at its next step
+        # boundary: the workers must outlive it as the training loader's do
+        worker_init_fn=ignore_stop_signals,
     )
 
 
@@ -219,6 +224,8 @@ def train_loader(
     A dataset with its own ``collate_fn`` (encoded files, ``maepl.encoded``) batches with it.
     """
     sampler = ShardedSampler(len(dataset), num_replicas, rank, cfg.seed, with_epoch=True)
+    if cfg.num_workers:
+        kill_workers_at_exit()
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=cfg.batch_size,

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -617,6 +618,57 @@ def test_train_and_val_with_other_class_folders_are_refused(script, tmp_path):
     with pytest.raises(ConfigError, match=rf"{train} and {val} .*\['green'\].*\['teal'\]"):
         mod.main(cfg)
     assert not (tmp_path / "out").exists()  # refused before the run started
+
+
+@pytest.mark.parametrize("event", ["sigterm", "error"])
+def test_a_sigterm_or_an_error_during_evaluation_with_workers(event, colours, tmp_path):
+    """sigterm: a scheduler signals the whole process group during the epoch's evaluation; the
+    validation loader's workers outlive it as the training loader's do, and the run stops at
+    the next step with a checkpoint (before session 19 they died, and the run failed with
+    "DataLoader worker exited unexpectedly", unsaved). error: an exception there ends the run
+    at once with that error last (before, the exit waited 10 minutes on the training loader's
+    workers, which outlive the SIGTERM that multiprocessing's exit handler sends)."""
+    action = "os.killpg(0, signal.SIGTERM)" if event == "sigterm" else "raise OSError('planted')"
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import os, signal, sys, time, finetune\n"
+        "from maepl.config import FinetuneConfig, parse_config\n"
+        "make = finetune.eval_loader\n"
+        "class Eventful:\n"
+        "    def __init__(self, loader): self.loader = loader\n"
+        "    def __iter__(self):\n"
+        "        it = iter(self.loader)\n"
+        "        yield next(it)  # the workers are running now\n"
+        f"        {action}  # a signal: this process and its workers\n"
+        "        time.sleep(1)\n"
+        "        yield from it\n"
+        "finetune.eval_loader = lambda *a, **k: Eventful(make(*a, **k))\n"
+        "finetune.main(parse_config(FinetuneConfig, sys.argv[1:]))\n"
+    )
+    out = tmp_path / "ft"
+    args = ft_args(colours, out, *"--epochs 3 --aa null --mixup 0 --cutmix 0".split())
+    args[args.index("--num_workers") + 1] = "1"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    start = time.time()
+    r = subprocess.run(
+        [sys.executable, str(driver), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        start_new_session=True,  # its own process group: the signal reaches no test process
+    )
+    if event == "error":
+        assert r.returncode != 0 and r.stderr.strip().endswith("OSError: planted"), r.stderr
+        assert time.time() - start < 90  # not the workers' 600 s grace
+        return
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "DataLoader worker" not in r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by_signal"] is True
+    assert (out / "checkpoints" / f"step_{summary['step']:08d}" / "COMPLETE").is_file()
+    assert summary["step"] < 3 * 15  # stopped in the second epoch, not run to the end
 
 
 def test_finetune_ranks_draw_their_own_noise(colours, tmp_path):
