@@ -55,7 +55,7 @@ def check_overwrite_keeps_sources(cfg) -> None:
         return
     out = Path(cfg.output_dir).resolve()
     doomed = [out / name for name in OVERWRITTEN]
-    for key in ("finetune", "resume", "initial_checkpoint"):
+    for key in ("finetune", "initial_checkpoint"):
         value = getattr(cfg, key, "") or ""
         if not value or value == "auto" or not Path(value).exists():
             continue

@@ -84,6 +84,8 @@ def test_unknown_yaml_key_suggests_the_right_one(tmp_path):
         (["--compile", "--compile_mode", "reduce-overhead", "--accum_iter", "2"], "accum_iter=2"),
         (["--compile", "--compile_mode", "max-autotune", "--accum_iter", "4"], "CUDA graphs"),
         (["--seed", "-1"], "seed"),  # NumPy's seed range: set_seed would fail after output_dir
+        (["--seed", "4294967"], r"seed: must be in \[0, 4294967\)"),  # seed*1000+rank < 2**32
+        (["--model", "vit_base_patch14_reg4_dinov2"], "model: .*no register tokens"),
         (["--std", "0"], "std: must be > 0"),
         (["--mean", "nan"], "mean: must be finite"),
         (["--output_dir", ""], "output_dir: empty"),  # the official "save nothing"; not "."
@@ -160,6 +162,18 @@ def test_official_mae_flags_run_or_say_why_not(capsys):
     ]:
         with pytest.raises(ConfigError, match=says):
             parse_config(FinetuneConfig, FT + flag)
+    # refused by name in all three scripts
+    for flag, says in [
+        (["--log_dir", "x"], "log_dir: .*<output_dir>/tensorboard"),
+        (["--device", "cuda"], "device: .*CUDA_VISIBLE_DEVICES"),
+        (["--world_size", "8"], "world_size: .*torchrun"),
+        (["--dist_url", "env://"], "dist_url: .*torchrun"),
+        (["--dist_on_itp"], "dist_on_itp: .*torchrun"),
+        (["--start_epoch", "3"], "start_epoch: .*--resume"),
+    ]:
+        for cls in (PretrainConfig, FinetuneConfig, LinprobeConfig):
+            with pytest.raises(ConfigError, match=says):
+                parse_config(cls, FT + flag)
     # another maepl script's way to start from weights names that script's flag
     with pytest.raises(ConfigError, match="initial_checkpoint: not a flag .*--finetune"):
         parse_config(FinetuneConfig, FT + ["--initial_checkpoint", "w.pth"])

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import multiprocessing
 import os
 import pickle
 import re
@@ -26,7 +27,7 @@ from maepl.checkpoint import complete_checkpoints, resolve_resume, step_of
 from maepl.config import ConfigError, PretrainConfig, parse_config
 from maepl.data import build_dataset, build_transform
 from maepl.export import export_encoder
-from maepl.guard import StopFlag
+from maepl.guard import StopFlag, ignore_stop_signals
 from maepl.loaders import BadImageError, SeededTransformDataset, collate_skip_bad
 from maepl.metrics import LogWindow
 
@@ -478,6 +479,41 @@ def test_an_error_on_the_main_process_stops_every_process(tmp_path, where, flags
 
 
 # ---------------------------------------------------------------------------- 3. preemption
+def _worker_after_ignore_stop_signals(ready) -> None:
+    ignore_stop_signals()
+    ready.set()
+    time.sleep(60)
+
+
+def test_sigint_sets_the_flag_a_second_stops_at_once_and_workers_outlive_both():
+    before = signal.getsignal(signal.SIGINT)
+    stop = StopFlag(install=True)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs before the next bytecode
+        assert stop.agreed()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is before
+    # a DataLoader worker (its worker_init_fn): Ctrl-C and a scheduler's SIGTERM to the group
+    # leave it running, so the main process can still read batches until it has saved
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    worker = ctx.Process(target=_worker_after_ignore_stop_signals, args=(ready,), daemon=True)
+    worker.start()
+    try:
+        assert ready.wait(30)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGTERM):
+            os.kill(worker.pid, sig)
+        time.sleep(0.5)
+        assert worker.is_alive()
+    finally:
+        worker.kill()
+        worker.join(10)
+
+
 def test_sigterm_on_one_rank_stops_both_cleanly_and_resumes(tmp_path):
     out = tmp_path / "dist"
     base = [
@@ -619,8 +655,16 @@ def test_consecutive_nonfinite_steps_stop_the_run_naming_the_step(tiny_cfg, monk
     if fused:
         fused_adamw(monkeypatch)
     poison(monkeypatch, "all")
-    with pytest.raises(FloatingPointError, match="step 3: 3 consecutive"):
+    with pytest.raises(FloatingPointError, match="step 3: 3 consecutive.*no checkpoint was saved"):
         pretrain.main(tiny_cfg(max_steps=8, max_nonfinite=3))
+    # good steps 1-2, then bad ones, saved every 2 steps: the error names the last checkpoint
+    # (before session 19, without any checkpoint it named "step -1")
+    poison(monkeypatch, {3, 4, 5, 6, 7, 8})
+    cfg = tiny_cfg(max_steps=8, max_nonfinite=3, save_every_steps=2, overwrite=True)
+    # (step 4 was skipped: saved with the weights of step 2, finite)
+    with pytest.raises(FloatingPointError, match=r"step 5: 3 .*last checkpoint \(step 4\) holds"):
+        pretrain.main(cfg)
+    assert (Path(cfg.output_dir) / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
 
 
 def test_log_window_leaves_nonfinite_micro_batches_out_and_sums_over_ranks():
