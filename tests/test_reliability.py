@@ -912,6 +912,18 @@ def test_pretraining_over_bad_images_logs_them(tmp_path):
     events = [json.loads(r) for r in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     files = [f for e in events if e.get("event") == "bad_images" for f in e["files"]]
     assert len(files) == 2 and any("empty.JPEG" in f for f in files)
+    # each event carries the step its batch trained: the file's place in epoch 0's order
+    # (the permutation of seed 0 + epoch 0, 4 images a step), worked out here independently
+    paths = [path for path, _ in build_dataset("imagefolder", str(tmp_path / "data"), True).samples]
+    order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0)).tolist()
+    want = {paths[i]: pos // 4 + 1 for pos, i in enumerate(order)}
+    tagged = {
+        f.split(": ")[0]: e["step"]
+        for e in events
+        if e.get("event") == "bad_images"
+        for f in e["files"]
+    }
+    assert tagged == {path: want[path] for path in tagged}, (tagged, want)
     with pytest.raises(BadImageError, match=r"unreadable image .*\.JPEG"):
         pretrain.main(parse_config(PretrainConfig, args + ["--strict_data", "--overwrite"]))
 
@@ -1277,12 +1289,21 @@ def test_exact_resume_of_finetune_and_linprobe(script, monkeypatch, tmp_path):
     def run(out, *extra):
         return mod.main(parse_config(cls, args + ["--output_dir", str(tmp_path / out), *extra]))
 
-    run("ref")
+    ref = run("ref")
     StopAtMicroStep.k = 7  # mid-accumulation of step 4
     monkeypatch.setattr(maepl.loop, "StopFlag", StopAtMicroStep)
     assert run("cut")["stopped_by_signal"]
     monkeypatch.undo()
-    run("cut", "--resume", "auto", "--num_workers", "2")
+    cut = run("cut", "--resume", "auto", "--num_workers", "2")
     final = "checkpoints/step_00000006"
     for f in ("model.safetensors", "optimizer.safetensors"):
         tensors_equal(tmp_path / "ref" / final / f, tmp_path / "cut" / final / f)
+    # counters, lr and the optimizer's groups; the accuracy; fine-tuning's export
+    states = [json.loads((tmp_path / r / final / "state.json").read_text()) for r in ("ref", "cut")]
+    for key in ("step", "epoch", "batch_in_epoch"):
+        assert states[0][key] == states[1][key], key
+    assert states[0]["optimizer"]["param_groups"] == states[1]["optimizer"]["param_groups"]
+    assert (ref["top1"], ref["top5"]) == (cut["top1"], cut["top5"])
+    if script == "finetune":
+        last = "export/last/model.safetensors"
+        tensors_equal(tmp_path / "ref" / last, tmp_path / "cut" / last)

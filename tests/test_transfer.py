@@ -230,6 +230,35 @@ def test_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("form", ["pickle", "torch.save"])
+def test_a_pth_that_would_run_code_is_refused_by_every_script(form, colours, tmp_path, monkeypatch):
+    """End to end, as each script meets such a file: pretrain.py --initial_checkpoint,
+    finetune.py --finetune, the official `--eval --resume file.pth`, linprobe.py --finetune."""
+    marker = tmp_path / "ran"
+    monkeypatch.setenv("MAEPL_MARKER", str(marker))
+    evil = tmp_path / "evil.pth"
+    obj = {"model": {"w": Payload()}}
+    evil.write_bytes(pickle.dumps(obj)) if form == "pickle" else torch.save(obj, evil)
+    pre = ["--model", "vit_tiny_patch16_224", *SHAPE, "--in_chans", "3", "--dataset", "sample"]
+    pre += ["--max_steps", "1", "--batch_size", "4", "--num_workers", "0"]
+    runs = [
+        (pretrain, PretrainConfig, [*pre, "--initial_checkpoint", str(evil)]),
+        (finetune, FinetuneConfig, ft_args(colours, tmp_path / "ft", "--finetune", str(evil))),
+        (
+            finetune,
+            FinetuneConfig,
+            ft_args(colours, tmp_path / "ev", "--eval", "--resume", str(evil)),
+        ),
+        (linprobe, LinprobeConfig, ft_args(colours, tmp_path / "lp", "--finetune", str(evil))),
+    ]
+    for i, (mod, cls, args) in enumerate(runs):
+        out = ["--output_dir", str(tmp_path / f"run{i}")]
+        with pytest.raises(ConfigError, match=rf"{re.escape(str(evil))} needs more than tensors"):
+            mod.main(parse_config(cls, args + out))
+        assert not marker.exists()
+        assert not (tmp_path / f"run{i}").exists()  # refused before the run wrote anything
+
+
 def test_pos_embed_resampled_and_added_for_pe_free_encoders(pretrained, tmp_path):
     model = tiny_vit(img_size=32, num_classes=3)
     report = load_encoder_weights(model, pretrained / "export" / "encoder", "learned")
