@@ -547,6 +547,28 @@ def test_official_eval_command_evaluates_a_finetuned_pth(colours, token_classifi
         parse_config(FinetuneConfig, [a for a in args if a != "--eval"])
 
 
+def test_official_eval_command_as_written_evaluates_an_avg_pooled_pth(
+    colours, pretrained, tmp_path
+):
+    """The official README's command has no --cls_token: its classifiers (global_pool=True)
+    hold fc_norm.* and no norm.*; evaluated as saved, at the accuracy they trained to."""
+    out = tmp_path / "ft"
+    args = ["--finetune", str(pretrained / "export" / "encoder"), "--data_path", str(colours)]
+    args += "--global_pool avg --epochs 1 --warmup_epochs 0 --blr 5e-2 --aa null".split()
+    args += "--mixup 0 --cutmix 0 --reprob 0 --batch_size 8 --num_workers 0".split()
+    trained = finetune.main(parse_config(FinetuneConfig, args + ["--output_dir", str(out)]))
+    sd = load_file(out / "export" / "last" / "model.safetensors")
+    assert any(k.startswith("fc_norm.") for k in sd) and not any(k.startswith("norm.") for k in sd)
+    pth = tmp_path / "mae_finetuned.pth"
+    torch.save({"model": sd, "epoch": 0, "args": argparse.Namespace(global_pool=True)}, pth)
+    args = ["--eval", "--resume", str(pth), "--model", "vit_tiny_patch16_224", *SHAPE]
+    args += ["--nb_classes", "3", "--data_path", str(colours), "--num_workers", "0"]
+    cfg = parse_config(FinetuneConfig, args + ["--output_dir", str(tmp_path / "ev")])
+    assert cfg.global_pool == "avg"
+    top = finetune.main(cfg)
+    assert top["top1"] == pytest.approx(trained["top1"]) and top["n"] == 27
+
+
 def test_eval_takes_pooling_classes_and_pos_embed_from_the_export(
     colours, token_classifier, tmp_path
 ):
