@@ -420,7 +420,7 @@ def launch_two(code: str, args: list[str], port: int, timeout: float = 120) -> l
 
 
 FAIL_ON_THE_MAIN_PROCESS = """
-import sys
+import pathlib, sys
 sys.path.insert(0, {root!r})
 import maepl.checkpoint as ck, maepl.export as ex, maepl.tracking as tr, pretrain
 from maepl.config import PretrainConfig, parse_config
@@ -442,6 +442,16 @@ def finite(sd, what):  # checked by the main process only
         raise FloatingPointError(what + ": tensor 'w' holds non-finite values; not written")
     real_finite(sd, what)
 ck.save_file, ex.save_file, ck.assert_finite = save, save, finite
+real_image, real_write = pretrain.save_image, pathlib.Path.write_text
+def image(grid, path, *a, **k):  # the reconstruction grid: main process only
+    if where == "vis":
+        raise OSError(28, "No space left on device: " + str(path))
+    real_image(grid, path, *a, **k)
+def write_text(self, *a, **k):
+    if where == "summary" and self.name == "summary.json":
+        raise OSError(28, "No space left on device: " + str(self))
+    return real_write(self, *a, **k)
+pretrain.save_image, pathlib.Path.write_text = image, write_text
 pretrain.main(parse_config(PretrainConfig, sys.argv[1:]))
 """
 
@@ -454,6 +464,13 @@ pretrain.main(parse_config(PretrainConfig, sys.argv[1:]))
         ("finite", ["--log_every", "100"], "FloatingPointError: checkpoint step 4: tensor", 2),
         ("log", ["--log_every", "2"], "OSError: .*No space left on device: log.jsonl", 2),
         ("export", ["--log_every", "100"], "OSError: .*export/.tmp_encoder/model.safetensors", 8),
+        ("vis", ["--log_every", "100"], "OSError: .*No space left on device: .*vis/epoch_", 8),
+        (
+            "summary",
+            ["--log_every", "100"],
+            "OSError: .*No space left on device: .*summary.json",
+            8,
+        ),
     ],
     ids=[
         "background write, seen at the next save",
@@ -461,6 +478,8 @@ pretrain.main(parse_config(PretrainConfig, sys.argv[1:]))
         "non-finite tensor",
         "log line",
         "final export",
+        "reconstruction image",
+        "summary.json",
     ],
 )
 def test_an_error_on_the_main_process_stops_every_process(tmp_path, where, flags, error, last):
