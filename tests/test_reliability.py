@@ -1052,6 +1052,32 @@ def test_a_resume_drops_log_rows_it_will_replay_or_cannot_read(tmp_path, tiny_cf
     assert [r["step"] for r in scalar_rows(out)] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_resume_drops_what_a_killed_run_wrote_after_its_checkpoint(tmp_path, tiny_cfg):
+    """Rows and TensorBoard scalars of steps after the checkpoint resumed from (a run killed
+    after step 6, its last checkpoint at step 4) are replaced by the resumed run's own: the log
+    and TensorBoard each hold every step once, with the values of the run that continued."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    cfg = tiny_cfg(max_steps=4, log_every=1, save_every_steps=2)
+    out = Path(cfg.output_dir)
+    pretrain.main(cfg)
+    with (out / "log.jsonl").open("a") as f:  # the killed run's steps 5-6
+        f.writelines(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in (5, 6))
+    with SummaryWriter(log_dir=str(out / "tensorboard")) as w:
+        for s in (5, 6):
+            w.add_scalar("loss", 9.0, s)
+    pretrain.main(dataclasses.replace(cfg, resume="auto", max_steps=7))
+    rows = scalar_rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
+    assert all(r["loss"] != 9.0 for r in rows)
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    scalars = acc.Scalars("loss")
+    assert [e.step for e in scalars] == [1, 2, 3, 4, 5, 6, 7]
+    assert [e.value for e in scalars] == pytest.approx([r["loss"] for r in rows])
+
+
 # ---------------------------------------------------------------------------- 6. configs, paths
 def test_empty_and_unsupported_inputs_fail_before_any_work(tmp_path):
     (tmp_path / "empty" / "train").mkdir(parents=True)
