@@ -669,6 +669,26 @@ def test_nonfinite_steps_are_skipped_and_counted(tiny_cfg, monkeypatch, fused):
     assert {v.item() for k, v in opt.items() if k.endswith(".step")} == {6.0}  # 8 - 2 skipped
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 needs CUDA (refused on CPU)")
+def test_fp16_on_cuda_skips_nonfinite_steps_with_the_grad_scaler_and_counts_them(
+    tiny_cfg, monkeypatch
+):
+    """Under fp16 the GradScaler skips a step whose scaled gradients overflow (the poisoned
+    ones, and any early overflow while its scale settles): each is still counted and logged,
+    and the optimizer took exactly the other steps."""
+    poison(monkeypatch, {3, 4})
+    cfg = tiny_cfg(max_steps=8, log_every=1, mixed_precision="fp16")
+    summary = pretrain.main(cfg)
+    out = Path(cfg.output_dir)
+    events = [json.loads(r) for r in (out / "log.jsonl").read_text().splitlines()]
+    skipped = [e["step"] for e in events if e.get("event") == "nonfinite_grad_norm"]
+    assert {3, 4} <= set(skipped) and summary["nonfinite_steps"] == len(skipped)
+    sd = load_file(out / "checkpoints" / "step_00000008" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in sd.values())
+    opt = load_file(out / "checkpoints" / "step_00000008" / "optimizer.safetensors")
+    assert {v.item() for k, v in opt.items() if k.endswith(".step")} == {8.0 - len(skipped)}
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
 def test_consecutive_nonfinite_steps_stop_the_run_naming_the_step(tiny_cfg, monkeypatch, fused):
     if fused:
@@ -684,6 +704,39 @@ def test_consecutive_nonfinite_steps_stop_the_run_naming_the_step(tiny_cfg, monk
     with pytest.raises(FloatingPointError, match=r"step 5: 3 .*last checkpoint \(step 4\) holds"):
         pretrain.main(cfg)
     assert (Path(cfg.output_dir) / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
+
+
+POISON_ON_RANK_1 = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+import maepl.loaders as loaders, pretrain
+from maepl.config import PretrainConfig, parse_config
+real, calls = loaders.collate_skip_bad, [0]
+def collate(batch):  # NaN images in rank 1's batches 3 and 4 only
+    imgs, labels, bad = real(batch)
+    calls[0] += 1
+    if os.environ["RANK"] == "1" and calls[0] in (3, 4):
+        imgs = torch.full_like(imgs, float("nan"))
+    return imgs, labels, bad
+loaders.collate_skip_bad = collate
+pretrain.main(parse_config(PretrainConfig, sys.argv[1:]))
+"""
+
+
+def test_a_nonfinite_step_on_one_rank_is_skipped_on_every_rank(tmp_path):
+    """The gradient norm is taken after the all-reduce, so NaN on one rank makes every rank
+    skip that step: both keep identical weights, and rank 0 logs the steps and the count."""
+    out = tmp_path / "run"
+    args = [*TINY, "--batch_size", "8", "--max_steps", "6", "--log_every", "1"]
+    args += ["--num_workers", "0", "--output_dir", str(out)]
+    (rc0, err0), (rc1, err1) = launch_two(POISON_ON_RANK_1.format(root=ROOT), args, 29567)
+    assert rc0 == 0 and rc1 == 0, (err0[-2000:], err1[-2000:])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ranks_in_sync"] is True and summary["step"] == 6
+    rows = [json.loads(r) for r in (out / "log.jsonl").read_text().splitlines()]
+    skipped = [r["step"] for r in rows if r.get("event") == "nonfinite_grad_norm"]
+    assert skipped == [3, 4]
+    assert [r["nonfinite_steps"] for r in rows if "loss" in r][-1] == 2
 
 
 def test_log_window_leaves_nonfinite_micro_batches_out_and_sums_over_ranks():
