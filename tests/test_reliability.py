@@ -497,6 +497,28 @@ def test_an_error_on_the_main_process_stops_every_process(tmp_path, where, flags
     assert resolve_resume("auto", out) == out / "checkpoints" / f"step_{last:08d}"
 
 
+KNN_FAILS_ON_THE_MAIN_PROCESS = """
+import sys
+sys.path.insert(0, {root!r})
+import linprobe
+from maepl.config import LinprobeConfig, parse_config
+def knn_accuracy(*a, **k):  # computed on the main process only
+    raise MemoryError("planted: kNN features do not fit")
+linprobe.knn_accuracy = knn_accuracy
+linprobe.main(parse_config(LinprobeConfig, sys.argv[1:]))
+"""
+
+
+def test_a_failed_knn_probe_on_the_main_process_stops_every_process(tmp_path):
+    args = ["--model", "vit_tiny_patch16_224", "--dataset", "sample", "--input_size", "28"]
+    args += ["--patch_size", "7", "--in_chans", "1", "--embed_dim", "24", "--depth", "1"]
+    args += ["--num_heads", "2", "--knn", "--num_workers", "0", "--output_dir", str(tmp_path)]
+    code = KNN_FAILS_ON_THE_MAIN_PROCESS.format(root=ROOT)
+    (rc0, err0), (rc1, err1) = launch_two(code, args, 29569)
+    assert rc0 != 0 and "MemoryError: planted" in err0, err0[-3000:]
+    assert rc1 != 0 and "PeerError" in err1 and "failed on process 0" in err1, err1[-3000:]
+
+
 # ---------------------------------------------------------------------------- 3. preemption
 def _worker_after_ignore_stop_signals(ready) -> None:
     ignore_stop_signals()
