@@ -360,6 +360,11 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace, out
         # where it ran: rows of several sessions (--reuse) may come from different machines
         device=torch.cuda.get_device_name() if device == "cuda" else f"cpu x{os.cpu_count()}",
         precision=resolve_precision(cfg.mixed_precision),
+        # what --resume checks before taking a finished row (since session 19)
+        budget=args.budget,
+        epochs=cfg.epochs,
+        cpu_model=cpu_model(),
+        torch=torch.__version__,
         **overrides,
     )
     export = run_dir / "export" / "encoder"
@@ -444,7 +449,8 @@ def num(x: float, sign: str = "") -> str:
 
 
 def mean_sd(vals: list[float], sign: str = "") -> str:
-    """``mean ± sd`` over seeds; one seed has no spread to show, so the mean alone."""
+    """``mean ± sd`` over seeds, the sample standard deviation (n - 1: with two seeds it is
+    |a - b| / sqrt 2); one seed has no spread to show, so the mean alone."""
     if len(vals) == 1:
         return num(vals[0], sign)
     return f"{num(statistics.mean(vals), sign)} ± {num(statistics.stdev(vals))}"
@@ -459,25 +465,40 @@ def aggregate(rows: list[dict], keys: list[str]) -> dict[str, dict[str, str]]:
             vals = [r[k] for r in mine if r.get(k) is not None]
             if k.startswith("pos_") and mine[0].get("pos_label") == "none":
                 vals = []  # no position head (rows of older code stored 0.0 here)
-            if vals:
-                table[name][k] = mean_sd(vals)
+            if vals:  # a column some rows lack (older code's) says over how many it is
+                n = f" (n={len(vals)})" if len(vals) != len(mine) else ""
+                table[name][k] = mean_sd(vals) + n
     return table
+
+
+def pair_key(row: dict) -> tuple:
+    """What a variant's row and plain MAE's must share to be paired: the seed, the device and
+    the precision (a pair across them would measure the machine or the arithmetic)."""
+    return row["seed"], row.get("device"), row.get("precision")
+
+
+def unpaired(rows: list[dict]) -> list[str]:
+    """Variant rows with no plain-MAE row to pair with (left out of the gains)."""
+    mae = {pair_key(r) for r in rows if r["variant"] == "mae"}
+    return [
+        f"{r['variant']}_s{r['seed']} ({r.get('device') or 'unknown device'}, "
+        f"{r.get('precision') or 'unknown precision'})"
+        for r in rows
+        if r["variant"] != "mae" and pair_key(r) not in mae
+    ]
 
 
 def paired_gains(rows: list[dict], keys: list[str]) -> dict[str, dict[str, str]]:
     """Each variant minus plain MAE of the same seed (same data order and augmentations; the
-    initial weights and masks differ, since the variants' heads draw from the same RNG first)
-    and the same device (rows merged with --reuse may come from a CPU and a GPU: a pair across
-    them would measure the machine): mean ± sd of the per-seed differences, and how many
-    seeds gained."""
-    mae = {(r["seed"], r.get("device")): r for r in rows if r["variant"] == "mae"}
+    initial weights and masks differ, since the variants' heads draw from the same RNG first),
+    the same device and the same precision (``pair_key``: rows merged with --reuse may come
+    from a CPU and a GPU: a pair across them would measure the machine): mean ± sd of the
+    per-seed differences, and how many seeds gained. Rows' CPU models (``cpu_model``, since
+    session 19) are not part of the key: older rows lack them."""
+    mae = {pair_key(r): r for r in rows if r["variant"] == "mae"}
     table = {}
     for name in dict.fromkeys(r["variant"] for r in rows if r["variant"] != "mae"):
-        pairs = [
-            (r, mae[r["seed"], r.get("device")])
-            for r in rows
-            if r["variant"] == name and (r["seed"], r.get("device")) in mae
-        ]
+        pairs = [(r, mae[pair_key(r)]) for r in rows if r["variant"] == name and pair_key(r) in mae]
         if not pairs:
             continue
         table[name] = {"seeds": str(len(pairs))}
@@ -495,6 +516,33 @@ def job_list(args: argparse.Namespace) -> list[tuple[str, int]]:
     if args.sweeps:
         jobs += [(name, 0) for name in SWEEPS]
     return jobs
+
+
+def cpu_model() -> str:
+    """The CPU's model name (rows of two machines with as many cores read the same device)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def check_finished(rows: dict[tuple[str, int], dict], out: Path, budget: str, epochs: int):
+    """--resume takes a finished row only from a run of the same budget and schedule length
+    (rows of older code record neither: taken, with a note)."""
+    unrecorded = []
+    for (name, seed), row in rows.items():
+        if "budget" not in row:
+            unrecorded.append(f"{name}_s{seed}")
+            continue
+        if (row["budget"], row["epochs"]) != (budget, epochs):
+            sys.exit(
+                f"error: --resume: {row_path(out, name, seed)} is a row of budget "
+                f"{row['budget']!r} at {row['epochs']} epochs, not {budget!r} at {epochs}; "
+                "use another --out, or delete the row to run it again"
+            )
+    if unrecorded:
+        print(f"note: rows of older code, budget and epochs not recorded: {', '.join(unrecorded)}")
 
 
 def row_path(out: Path, name: str, seed: int) -> Path:
@@ -741,13 +789,22 @@ def main() -> None:
         todo = [j for j in todo if j not in finished]
         if finished:
             print(f"resume: {len(finished)} runs already finished under {out}; {len(todo)} to run")
+            check_finished(
+                {j: json.loads(row_path(out, *j).read_text()) for j in finished},
+                out,
+                args.budget,
+                epochs,
+            )
     t0 = time.perf_counter()
     if args.report_only:
         not_run = [f"{name}_s{seed}" for name, seed in todo]  # as run_jobs names them
     else:
         not_run = run_jobs(args, todo, out)
     done = dict(reused)
-    for name, seed in todo + finished:
+    # rows of jobs this call ran to the end (a failed or killed job's older row, kept on disk
+    # since a refused rerun must not lose it, is not reported as this run's)
+    ran = [j for j in todo if f"{j[0]}_s{j[1]}" not in not_run]
+    for name, seed in ran + finished:
         if row_path(out, name, seed).exists():
             done[(name, seed)] = json.loads(row_path(out, name, seed).read_text())
     if args.fill_lp:
@@ -787,7 +844,7 @@ def main() -> None:
         f"| {n} | " + " | ".join(v.get(k, "–") for k in cols) + " |" for n, v in table.items()
     ]
     gains = paired_gains(rows, keys[:6])
-    devices = sorted({str(r.get("device")) for r in rows})
+    devices = sorted({r.get("device") or "unknown" for r in rows})
     if len(devices) > 1:  # the means above pool them; the gains below never pair across them
         lines += [
             "",
@@ -796,11 +853,15 @@ def main() -> None:
         ]
     if gains:
         cols = ["seeds", *keys[:6]]
-        lines += ["", "Gain over plain MAE, paired by seed and device:", ""]
+        lines += ["", "Gain over plain MAE, paired by seed, device and precision:", ""]
         lines += ["| variant | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         lines += [
             f"| {n} | " + " | ".join(v.get(k, "–") for k in cols) + " |" for n, v in gains.items()
         ]
+    if lonely := unpaired(rows):
+        lines.append(
+            f"\nno plain-MAE row to pair with (left out of the gains): {', '.join(lonely)}"
+        )
     if not_run:
         lines.append(f"\nnot run (time limit or failure): {', '.join(not_run)}")
     write_text_atomic(out / "results.md", "\n".join(lines) + "\n")

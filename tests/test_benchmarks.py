@@ -419,10 +419,19 @@ def test_quality_pairs_rows_of_the_same_seed_and_device_only():
         dict(variant="apl_pe_kept", seed=2, device=gpu, probe_cls=81.5),
         dict(variant="apl_pe_kept", seed=0, device=gpu, probe_cls=99.0),  # CPU MAE only
     ]
+    rows.append(dict(variant="apl_no_pe", seed=1, device=cpu, precision="bf16", probe_cls=95.0))
     gains = quality.paired_gains(rows, ["probe_cls"])
     assert gains["apl_drop"] == {"seeds": "2", "probe_cls": "+0.75 ± 0.35 (2/2 up)"}
     assert gains["apl_pe_kept"] == {"seeds": "1", "probe_cls": "+1.50 (1/1 up)"}  # no spread
-    assert "rpl_drop" not in gains
+    assert "rpl_drop" not in gains and "apl_no_pe" not in gains  # bf16 against fp32: not paired
+    assert quality.unpaired(rows) == [
+        "rpl_drop_s0 (NVIDIA H200, unknown precision)",
+        "apl_pe_kept_s0 (NVIDIA H200, unknown precision)",
+        "apl_no_pe_s1 (cpu x2, bf16)",
+    ]
+    # a column some rows lack is averaged over the rows that have it, and says so
+    table = quality.aggregate([*rows, dict(variant="mae", seed=3, device=cpu)], ["probe_cls"])
+    assert table["mae"] == {"seeds": "4", "probe_cls": "83.00 ± 2.65 (n=3)"}
 
 
 def test_quality_report_only_merges_a_finished_run_without_running_the_rest(tmp_path):
@@ -448,6 +457,21 @@ def test_quality_report_only_merges_a_finished_run_without_running_the_rest(tmp_
     assert "| apl_pe_kept | 1 | +2.50 (1/1 up) |" in r.stdout
     assert "rows from 2 devices (NVIDIA H200, cpu x2;" in r.stdout
     assert "| rpl_drop | 1 | +" not in r.stdout  # listed with its mean, never paired
+    assert "left out of the gains): rpl_drop_s0 (NVIDIA H200, unknown precision)" in r.stdout
+    # without --resume the rows under --out are not the study's: none is merged (before
+    # session 19 they were, while also listed as not run)
+    r = run(*SMOKE_MAE[:3], *study, "--report_only", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["rows"] == rows
+    # --resume takes a finished row only of the same budget and epochs (rows record them)
+    (out / "rows" / "apl_pe_kept_s0.json").write_text(
+        json.dumps(dict(finished, budget="smoke", epochs=3))
+    )
+    r = run(*SMOKE_MAE[:3], *study, "--resume", "--report_only", "--out", str(out))
+    assert r.returncode != 0
+    assert (
+        "apl_pe_kept_s0.json is a row of budget 'smoke' at 3 epochs, not 'smoke' at 1" in r.stderr
+    )
     assert not list((out / "logs").glob("*")) and "resumed from" not in r.stdout
     r = run(*SMOKE_MAE, "--report_only", "--job", "mae:0", "--out", str(out))
     assert r.returncode != 0 and "--report_only runs nothing" in r.stderr
