@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 _END = object()  # the pass is over
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}  # the prefetch stream of each device
 
 
 class Prefetcher:
@@ -50,7 +51,13 @@ class Prefetcher:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # one stream per device for every epoch's prefetcher: the caching allocator keeps freed
+        # blocks per stream, so a new stream each epoch could not reuse the last one's memory
+        self.stream = None
+        if self.device.type == "cuda":
+            if self.device not in _STREAMS:
+                _STREAMS[self.device] = torch.cuda.Stream(self.device)
+            self.stream = _STREAMS[self.device]
         self._queue: queue.Queue = queue.Queue(depth)
         self._stop = threading.Event()
         self._it = iter(loader)  # here: the sampler's epoch is set, worker errors raise here

@@ -4,6 +4,7 @@ end skip without a GPU."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import subprocess
@@ -497,6 +498,25 @@ def test_cuda_decode_equals_cpu_decode(tmp_path):
         assert dy < 1.0 and dc < 6.0, f"{path}: luma {dy:.2f}, chroma {dc:.2f} steps"
         if path in exact:
             assert (a - b).abs().mean() < 1.0, f"{path}: {(a - b).abs().mean():.2f} steps"
+
+
+@cuda
+def test_cuda_decode_never_overwrites_memory_the_callers_stream_still_reads():
+    """pytorch/vision PR #9606's race: images the caller's stream freed while its reads of them
+    were still queued must not be handed to nvJPEG, which writes on a stream of its own."""
+    side, dev = torch.cuda.Stream(), torch.device("cuda")
+    buf = io.BytesIO()
+    Image.fromarray(smooth_image(64, 64, 0)).save(buf, format="JPEG", quality=90)
+    data = [torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)] * 8
+    with torch.cuda.stream(side):
+        for trial in range(20):
+            victims = [torch.full((3, 64, 64), 7, dtype=torch.uint8, device=dev) for _ in data]
+            torch.cuda._sleep(2**28)  # the reads below wait behind ~0.1 s of work
+            sums = [v.sum(dtype=torch.int64) for v in victims]
+            del victims  # freed with those reads queued: same-size blocks for the decode
+            imgs, errors = decode_batch(data, dev)
+            assert not errors and len(imgs) == 8
+            assert [int(x) for x in sums] == [7 * 3 * 64 * 64] * 8, f"trial {trial}"
 
 
 def augment_all(root: Path, device: str) -> tuple[torch.Tensor, list[str], list[str]]:
