@@ -118,8 +118,9 @@ class NonfiniteSteps:
     The norm of the all-reduced gradients is the same on every rank, so all ranks skip a step
     together. With a fused AdamW (``device_skip``) the skip happens on the device (its
     ``found_inf`` input) and the verdicts are read later, in batches (:meth:`settle`, with the
-    log): no host sync per step. Otherwise each is read at once, one host sync per step; under
-    fp16 (``scaler_skips``) Accelerate's GradScaler skips the step itself.
+    log): no host sync per step. Under fp16 (``scaler_skips``) Accelerate's GradScaler skips
+    the step itself, and the verdicts are read in batches too (before session 19, once a step).
+    Otherwise each is read at once, one host sync per step.
     """
 
     def __init__(self, max_run: int):
@@ -134,15 +135,16 @@ class NonfiniteSteps:
         if self.device_skip:  # fused AdamW leaves params, state and its step count alone
             optimizer.optimizer.found_inf = nonfinite
             optimizer.step()
-        elif not nonfinite.item() or self.scaler_skips:
+        elif self.scaler_skips or not nonfinite.item():  # the GradScaler's step: no sync
             optimizer.step()
         self._pending.append((step, nonfinite))
 
     @property
     def due(self) -> bool:
         """Whether to read the verdicts now: at once, or every ``max_run`` steps at most when
-        the device skips (the run must stop within ``max_run`` bad steps)."""
-        return bool(self._pending) and (not self.device_skip or len(self._pending) >= self.max_run)
+        the device or the GradScaler skips (the run must stop within ``max_run`` bad steps)."""
+        later = self.device_skip or self.scaler_skips
+        return bool(self._pending) and (not later or len(self._pending) >= self.max_run)
 
     def settle(self, report: Callable[[int], None], last_saved: int) -> None:
         """Read the pending verdicts (one host sync): count them, ``report(step)`` each skipped

@@ -306,8 +306,12 @@ def test_compile_mode_reaches_torch_compile(tiny_cfg, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("pipeline", ["cpu", "gpu"])
-def test_cuda_steps_never_make_the_host_wait_for_the_gpu(tiny_cfg, monkeypatch, pipeline):
+@pytest.mark.parametrize(
+    "pipeline, precision", [("cpu", "auto"), ("gpu", "auto"), ("cpu", "fp16")]
+)  # fp16: the GradScaler's skips (added in session 19, not yet run on a GPU)
+def test_cuda_steps_never_make_the_host_wait_for_the_gpu(
+    tiny_cfg, monkeypatch, pipeline, precision
+):
     """Between log lines a step has no host sync (a blocking copy, .item(), .tolist()): the
     host keeps queueing work ahead of the GPU. torch's sync debug mode turns any sync into an
     error from the end of step 2 to the end of step 7: batch loading, transfer, forward,
@@ -324,7 +328,12 @@ def test_cuda_steps_never_make_the_host_wait_for_the_gpu(tiny_cfg, monkeypatch, 
 
     monkeypatch.setattr(loop.Run, "batches", watched)
     cfg = tiny_cfg(
-        max_steps=8, log_every=1000, vis_every=1000, data_pipeline=pipeline, pos_label="abs"
+        max_steps=8,
+        log_every=1000,
+        vis_every=1000,
+        data_pipeline=pipeline,
+        pos_label="abs",
+        mixed_precision=precision,
     )
     try:
         summary = pretrain.main(cfg)
