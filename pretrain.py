@@ -69,6 +69,12 @@ def main(cfg: PretrainConfig) -> dict:
         f"{mae.num_labelled if mae.pos_head is not None else 0}\n"
         f"{len(dataset)} images, {run.describe()}"
     )
+    if mae.pos_head is not None and cfg.pos_embed != "none" and mae.num_drop == 0:
+        run.accelerator.print(
+            "note: every labelled token keeps its own position embedding, so the position "
+            "task can be solved by reading it back (the trivial variant, a control); "
+            "--pos_drop_ratio 0.75 (the default) hides it"
+        )
     run.resume()
 
     def draw() -> None:  # main process only

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import pretrain
 from maepl.models.pos_labels import (
     PositionLabeler,
     RelPosHead,
@@ -275,3 +276,16 @@ def test_fused_loss_under_float16_autocast_keeps_small_weight_gradients():
         want = dict(ref.named_parameters())[name].grad
         err = (got - want).abs().max() / want.abs().max()
         assert err < 0.01, (name, float(err))
+
+
+@pytest.mark.parametrize(
+    "drop, pos_embed, trivial",
+    [(0.0, "sincos", True), (0.75, "sincos", False), (0.0, "none", False)],
+)
+def test_a_run_says_when_its_position_task_is_trivial(tiny_cfg, capsys, drop, pos_embed, trivial):
+    """PE kept on every labelled token (the control the reference saw collapse): said at the
+    start; not with the PE dropped, nor without any encoder PE."""
+    pretrain.main(tiny_cfg(max_steps=1, pos_label="abs", pos_drop_ratio=drop, pos_embed=pos_embed))
+    assert ("so the position task can be solved by reading it back" in capsys.readouterr().out) == (
+        trivial
+    )
