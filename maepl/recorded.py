@@ -25,7 +25,10 @@ def _record(path: str | Path, strict: bool = True) -> tuple[str, Path, dict] | N
     is a ConfigError naming it if ``strict``, else read as foreign."""
     p = Path(path)
     folder = p if p.is_dir() else p.parent
-    if (folder / "config.json").is_file():  # encoder / classifier export (timm layout)
+    # the folder's records describe the folder and its model.safetensors only: another file
+    # beside them (an official .pth put in an export folder, say) is foreign
+    own = p.is_dir() or p.name == "model.safetensors"
+    if own and (folder / "config.json").is_file():  # encoder / classifier export (timm layout)
         file = folder / "config.json"
         cfg = json.loads(file.read_text())
         if "architecture" in cfg:
@@ -41,7 +44,7 @@ def _record(path: str | Path, strict: bool = True) -> tuple[str, Path, dict] | N
     if p.suffix == ".safetensors" and p.with_suffix(".json").is_file():  # export/mae.safetensors
         file = p.with_suffix(".json")
         run_cfg = json.loads(file.read_text())
-    elif (folder / "state.json").is_file():  # a maepl checkpoint folder
+    elif own and (folder / "state.json").is_file():  # a maepl checkpoint folder
         file = folder / "state.json"
         run_cfg = json.loads(file.read_text()).get("config")
     else:

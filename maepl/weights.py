@@ -10,6 +10,7 @@ entry of MAE's training checkpoints), which holds attributes and runs no code of
 from __future__ import annotations
 
 import argparse
+import math
 import pickle
 from pathlib import Path
 
@@ -55,15 +56,37 @@ def _normalised_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor
             raise ConfigError(f"{key}: {p} cannot be read as safetensors: {e}") from None
     else:
         sd = _load_pth(p, key)
-    # maepl's MAE wraps the encoder as "encoder."; DDP-saved files carry "module."
+    # DDP-saved files carry "module." (outside "encoder."); maepl's MAE wraps the encoder
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
     if any(k.startswith("encoder.") for k in sd):
         sd = {k: v for k, v in sd.items() if not k.startswith("encoder.")} | {
             k[len("encoder.") :]: v for k, v in sd.items() if k.startswith("encoder.")
         }
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
     if any(k.startswith("vit.") for k in sd):  # a maepl fine-tuning checkpoint
         sd = {k[len("vit.") :]: v for k, v in sd.items() if k.startswith("vit.")}
     return sd
+
+
+def _numpy_globals() -> list:
+    """NumPy scalars and dtypes, which checkpoints' ``args`` or ``epoch`` may hold: rebuilt from
+    a dtype and bytes, data only. Under both module spellings (NumPy 1's ``numpy.core``, 2's
+    ``numpy._core``), since a pickle names the one it was written with."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    dtypes = [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int32, np.int64)]
+    dtypes += [type(np.dtype(t)) for t in (np.bool_, np.uint8, np.int8, np.int16)]
+    return [
+        (scalar, "numpy.core.multiarray.scalar"),
+        (scalar, "numpy._core.multiarray.scalar"),
+        np.dtype,
+        *dtypes,
+    ]
+
+
+# what torch.load(weights_only=True) may build beyond tensors and plain containers
+_SAFE_GLOBALS = [argparse.Namespace, *_numpy_globals()]
 
 
 def _load_pth(p: Path, key: str) -> dict[str, torch.Tensor]:
@@ -75,7 +98,7 @@ def _load_pth(p: Path, key: str) -> dict[str, torch.Tensor]:
             "are read from safetensors, maepl exports and checkpoints, or torch .pth files"
         )
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
             obj = torch.load(p, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, AttributeError) as e:  # what weights_only refuses
         raise ConfigError(
@@ -133,6 +156,14 @@ def load_encoder_weights(
         notes.append("pos_embed of the checkpoint unused (--pos_embed none)")
     elif "pos_embed" in sd and sd["pos_embed"].shape != model.pos_embed.shape:
         old = sd["pos_embed"].shape
+        grid = old[1] - prefix
+        if grid <= 0 or math.isqrt(grid) ** 2 != grid:
+            raise ConfigError(
+                f"{key}: {path}: its pos_embed has {old[1]} tokens, which leave no square grid "
+                f"after this model's {prefix} prefix (class / register) tokens: the file and "
+                f"the model differ in class or register tokens ({model.pos_embed.shape[1]} "
+                "position tokens here)"
+            )
         # antialias off: MAE's interpolate_pos_embed (bicubic, no antialiasing), same values
         sd["pos_embed"] = resample_abs_pos_embed(
             sd["pos_embed"],
@@ -160,9 +191,16 @@ def load_encoder_weights(
         allowed += ("fc_norm.weight", "fc_norm.bias")
     bad_missing = [k for k in missing if k not in allowed]
     if bad_missing or unexpected:
+        why = ""
+        if "norm.weight" in bad_missing and "fc_norm.weight" in unexpected:
+            why = (
+                " (a classifier fine-tuned with global_pool avg, whose fc_norm replaced the "
+                "final norm: evaluate it with --global_pool avg, or start from pretraining "
+                "weights)"
+            )
         raise ConfigError(
             f"{key}: {path} does not fit {type(model).__name__}: missing keys "
-            f"{bad_missing}, unexpected keys {list(unexpected)}"
+            f"{bad_missing}, unexpected keys {list(unexpected)}{why}"
         )
     if pos_embed == "sincos" and model.pos_embed is not None and not exact:
         fill_sincos(model)

@@ -259,6 +259,42 @@ def test_a_pth_that_would_run_code_is_refused_by_every_script(form, colours, tmp
         assert not (tmp_path / f"run{i}").exists()  # refused before the run wrote anything
 
 
+def test_foreign_files_beside_records_numpy_args_and_mismatches_are_read_or_named(
+    pretrained, tmp_path, token_classifier
+):
+    """Session 19's loading fixes: an official .pth put in an export folder is not read as
+    that export; NumPy scalars in a checkpoint's args load (data only); DDP's "module."
+    outside "encoder." is unwrapped; a class-token mismatch in pos_embed and an avg-pooled
+    classifier loaded where a final norm is needed are ConfigErrors that say why."""
+    import numpy as np
+
+    from maepl.recorded import stored_architecture
+
+    export = tmp_path / "export"
+    shutil.copytree(pretrained / "export" / "encoder", export)
+    pth = official_mae_pth(pretrained, export / "mae_pretrain.pth")
+    assert stored_architecture(export) is not None and stored_architecture(pth) is None
+    sd = read_state_dict(pth)[0]
+    numpy_args = tmp_path / "numpy_args.pth"
+    args = argparse.Namespace(lr=np.float64(1e-3), epochs=np.int64(400), model="mae_vit_base")
+    torch.save({"model": sd, "epoch": np.int64(399), "args": args}, numpy_args)
+    assert read_state_dict(numpy_args)[0].keys() == sd.keys()
+    ddp = tmp_path / "ddp.pth"
+    torch.save({"model": {f"module.encoder.{k}": v for k, v in sd.items()}}, ddp)
+    assert read_state_dict(ddp)[0].keys() == sd.keys()
+    gap = tiny_vit(class_token=False, global_pool="avg", num_classes=0)
+    with pytest.raises(ConfigError, match=r"pos_embed has 17 tokens, which leave no square grid"):
+        load_encoder_weights(gap, pth, "learned")
+    out, _ = token_classifier  # fine-tuned with token pooling: has norm.*, no fc_norm.*
+    sd = load_file(out / "export" / "last" / "model.safetensors")
+    sd = {k.replace("norm.", "fc_norm.") if k.startswith("norm.") else k: v for k, v in sd.items()}
+    save_file(sd, tmp_path / "avg_classifier.safetensors")  # as an avg-pooled one would be
+    with pytest.raises(ConfigError, match=r"fine-tuned with global_pool avg.*--global_pool avg"):
+        load_encoder_weights(
+            tiny_vit(num_classes=3), tmp_path / "avg_classifier.safetensors", "learned", exact=True
+        )
+
+
 def test_pos_embed_resampled_and_added_for_pe_free_encoders(pretrained, tmp_path):
     model = tiny_vit(img_size=32, num_classes=3)
     report = load_encoder_weights(model, pretrained / "export" / "encoder", "learned")
