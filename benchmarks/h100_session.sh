@@ -92,7 +92,8 @@ sec_gputests() {
   log "the CUDA-only tests (skipped on CPU machines)"
   # every failure's short traceback to a file; its one-line summary to the output
   timeout -k 20 "$(cap 200)" python -m pytest -q -rfEs --tb=short tests/test_gpu_aug.py \
-      tests/test_pos_labels.py tests/test_pretrain.py tests/test_reliability.py -k cuda \
+      tests/test_pos_labels.py tests/test_prefetch.py tests/test_pretrain.py \
+      tests/test_reliability.py -k cuda \
       > "$OUT/gputests.txt" 2>&1
   grep -E "^(FAILED|ERROR|SKIPPED)| in [0-9.]+s" "$OUT/gputests.txt" | cut -c1-300
   log "nvJPEG vs the CPU decoder (and libjpeg-turbo's repeating upsampler, if djpeg is there)"

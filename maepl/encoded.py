@@ -8,6 +8,7 @@ file bytes of an ImageFolder, packed per batch (:class:`EncodedImages`, :class:`
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Sequence
 from pathlib import Path
@@ -169,7 +170,9 @@ def _decode_one(data: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
-_DECODE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+@functools.cache
+def _decode_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
 
 
 def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -186,9 +189,7 @@ def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     caller = torch.cuda.current_stream(device)
-    if device not in _DECODE_STREAMS:
-        _DECODE_STREAMS[device] = torch.cuda.Stream(device)
-    side = _DECODE_STREAMS[device]
+    side = _decode_stream(device)
     with torch.cuda.stream(side):
         imgs = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     caller.wait_stream(side)

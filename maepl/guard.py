@@ -4,6 +4,7 @@ with a non-finite gradient norm skipped, counted, and stopped when too many come
 from __future__ import annotations
 
 import atexit
+import functools
 import multiprocessing
 import signal
 import threading
@@ -23,18 +24,14 @@ def _worker_sigterm(_signum, _frame) -> None:
     signal.alarm(WORKER_GRACE_S)
 
 
+@functools.cache  # registered once
 def kill_workers_at_exit() -> None:
     """Main process, once: at exit, kill the DataLoader workers still alive. multiprocessing's
     own exit handler stops daemonic children with SIGTERM and then joins them; our workers
     outlive SIGTERM, so a main process that an exception ended with its loader's workers still
     running (the loop's generator kept alive by the traceback) waited WORKER_GRACE_S in that
     join. atexit runs handlers last-registered first, so this one runs before it."""
-    global _reaper
-    if _reaper is None:
-        _reaper = atexit.register(_kill_daemonic_children)
-
-
-_reaper = None
+    atexit.register(_kill_daemonic_children)
 
 
 def _kill_daemonic_children() -> None:

@@ -17,6 +17,7 @@ never taken are dropped with whatever they raised.
 from __future__ import annotations
 
 import contextlib
+import functools
 import queue
 import threading
 import time
@@ -25,7 +26,13 @@ from collections.abc import Callable, Iterator
 import torch
 
 _END = object()  # the pass is over
-_STREAMS: dict[torch.device, torch.cuda.Stream] = {}  # the prefetch stream of each device
+
+
+@functools.cache
+def prefetch_stream(device: torch.device) -> torch.cuda.Stream:
+    """One stream per device for every epoch's prefetcher: the caching allocator keeps freed
+    blocks per stream, so a new stream each epoch could not reuse the last one's memory."""
+    return torch.cuda.Stream(device)
 
 
 class Prefetcher:
@@ -51,13 +58,7 @@ class Prefetcher:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        # one stream per device for every epoch's prefetcher: the caching allocator keeps freed
-        # blocks per stream, so a new stream each epoch could not reuse the last one's memory
-        self.stream = None
-        if self.device.type == "cuda":
-            if self.device not in _STREAMS:
-                _STREAMS[self.device] = torch.cuda.Stream(self.device)
-            self.stream = _STREAMS[self.device]
+        self.stream = prefetch_stream(self.device) if self.device.type == "cuda" else None
         self._queue: queue.Queue = queue.Queue(depth)
         self._stop = threading.Event()
         self._it = iter(loader)  # here: the sampler's epoch is set, worker errors raise here

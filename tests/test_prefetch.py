@@ -147,3 +147,17 @@ def test_an_exception_in_the_training_step_stops_the_thread_and_the_workers(tmp_
         pretrain.main(parse_config(PretrainConfig, args))
     assert not prefetch_threads()
     assert not psutil.Process().children()  # the DataLoader workers are gone
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_prefetchers_of_every_epoch_share_one_stream():
+    """A new stream each epoch could not reuse the cached memory of the last one's (the
+    allocator pools freed blocks per stream); added in session 19, not yet run on a GPU."""
+    raw = build_dataset("sample", None, train=True)
+    aug = GpuAugment(28, 1, (0.286,), (0.353,), 0.2, seed=0, rank=0, device="cuda")
+    streams = []
+    for epoch in range(2):
+        with Prefetcher(loader_of(raw, 64), aug, epoch, 0, 2, "cuda") as batches:
+            assert len(list(batches)) == 2
+            streams.append(batches.stream)
+    assert streams[0] is streams[1] and streams[0] != torch.cuda.current_stream()
