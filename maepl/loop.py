@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -50,6 +51,9 @@ from .run_dir import (
     recorded_config,
 )
 from .tracking import Tracker
+
+# gradients already whole on every rank after backward (not sharded, not reduced later)
+_PLAIN = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
 
 
 class Run:
@@ -408,11 +412,25 @@ class Run:
                 lr_at(self.step, self.lr, cfg.min_lr, self.warmup_steps, self.total_steps),
             )
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            norm = self.accelerator.clip_grad_norm_(params, cfg.clip_grad or float("inf"))
+            norm = self._grad_norm(params, cfg.clip_grad)
             self.nonfinite.step(self.optimizer, norm, self.step + 1)
         else:
             self.optimizer.step()  # Accelerate skips it until the last micro-batch
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _grad_norm(self, params: list[torch.Tensor], clip: float | None) -> torch.Tensor:
+        """The global gradient norm (after unscaling fp16), clipped to ``clip`` when set.
+
+        Unclipped under DDP or one process, only the norm is computed:
+        ``clip_grad_norm_(inf)`` would also multiply every gradient by 1, one more pass over
+        them each step. DDP has already averaged the gradients, so the local norm is global.
+        """
+        acc = self.accelerator
+        total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+        if clip is not None or total_norm is None or acc.distributed_type not in _PLAIN:
+            return acc.clip_grad_norm_(params, clip or float("inf"))
+        acc.unscale_gradients()
+        return total_norm([p.grad for p in params if p.grad is not None])
 
     def _settle(self) -> None:
         """Read the pending non-finite verdicts (one host sync): count, log, stop if too many."""

@@ -189,6 +189,32 @@ def test_accumulation_and_clipping_count_optimizer_steps(tiny_cfg, monkeypatch):
     assert [r["step"] for r in read_log(Path(cfg.output_dir))] == [1, 2, 3]
 
 
+def test_unclipped_steps_compute_the_norm_without_rescaling_the_gradients(
+    tiny_cfg, tmp_path, monkeypatch
+):
+    """--clip_grad unset: the gradient norm (for the non-finite check) is computed without
+    clip_grad_norm_(inf)'s multiply-by-one pass, and training is bit-identical to that path."""
+    from accelerate import Accelerator
+
+    calls = []
+    clip = Accelerator.clip_grad_norm_
+
+    def spy(self, parameters, max_norm, *args, **kwargs):
+        calls.append(max_norm)
+        return clip(self, parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", spy)
+    fast = tiny_cfg(max_steps=3, accum_iter=2, output_dir=str(tmp_path / "fast"))
+    pretrain.main(fast)
+    assert calls == []  # no clipping pass at all
+    monkeypatch.delattr(torch.nn.utils, "get_total_norm")  # torch < 2.6: accelerate's path
+    slow = tiny_cfg(max_steps=3, accum_iter=2, output_dir=str(tmp_path / "slow"))
+    pretrain.main(slow)
+    assert calls == [float("inf")] * 3
+    a, b = (load_file(Path(c.output_dir) / "export" / "mae.safetensors") for c in (fast, slow))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_imagefolder_rgb_pretraining(tmp_path):
     from PIL import Image
 
