@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
+from timm.models import adapt_input_conv
 from torch import nn
 
 from .config_io import ConfigError
@@ -144,8 +145,10 @@ def load_encoder_weights(
     ``state``: ``read_state_dict(path)``'s answer, when the caller has read it already.
     """
     sd, dropped = state if state is not None else read_state_dict(path, key)
+    adapted = None if exact else _adapt_rgb_patch_embed(model, sd)
     _check_widths(model, sd, path, key)
     notes = [f"dropped {len(dropped)} pretraining-only keys"] if dropped else []
+    notes += [adapted] if adapted else []
     prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
     head = model.get_classifier()
     head_params = dict(head.named_parameters(prefix="head")) if head is not None else {}
@@ -303,10 +306,27 @@ def load_mae_weights(mae: nn.Module, cfg) -> list[str]:
     return notes
 
 
+def _adapt_rgb_patch_embed(model: nn.Module, sd: dict) -> str | None:
+    """RGB weights (the official MAE releases) into a model of another channel count, as timm
+    does for ``create_model(pretrained=True, in_chans=...)``: ``adapt_input_conv`` sums the
+    three input filters for one channel (the same response to a grey image replicated into
+    RGB), or repeats and rescales them. Only the channel count may differ; returns a note."""
+    k = "patch_embed.proj.weight"
+    w, own = sd.get(k), model.state_dict().get(k)
+    if w is None or own is None or w.ndim != 4 or w.shape == own.shape or w.shape[1] != 3:
+        return None
+    if (w.shape[0], *w.shape[2:]) != (own.shape[0], *own.shape[2:]):
+        return None  # another width or patch: _check_widths names it
+    sd[k] = adapt_input_conv(own.shape[1], w)
+    how = "summed" if own.shape[1] == 1 else "repeated and rescaled"
+    return f"{k}: 3 input channels {how} to {own.shape[1]} (timm's adapt_input_conv)"
+
+
 def _check_widths(model: nn.Module, sd: dict, path, key: str) -> None:
     """Raise, naming the tensors, where the weights' shapes are not the model's (another width,
     patch or channel count): load_state_dict would only raise a RuntimeError. The position
-    embedding may differ in its token count (it is resampled) and the head in its classes."""
+    embedding may differ in its token count (it is resampled) and the head in its classes;
+    RGB patch-embedding weights have been adapted to the model's channels before."""
     own = model.state_dict()
     wrong = []
     for k in sorted(sd, key=lambda k: (k.startswith("blocks."), k)):  # the telling ones first

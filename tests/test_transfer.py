@@ -207,6 +207,32 @@ def test_each_checkpoint_kind_loads(pretrained, tmp_path, kind):
     assert torch.equal(model.blocks[1].mlp.fc2.weight, reference["blocks.1.mlp.fc2.weight"])
 
 
+@pytest.mark.parametrize("in_chans", [1, 4])
+def test_rgb_weights_adapt_to_another_channel_count_as_timm_does(pretrained, tmp_path, in_chans):
+    """RGB weights (the official releases) fine-tuned on grey images: the patch embedding's
+    filters are summed (1 channel) or repeated and rescaled, as timm's pretrained loading does;
+    a frozen encoder (exact) still refuses, naming the tensor and --in_chans."""
+    path = official_mae_pth(pretrained, tmp_path / "mae_pretrain.pth")
+    rgb = load_file(pretrained / "export" / "encoder" / "model.safetensors")
+    w = rgb["patch_embed.proj.weight"]
+    model = tiny_vit(num_classes=5, in_chans=in_chans)
+    notes = load_encoder_weights(model, path, "learned")["notes"]
+    got = model.patch_embed.proj.weight.detach()
+    if in_chans == 1:
+        assert torch.allclose(got, w.sum(dim=1, keepdim=True))
+    else:
+        assert torch.allclose(got, torch.cat([w, w[:, :1]], dim=1) * 3 / 4)
+    assert any("3 input channels" in n and f"to {in_chans}" in n for n in notes)
+    assert torch.equal(model.blocks[1].attn.qkv.weight, rgb["blocks.1.attn.qkv.weight"])
+    with pytest.raises(ConfigError, match=r"patch_embed\.proj\.weight .*--in_chans"):
+        load_encoder_weights(tiny_vit(num_classes=0, in_chans=1), path, "learned", exact=True)
+    # grey weights into an RGB model are not guessed at
+    grey = tmp_path / "grey.safetensors"
+    save_file({**rgb, "patch_embed.proj.weight": w[:, :1].contiguous()}, grey)
+    with pytest.raises(ConfigError, match=r"\(32, 1, 4, 4\) in the file, \(32, 3, 4, 4\) here"):
+        load_encoder_weights(tiny_vit(num_classes=5), grey, "learned")
+
+
 def test_missing_encoder_keys_are_refused_by_name(pretrained, tmp_path):
     sd = load_file(pretrained / "export" / "encoder" / "model.safetensors")
     del sd["blocks.1.attn.qkv.weight"], sd["cls_token"]
