@@ -143,6 +143,38 @@ def test_fused_linear_cross_entropy_matches_plain_loss_and_gradients(kind, pairs
     assert g1["head.classifier.weight"][fused.head.num_classes :].abs().sum() == 0
 
 
+def test_fused_linear_cross_entropy_without_grad_computes_only_the_loss():
+    """Under no_grad (reconstruction images) the fused loss does one product per chunk, not
+    the three of its in-forward gradients, and gives the same loss and accuracy."""
+    from torch.overrides import TorchFunctionMode
+
+    from maepl.models.pos_labels import linear_cross_entropy
+
+    class Products(TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("linear", "matmul", "__matmul__"):
+                Products.n += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    clf = torch.nn.Linear(8, 16)
+    h, y = torch.randn(20, 8, requires_grad=True), torch.randint(0, 12, (20,))
+    coords = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(3), indexing="ij"), -1)
+    coords = coords.reshape(12, 2).float()
+    counts, out = [], []
+    for grad in (True, False):
+        Products.n = 0
+        with torch.set_grad_enabled(grad), Products():
+            out.append(linear_cross_entropy(h, clf, 12, y, coords, chunk=7))
+        counts.append(Products.n)
+    assert counts == [9, 3]  # 3 chunks: linear + two gradient products each, then linear only
+    assert not out[1][0].requires_grad and out[0][0].requires_grad
+    torch.testing.assert_close(out[1][0], out[0][0].detach())
+    assert out[1][1] == out[0][1]
+
+
 def test_fused_linear_cross_entropy_under_bf16_autocast_is_close_to_plain():
     torch.manual_seed(0)
     plain = PositionLabeler("rel", 32, 4, 4)

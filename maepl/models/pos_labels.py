@@ -88,13 +88,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, labels, coords, sigma, num_classes, chunk):
+    def forward(ctx, h, weight, bias, labels, coords, sigma, num_classes, chunk, need_grad):
         rows, n = weight.shape[0], h.shape[0]
         # float16 cannot hold gradients of order 1/n (a GradScaler scales them only in the
         # backward): keep the input's gradient in float32 then; bfloat16 has float32's range
-        grad_h = torch.empty_like(h, dtype=torch.float32 if h.dtype == torch.float16 else None)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
-        grad_b = torch.zeros(rows, dtype=torch.float32, device=h.device)
+        if need_grad:
+            grad_h = torch.empty_like(h, dtype=torch.float32 if h.dtype == torch.float16 else None)
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+            grad_b = torch.zeros(rows, dtype=torch.float32, device=h.device)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         correct = torch.zeros((), dtype=torch.float32, device=h.device)
         for s in range(0, n, chunk):
@@ -110,6 +111,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             else:
                 target = smooth_targets(yc, coords, sigma)
                 loss = loss - (target * logp[:, :num_classes]).sum()
+            if not need_grad:  # under no_grad (reconstruction images): the loss only
+                continue
             # n * d(loss)/d(logits) = softmax - target (in [-1, 1]), over the log-probabilities
             g = logp.exp_()
             if sigma is None:
@@ -120,10 +123,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h[s : s + chunk] = (gd @ weight.to(gd.dtype)).float().mul_(1.0 / n)
             grad_w += (gd.t() @ hc).float()
             grad_b += g.sum(0)
-        grad_w, grad_b = grad_w.mul_(1.0 / n), grad_b.mul_(1.0 / n)
-        # kept in float32: scaled in the backward first (a GradScaler's scale), then autograd
-        # casts them to the weight's dtype (float16 would flush these small values to zero)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        if need_grad:
+            grad_w, grad_b = grad_w.mul_(1.0 / n), grad_b.mul_(1.0 / n)
+            # kept in float32: scaled in the backward first (a GradScaler's scale), then
+            # autograd casts them to the weight's dtype (float16 would flush these to zero)
+            ctx.save_for_backward(grad_h, grad_w, grad_b)
         acc = correct / n
         ctx.mark_non_differentiable(acc)
         return loss / n, acc
@@ -132,7 +136,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_acc):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         # autograd casts each gradient to its input's dtype (float16's now holds the scale)
-        return grad_h * grad_loss, grad_w * grad_loss, grad_b * grad_loss, *(None,) * 5
+        return grad_h * grad_loss, grad_w * grad_loss, grad_b * grad_loss, *(None,) * 6
 
 
 def linear_cross_entropy(
@@ -152,7 +156,10 @@ def linear_cross_entropy(
     weight, bias = (
         classifier if isinstance(classifier, tuple) else (classifier.weight, classifier.bias)
     )
-    return _LinearCrossEntropy.apply(h, weight, bias, labels, coords, sigma, num_classes, chunk)
+    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h, weight, bias))
+    return _LinearCrossEntropy.apply(
+        h, weight, bias, labels, coords, sigma, num_classes, chunk, need_grad
+    )
 
 
 def folded_classifier(
