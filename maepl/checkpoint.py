@@ -340,13 +340,10 @@ def load_checkpoint(
         accelerator.scaler.load_state_dict(meta["scaler"])
     rank = accelerator.process_index
     rng_file = path / f"rng_rank{rank}.safetensors"
+    # under another number of processes the streams do not map onto the ranks: the caller
+    # draws new ones (Run._reseed)
     if meta.get("num_processes") == accelerator.num_processes and rng_file.is_file():
         set_rng_state(load_file(rng_file), generator)
-    else:
-        accelerator.print(
-            f"resume: {path} was written by {meta.get('num_processes')} "
-            "processes; RNG streams restart from the seed"
-        )
     grads_file = path / f"grads_rank{rank}.safetensors"
     if grads_file.is_file():  # stopped mid-accumulation: put the partial gradients back
         grads = load_file(grads_file)

@@ -90,6 +90,7 @@ class Run:
                 f"{self.out}; nothing trained to evaluate"
             )
         self.changed: dict[str, tuple] = {}  # training settings a resume changes (note, event)
+        self._resplit: dict | None = None  # the saved schedule, resumed under another split
         if self._resume_from is not None:  # refused here, before any model is built
             saved = check_architecture(self._resume_from, cfg, arch_keys)
             self.changed = changed_settings(saved, cfg)
@@ -99,7 +100,12 @@ class Run:
                     f"(now {cfg.finetune or 'not given'}); the checkpoint's copy is resumed"
                 )
             if not self.read_only:
-                missing = check_schedule(self._resume_from, self._schedule())
+                missing, self._resplit = check_schedule(self._resume_from, self._schedule())
+                if self._resplit:  # the same effective batch split another way: told, logged
+                    now = self._schedule()
+                    self.changed.update(
+                        (k, (v, now[k])) for k, v in self._resplit.items() if v != now[k]
+                    )
                 if missing:
                     acc.print(
                         f"note: resume: {self._resume_from} does not record "
@@ -238,6 +244,12 @@ class Run:
             )
             for key in ("step", "epoch", "batch_in_epoch", "bad_images"):
                 setattr(self, key, meta[key])
+            if self._resplit:  # the epoch's steps done, in this run's micro-batches
+                self.batch_in_epoch = (
+                    self.batch_in_epoch // self._resplit["accum_iter"] * cfg.accum_iter
+                )
+            if meta.get("num_processes") != self.world:
+                self._reseed()
             self.nonfinite.total, self.nonfinite.run = (
                 meta["nonfinite_total"],
                 meta["nonfinite_run"],
@@ -277,6 +289,26 @@ class Run:
         )
         self.window = LogWindow(self.device, getattr(cfg, "data_pipeline", "cpu") == "gpu")
         self.profiler = Profiler(self) if self.cfg.profile_steps else None  # --profile_steps
+
+    def _reseed(self) -> None:
+        """Another number of processes than the checkpoint's: its per-rank RNG streams do not
+        map onto these ranks, so each rank draws new ones from (seed, step, rank), not the
+        streams of step 0 again."""
+        import random
+
+        import numpy as np
+
+        seeds = np.random.SeedSequence([self.cfg.seed, self.step, self.rank]).generate_state(4)
+        torch.manual_seed(int(seeds[0]))  # CUDA's too
+        np.random.seed(int(seeds[1]))
+        random.seed(int(seeds[2]))
+        if self.generator is not None:
+            self.generator.manual_seed(int(seeds[3]))
+        self.accelerator.print(
+            f"note: resume: the checkpoint was written by another number of processes; "
+            f"random streams (masks, augmentations) drawn anew from seed {self.cfg.seed} and "
+            f"step {self.step}"
+        )
 
     def _count_bad(self, new_on_all_ranks: float | None = None) -> None:
         """``bad_images`` over all ranks (collective unless the sum is given)."""

@@ -104,11 +104,20 @@ def read_state(ckpt: Path) -> dict:
         raise ConfigError(f"resume: {ckpt / 'state.json'} cannot be read ({err})") from None
 
 
-def check_schedule(ckpt: Path, now: dict[str, int]) -> list[str]:
-    """A checkpoint counts its place (step, batch_in_epoch) in micro-batches of one rank:
-    refuse a resume under another batch size, accumulation or number of processes (``now``),
-    which would shift the schedule and skip or repeat data. Returns the keys the checkpoint
-    does not record (not checked)."""
+def check_schedule(ckpt: Path, now: dict[str, int]) -> tuple[list[str], dict | None]:
+    """A checkpoint counts its place (step, batch_in_epoch) in micro-batches of one rank.
+
+    A resume may split the same effective batch (batch_size x accum_iter x processes) another
+    way, e.g. a job preempted on 8 GPUs resumed on 4 with twice the accumulation: the steps
+    per epoch, the learning rate and the images of every step are those of the saved
+    schedule (each step reads the next effective-batch block of the epoch's permutation,
+    however it is split), provided the checkpoint ends an optimizer step. Refused, naming the
+    values: another effective batch (the schedule and data order would not continue), and a
+    checkpoint saved mid-accumulation (its partial gradients belong to the old split).
+
+    Returns the keys the checkpoint does not record (not checked) and, for a resume under
+    another split, the saved schedule (else None).
+    """
     meta = read_state(ckpt)
     saved = meta.get("schedule")
     if saved is None:  # written before maepl recorded it: from its config, if there
@@ -118,16 +127,46 @@ def check_schedule(ckpt: Path, now: dict[str, int]) -> list[str]:
             accum_iter=conf.get("accum_iter"),
             num_processes=meta.get("num_processes"),
         )
+    missing = [k for k in SCHEDULE_KEYS if saved.get(k) is None]
     changed = [k for k in SCHEDULE_KEYS if saved.get(k) is not None and saved[k] != now[k]]
-    if changed:
+    if not changed:
+        return missing, None
+    what = ", ".join(f"{k} {saved[k]} (now {now[k]})" for k in changed)
+    if missing:
         raise ConfigError(
-            f"resume: {ckpt} was written under other settings: "
-            + ", ".join(f"{k} {saved[k]} (now {now[k]})" for k in changed)
-            + "; its step and data position count batches of those sizes, so the schedule "
-            "and data order would not continue. Resume with the saved values, or start a "
-            "new run (another --output_dir, or --overwrite)"
+            f"resume: {ckpt} was written under other settings: {what}, and does not record "
+            f"{', '.join(missing)}, so its position cannot be converted; resume with the saved "
+            "values, or start a new run (another --output_dir, or --overwrite)"
         )
-    return [k for k in SCHEDULE_KEYS if saved.get(k) is None]
+    eff_saved = saved["batch_size"] * saved["accum_iter"] * saved["num_processes"]
+    eff_now = now["batch_size"] * now["accum_iter"] * now["num_processes"]
+    if eff_saved != eff_now:
+        per_proc, left = divmod(eff_saved, now["num_processes"])
+        if left:
+            hint = (
+                f"{eff_saved} images a step cannot be split over {now['num_processes']} processes"
+            )
+        else:
+            b = now["batch_size"] if per_proc % now["batch_size"] == 0 else per_proc
+            hint = (
+                f"keep it with --batch_size {b} --accum_iter {per_proc // b} on "
+                f"{now['num_processes']} process(es)"
+            )
+        raise ConfigError(
+            f"resume: {ckpt} was written under other settings: {what}; the effective batch "
+            f"(batch_size x accum_iter x processes) was {eff_saved}, now {eff_now}, so the "
+            f"schedule and data order would not continue ({hint}). Resume with the same "
+            "effective batch, or start a new run (another --output_dir, or --overwrite)"
+        )
+    partial = meta.get("batch_in_epoch", 0) % saved["accum_iter"]
+    if partial or any(ckpt.glob("grads_rank*.safetensors")):
+        raise ConfigError(
+            f"resume: {ckpt} was saved mid-accumulation (micro-batch {partial} of "
+            f"{saved['accum_iter']}), and its partial gradients belong to the saved split "
+            f"({what}): resume it with the saved values, or resume an earlier checkpoint "
+            "under the new ones"
+        )
+    return missing, saved
 
 
 def same_weights(saved: str | None, now: str | None) -> bool:
