@@ -341,8 +341,11 @@ def load_checkpoint(
     rank = accelerator.process_index
     rng_file = path / f"rng_rank{rank}.safetensors"
     # under another number of processes the streams do not map onto the ranks: the caller
-    # draws new ones (Run._reseed)
-    if meta.get("num_processes") == accelerator.num_processes and rng_file.is_file():
+    # draws new ones (Run._reseed) where "rng_restored" is False
+    meta["rng_restored"] = (
+        meta.get("num_processes") == accelerator.num_processes and rng_file.is_file()
+    )
+    if meta["rng_restored"]:
         set_rng_state(load_file(rng_file), generator)
     grads_file = path / f"grads_rank{rank}.safetensors"
     if grads_file.is_file():  # stopped mid-accumulation: put the partial gradients back

@@ -248,8 +248,8 @@ class Run:
                 self.batch_in_epoch = (
                     self.batch_in_epoch // self._resplit["accum_iter"] * cfg.accum_iter
                 )
-            if meta.get("num_processes") != self.world:
-                self._reseed()
+            if not meta["rng_restored"]:
+                self._reseed(meta.get("num_processes"))
             self.nonfinite.total, self.nonfinite.run = (
                 meta["nonfinite_total"],
                 meta["nonfinite_run"],
@@ -290,10 +290,10 @@ class Run:
         self.window = LogWindow(self.device, getattr(cfg, "data_pipeline", "cpu") == "gpu")
         self.profiler = Profiler(self) if self.cfg.profile_steps else None  # --profile_steps
 
-    def _reseed(self) -> None:
-        """Another number of processes than the checkpoint's: its per-rank RNG streams do not
-        map onto these ranks, so each rank draws new ones from (seed, step, rank), not the
-        streams of step 0 again."""
+    def _reseed(self, saved_world: int | None) -> None:
+        """The checkpoint has no RNG streams for this rank (written by another number of
+        processes, whose per-rank streams do not map onto these): each rank draws new ones
+        from (seed, step, rank), not the streams of step 0 again."""
         import random
 
         import numpy as np
@@ -305,9 +305,9 @@ class Run:
         if self.generator is not None:
             self.generator.manual_seed(int(seeds[3]))
         self.accelerator.print(
-            f"note: resume: the checkpoint was written by another number of processes; "
-            f"random streams (masks, augmentations) drawn anew from seed {self.cfg.seed} and "
-            f"step {self.step}"
+            f"note: resume: the checkpoint holds no random streams for these {self.world} "
+            f"process(es) (written by {saved_world}); its masks, dropout and mixup draw anew "
+            f"from seed {self.cfg.seed} and step {self.step}"
         )
 
     def _count_bad(self, new_on_all_ranks: float | None = None) -> None:
