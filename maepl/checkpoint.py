@@ -320,8 +320,10 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator | None,
+    partial_grads: bool = True,
 ) -> dict:
-    """Restore weights, optimizer, scaler, this rank's RNG and partial gradients.
+    """Restore weights, optimizer, scaler, this rank's RNG and (``partial_grads``) the partial
+    gradients of a checkpoint saved mid-accumulation.
 
     Returns the counters and config stored in state.json. Only safetensors and JSON are read.
     """
@@ -348,7 +350,7 @@ def load_checkpoint(
     if meta["rng_restored"]:
         set_rng_state(load_file(rng_file), generator)
     grads_file = path / f"grads_rank{rank}.safetensors"
-    if grads_file.is_file():  # stopped mid-accumulation: put the partial gradients back
+    if partial_grads and grads_file.is_file():  # stopped mid-accumulation: put them back
         grads = load_file(grads_file)
         for n, p in accelerator.unwrap_model(model).named_parameters():
             if n in grads:

@@ -240,15 +240,25 @@ class Run:
                     f"with: {what}"
                 )
             meta = load_checkpoint(
-                ckpt, self.accelerator, self.model, self.optimizer, self.generator
+                ckpt,
+                self.accelerator,
+                self.model,
+                self.optimizer,
+                self.generator,
+                partial_grads=not self._resplit,
             )
             for key in ("step", "epoch", "batch_in_epoch", "bad_images"):
                 setattr(self, key, meta[key])
-            if self._resplit:  # the epoch's steps done, in this run's micro-batches
-                self.batch_in_epoch = (
-                    self.batch_in_epoch // self._resplit["accum_iter"] * cfg.accum_iter
-                )
-            if not meta["rng_restored"]:
+            if self._resplit:  # the epoch's whole steps done, in this run's micro-batches
+                saved_accum = self._resplit["accum_iter"]
+                if self.batch_in_epoch % saved_accum:
+                    self.accelerator.print(
+                        f"note: resume: {ckpt} was saved mid-accumulation; its partial "
+                        f"gradients belong to the saved split, so step {self.step + 1} "
+                        "starts again from its first image"
+                    )
+                self.batch_in_epoch = self.batch_in_epoch // saved_accum * cfg.accum_iter
+            if not meta["rng_restored"] and not self.read_only:
                 self._reseed(meta.get("num_processes"))
             self.nonfinite.total, self.nonfinite.run = (
                 meta["nonfinite_total"],
@@ -292,8 +302,8 @@ class Run:
 
     def _reseed(self, saved_world: int | None) -> None:
         """The checkpoint has no RNG streams for this rank (written by another number of
-        processes, whose per-rank streams do not map onto these): each rank draws new ones
-        from (seed, step, rank), not the streams of step 0 again."""
+        processes, whose per-rank streams do not map onto these, or the rank's file is gone):
+        each rank draws new ones from (seed, step, rank), not the streams of step 0 again."""
         import random
 
         import numpy as np
@@ -304,10 +314,14 @@ class Run:
         random.seed(int(seeds[2]))
         if self.generator is not None:
             self.generator.manual_seed(int(seeds[3]))
+        why = (
+            f"was written by {saved_world} process(es), now {self.world}"
+            if saved_world != self.world
+            else "lacks this rank's random state"
+        )
         self.accelerator.print(
-            f"note: resume: the checkpoint holds no random streams for these {self.world} "
-            f"process(es) (written by {saved_world}); its masks, dropout and mixup draw anew "
-            f"from seed {self.cfg.seed} and step {self.step}"
+            f"note: resume: the checkpoint {why}; masks, dropout and mixup draw anew from "
+            f"seed {self.cfg.seed} and step {self.step}"
         )
 
     def _count_bad(self, new_on_all_ranks: float | None = None) -> None:

@@ -111,9 +111,10 @@ def check_schedule(ckpt: Path, now: dict[str, int]) -> tuple[list[str], dict | N
     way, e.g. a job preempted on 8 GPUs resumed on 4 with twice the accumulation: the steps
     per epoch, the learning rate and the images of every step are those of the saved
     schedule (each step reads the next effective-batch block of the epoch's permutation,
-    however it is split), provided the checkpoint ends an optimizer step. Refused, naming the
-    values: another effective batch (the schedule and data order would not continue), and a
-    checkpoint saved mid-accumulation (its partial gradients belong to the old split).
+    however it is split). A checkpoint saved mid-accumulation resumes from the start of its
+    step (its partial gradients belong to the old split; the weights and optimizer have not
+    taken the step yet). Another effective batch is refused, naming the values: the schedule
+    and data order would not continue.
 
     Returns the keys the checkpoint does not record (not checked) and, for a resume under
     another split, the saved schedule (else None).
@@ -146,8 +147,8 @@ def check_schedule(ckpt: Path, now: dict[str, int]) -> tuple[list[str], dict | N
             hint = (
                 f"{eff_saved} images a step cannot be split over {now['num_processes']} processes"
             )
-        else:
-            b = now["batch_size"] if per_proc % now["batch_size"] == 0 else per_proc
+        else:  # the largest batch up to the one asked for that divides a process's share
+            b = max(d for d in range(1, min(per_proc, now["batch_size"]) + 1) if per_proc % d == 0)
             hint = (
                 f"keep it with --batch_size {b} --accum_iter {per_proc // b} on "
                 f"{now['num_processes']} process(es)"
@@ -157,14 +158,6 @@ def check_schedule(ckpt: Path, now: dict[str, int]) -> tuple[list[str], dict | N
             f"(batch_size x accum_iter x processes) was {eff_saved}, now {eff_now}, so the "
             f"schedule and data order would not continue ({hint}). Resume with the same "
             "effective batch, or start a new run (another --output_dir, or --overwrite)"
-        )
-    partial = meta.get("batch_in_epoch", 0) % saved["accum_iter"]
-    if partial or any(ckpt.glob("grads_rank*.safetensors")):
-        raise ConfigError(
-            f"resume: {ckpt} was saved mid-accumulation (micro-batch {partial} of "
-            f"{saved['accum_iter']}), and its partial gradients belong to the saved split "
-            f"({what}): resume it with the saved values, or resume an earlier checkpoint "
-            "under the new ones"
         )
     return missing, saved
 

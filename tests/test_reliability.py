@@ -1250,11 +1250,13 @@ def test_resume_under_another_effective_batch_is_refused(tiny_cfg, capsys):
 
 
 def test_resume_under_another_split_of_the_same_effective_batch_continues_the_run(
-    tiny_cfg, tmp_path, capsys
+    tiny_cfg, tmp_path, capsys, monkeypatch
 ):
     """32 x 1 accum resumed as 16 x 2 accum (as a job preempted on 8 GPUs resumes on 4): the
-    same steps per epoch, lr and images for every step, and the masks drawn in the same order,
-    so it ends where the uninterrupted run does, up to the order of float sums."""
+    same steps per epoch, lr and images for every step; on a CPU the masks are even drawn in
+    the same order, so it ends where the uninterrupted run does, up to the order of float
+    sums. A checkpoint saved mid-accumulation resumes under another split from the start of
+    its step (its partial gradients belong to the old split)."""
     kw = dict(pos_label="none", log_every=1)
     full = tiny_cfg(max_steps=4, output_dir=str(tmp_path / "full"), **kw)
     pretrain.main(full)
@@ -1269,7 +1271,8 @@ def test_resume_under_another_split_of_the_same_effective_batch_continues_the_ru
     [event] = [r for r in rows if r.get("event") == "resumed_with_changed_settings"]
     assert event["step"] == 2
     assert event["changed"] == {"batch_size": [32, 16], "accum_iter": [1, 2]}
-    state = json.loads((split / "checkpoints" / "step_00000004" / "state.json").read_text())
+    ckpt = split / "checkpoints" / "step_00000004"
+    state = json.loads((ckpt / "state.json").read_text())
     assert state["batch_in_epoch"] == 8  # 4 steps of 2 micro-batches
     assert state["schedule"] == {"batch_size": 16, "accum_iter": 2, "num_processes": 1}
     lr = {r["step"]: r["lr"] for r in scalar_rows(split)}
@@ -1277,13 +1280,19 @@ def test_resume_under_another_split_of_the_same_effective_batch_continues_the_ru
     a = load_file(split / "export" / "mae.safetensors")
     b = load_file(Path(full.output_dir) / "export" / "mae.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    # back to 32 x 1 from a checkpoint saved mid-accumulation: its partial gradients belong
-    # to the 16 x 2 split, so refused
-    ckpt = split / "checkpoints" / "step_00000004"
-    state["batch_in_epoch"] = 9
-    (ckpt / "state.json").write_text(json.dumps(state))
-    with pytest.raises(ConfigError, match=r"saved mid-accumulation \(micro-batch 1 of 2\)"):
-        pretrain.main(tiny_cfg(max_steps=6, resume="auto", output_dir=str(split), **kw))
+    # stopped again on step 5's first micro-batch: saved mid-accumulation as step 4
+    StopAtMicroStep.k = 1
+    monkeypatch.setattr(maepl.loop, "StopFlag", StopAtMicroStep)
+    pretrain.main(tiny_cfg(max_steps=6, **resplit, **kw))
+    assert json.loads((ckpt / "state.json").read_text())["batch_in_epoch"] == 9
+    assert list(ckpt.glob("grads_rank*"))
+    monkeypatch.setattr(maepl.loop, "StopFlag", StopFlag)
+    capsys.readouterr()
+    # back to 32 x 1: step 5 starts again from its first image, the partial gradients unused
+    pretrain.main(tiny_cfg(max_steps=6, resume="auto", output_dir=str(split), **kw))
+    assert "was saved mid-accumulation" in capsys.readouterr().out
+    state = json.loads((split / "checkpoints" / "step_00000006" / "state.json").read_text())
+    assert state["step"] == 6 and state["batch_in_epoch"] == 6  # steps 5-6 after 4 whole ones
 
 
 def test_resume_on_one_process_of_a_two_process_run(tmp_path):
