@@ -1313,8 +1313,9 @@ def test_resume_on_one_process_of_a_two_process_run(tmp_path):
     )  # fmt: skip
     assert second.returncode == 0, second.stderr[-3000:]
     assert "num_processes 2 -> 1" in second.stdout and "accum_iter 1 -> 2" in second.stdout
-    assert "(written by 2); its masks, dropout and mixup draw anew from seed 0 and step 2" in (
-        second.stdout
+    assert (
+        "was written by 2 process(es), now 1; masks, dropout and mixup draw anew from seed 0 "
+        "and step 2" in second.stdout
     )
     state = json.loads((out / "checkpoints" / "step_00000004" / "state.json").read_text())
     assert state["step"] == 4 and state["batch_in_epoch"] == 8
