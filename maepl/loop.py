@@ -19,10 +19,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -304,16 +305,10 @@ class Run:
         """The checkpoint has no RNG streams for this rank (written by another number of
         processes, whose per-rank streams do not map onto these, or the rank's file is gone):
         each rank draws new ones from (seed, step, rank), not the streams of step 0 again."""
-        import random
-
-        import numpy as np
-
-        seeds = np.random.SeedSequence([self.cfg.seed, self.step, self.rank]).generate_state(4)
-        torch.manual_seed(int(seeds[0]))  # CUDA's too
-        np.random.seed(int(seeds[1]))
-        random.seed(int(seeds[2]))
+        seeds = np.random.SeedSequence([self.cfg.seed, self.step, self.rank]).generate_state(2)
+        set_seed(int(seeds[0]))  # Python's, NumPy's and torch's (CUDA's too)
         if self.generator is not None:
-            self.generator.manual_seed(int(seeds[3]))
+            self.generator.manual_seed(int(seeds[1]))
         why = (
             f"was written by {saved_world} process(es), now {self.world}"
             if saved_world != self.world

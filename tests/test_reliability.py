@@ -1240,9 +1240,12 @@ def test_resume_under_another_effective_batch_is_refused(tiny_cfg, capsys):
     state_file.write_text(json.dumps(state))
     with pytest.raises(ConfigError, match=r"batch_size 32 \(now 16\)"):
         pretrain.main(tiny_cfg(max_steps=4, batch_size=16, resume="auto"))
+    del state["num_processes"]  # another split cannot be converted without the process count
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match=r"does not record num_processes, so its position"):
+        pretrain.main(tiny_cfg(max_steps=4, batch_size=16, accum_iter=2, resume="auto"))
     for key in ("batch_size", "accum_iter"):  # nothing recorded: accepted, with a note
         del state["config"][key]
-    del state["num_processes"]
     state_file.write_text(json.dumps(state))
     capsys.readouterr()
     assert pretrain.main(tiny_cfg(max_steps=4, resume="auto"))["step"] == 4
