@@ -50,6 +50,16 @@ def run(*args, timeout=300):
     )
 
 
+@pytest.fixture(scope="module")
+def smoke_mae_study(tmp_path_factory):
+    """A finished SMOKE_MAE study (results.json, the run's export), shared read-only by the
+    tests that start from one: each smoke run costs ~20 s of CI on 2 cores."""
+    out = tmp_path_factory.mktemp("smoke_mae")
+    r = run(*SMOKE_MAE, "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
 def test_quality_smoke_budget(tmp_path):
     r = run(
         "benchmarks/quality.py",
@@ -211,10 +221,8 @@ def test_throughput_official_style_computes_maepls_loss_and_gradients(tmp_path):
     assert f"apl_vs_official={speed['apl'] / speed['official']:.3f}" in r.stdout.splitlines()
 
 
-def test_quality_reuses_earlier_rows_and_runs_the_rest_in_parallel(tmp_path):
-    first = tmp_path / "first"
-    r = run(*SMOKE_MAE, "--out", str(first))
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_quality_reuses_earlier_rows_and_runs_the_rest_in_parallel(tmp_path, smoke_mae_study):
+    first = smoke_mae_study
     second = tmp_path / "second"
     args = ["--budget", "smoke", "--seeds", "1", "--variants", "mae,apl_no_pe", "--out"]
     r = run(
@@ -244,10 +252,8 @@ def test_quality_reuses_earlier_rows_and_runs_the_rest_in_parallel(tmp_path):
     assert res["rows"] == [] and res["not_run"] == ["mae_s0", "apl_no_pe_s0"]
 
 
-def test_quality_reports_linprobe_and_fills_it_into_older_rows(tmp_path):
-    first = tmp_path / "first"
-    r = run(*SMOKE_MAE, "--out", str(first))
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_quality_reports_linprobe_and_fills_it_into_older_rows(tmp_path, smoke_mae_study):
+    first = smoke_mae_study  # read only: --fill_lp probes into --out
     res = json.loads((first / "results.json").read_text())
     row = res["rows"][0]
     # linprobe.py's MAE recipe, with MAE's ImageNet lr x steps: smoke lp = 1 epoch at batch 64
