@@ -442,18 +442,18 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace, out
     return row
 
 
-def num(x: float, sign: str = "") -> str:
-    """Two decimals; a small non-zero value (a collapsed position loss, 0.0002) keeps two
+def num(x: float, sign: str = "", digits: int = 2) -> str:
+    """``digits`` decimals; a small non-zero value (a collapsed position loss, 0.0002) keeps two
     significant digits instead of printing as 0.00."""
-    return f"{x:{sign}.2f}" if x == 0 or abs(x) >= 0.005 else f"{x:{sign}.1e}"
+    return f"{x:{sign}.{digits}f}" if x == 0 or abs(x) >= 0.005 else f"{x:{sign}.1e}"
 
 
-def mean_sd(vals: list[float], sign: str = "") -> str:
+def mean_sd(vals: list[float], sign: str = "", digits: int = 2) -> str:
     """``mean ± sd`` over seeds, the sample standard deviation (n - 1: with two seeds it is
     |a - b| / sqrt 2); one seed has no spread to show, so the mean alone."""
     if len(vals) == 1:
-        return num(vals[0], sign)
-    return f"{num(statistics.mean(vals), sign)} ± {num(statistics.stdev(vals))}"
+        return num(vals[0], sign, digits)
+    return f"{num(statistics.mean(vals), sign, digits)} ± {num(statistics.stdev(vals), '', digits)}"
 
 
 def aggregate(rows: list[dict], keys: list[str]) -> dict[str, dict[str, str]]:
@@ -511,10 +511,12 @@ def paired_gains(rows: list[dict], keys: list[str]) -> dict[str, dict[str, str]]
 
 
 def job_list(args: argparse.Namespace) -> list[tuple[str, int]]:
-    """Seed-major, so that a run cut short still has every variant once; sweeps last."""
+    """Seed-major, so that a run cut short still has every variant once; sweeps last (and
+    seed-major among themselves)."""
     jobs = [(v, s) for s in range(args.seeds) for v in args.variants]
-    if args.sweeps:
-        jobs += [(name, 0) for name in SWEEPS]
+    if args.sweeps:  # each sweep seed's centre point (lambda 0.5, mask 0.75) is apl_drop's row
+        jobs += [("apl_drop", s) for s in range(args.sweep_seeds) if ("apl_drop", s) not in jobs]
+        jobs += [(name, s) for s in range(args.sweep_seeds) for name in SWEEPS]
     return jobs
 
 
@@ -680,6 +682,13 @@ def main() -> None:
         f"(default: {', '.join(DEFAULT_VARIANTS)})",
     )
     p.add_argument("--sweeps", action="store_true", help="lambda and mask-ratio sweeps (apl_drop)")
+    p.add_argument(
+        "--sweep_seeds",
+        type=int,
+        default=1,
+        help="seeds of each sweep point (default 1: seed 0); tables and plots show mean ± sd.\n"
+        "The centre point of seed s is apl_drop's row of seed s (run if not there)",
+    )
     p.add_argument("--data_path", default=None)
     p.add_argument("--out", default=None)
     p.add_argument(
@@ -754,6 +763,8 @@ def main() -> None:
         p.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     if args.parallel < 1:
         p.error("--parallel must be >= 1")
+    if args.sweep_seeds < 1 or (args.sweep_seeds != 1 and not args.sweeps):
+        p.error("--sweep_seeds must be >= 1, and goes with --sweeps")
     if args.epochs is not None and args.epochs < 1:
         p.error("--epochs must be >= 1")
     args.fill_lp = [Path(d) for d in (args.fill_lp or "").split(",") if d]
@@ -864,14 +875,50 @@ def main() -> None:
         )
     if not_run:
         lines.append(f"\nnot run (time limit or failure): {', '.join(not_run)}")
+    points = []
+    if sweeps:  # with each seed's centre point, apl_drop's row of that seed
+        seeds = sorted({r["seed"] for r in sweeps})
+        points = sweeps + [done[("apl_drop", s)] for s in seeds if ("apl_drop", s) in done]
+        lines += ["", *sweep_table(points)]
     write_text_atomic(out / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
-    if sweeps:
-        base = done.get(("apl_drop", 0))
-        plot_sweeps(sweeps + ([base] if base else []), out)
+    if points:
+        plot_sweeps(points, out)
+
+
+SWEEP_KEYS = ["probe_cls", "probe_avg", "knn_cls", "knn_avg", "pos_loss", "pos_acc"]
+
+
+def sweep_series(points: list[dict], key: str) -> dict[float, list[dict]]:
+    """The rows of one sweep (``key``: pos_weight or mask_ratio) by its value, ascending. The
+    centre point (apl_drop's rows, which do not record the defaults) belongs to both."""
+    by_value: dict[float, list[dict]] = {}
+    for r in points:
+        if key in r or r["variant"] == "apl_drop":
+            by_value.setdefault(r.get(key, DEFAULTS[key]), []).append(r)
+    return dict(sorted(by_value.items()))
+
+
+def sweep_table(points: list[dict]) -> list[str]:
+    """results.md's sweep table: each point's mean ± sd over its seeds."""
+    lines = ["Sweeps around the default (apl_drop), mean ± sd over seeds:", ""]
+    lines += ["| point | seeds | " + " | ".join(SWEEP_KEYS) + " |"]
+    lines += ["|---" * (len(SWEEP_KEYS) + 2) + "|"]
+    for key, label in (("pos_weight", "λ"), ("mask_ratio", "mask")):
+        for x, rows in sweep_series(points, key).items():
+            vals = [[r[k] for r in rows if r.get(k) is not None] for k in SWEEP_KEYS]
+            # three decimals for the position loss and accuracy: the λ trend is 0.05 wide
+            cells = [
+                mean_sd(v, digits=3 if k.startswith("pos_") else 2) if v else "–"
+                for k, v in zip(SWEEP_KEYS, vals, strict=True)
+            ]
+            lines.append(f"| {label} {x} | {len(rows)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_sweeps(points: list[dict], out: Path) -> None:
+    """The paper's two studies: accuracy and final position loss against λ, position loss
+    against the mask ratio; each point the mean over its seeds, the bar its sd."""
     try:
         import matplotlib
 
@@ -881,26 +928,29 @@ def plot_sweeps(points: list[dict], out: Path) -> None:
         print("matplotlib not installed: sweep plots skipped (pip install -e .[bench])")
         return
 
-    def series(key: str) -> list[tuple[float, dict]]:
-        mine = [
-            (r.get(key, DEFAULTS[key]), r) for r in points if key in r or r["variant"] == "apl_drop"
-        ]
-        return sorted(mine, key=lambda t: t[0])
+    def curve(ax, series: dict[float, list[dict]], key: str, style: str, **kw) -> None:
+        vals = [[r[key] for r in rows] for rows in series.values()]
+        sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+        means = [statistics.mean(v) for v in vals]
+        ax.errorbar(list(series), means, yerr=sd, fmt=style, capsize=3, **kw)
 
-    lam = series("pos_weight")
+    lam = sweep_series(points, "pos_weight")
+    seeds = max(len(rows) for rows in lam.values())
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
-    x = [v for v, _ in lam]
     for key, style in (("probe_cls", "o-"), ("probe_avg", "o--"), ("knn_cls", "s-")):
-        ax[0].plot(x, [r[key] for _, r in lam], style, label=key.replace("_", " "))
+        curve(ax[0], lam, key, style, label=key.replace("_", " "))
     ax[0].set_xlabel("λ (pos_weight)"), ax[0].set_ylabel("top-1 %"), ax[0].legend()
-    ax[1].plot(x, [r["pos_loss"] for _, r in lam], "o-")
+    curve(ax[1], lam, "pos_loss", "o-")
     ax[1].set_xlabel("λ (pos_weight)"), ax[1].set_ylabel("final position loss")
+    if seeds > 1:
+        fig.suptitle(f"mean ± sd over {seeds} seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "lambda_sweep.png", dpi=120)
-    mask = series("mask_ratio")
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    ax.plot([v for v, _ in mask], [r["pos_loss"] for _, r in mask], "o-")
+    curve(ax, sweep_series(points, "mask_ratio"), "pos_loss", "o-")
     ax.set_xlabel("mask ratio"), ax.set_ylabel("final position loss")
+    if seeds > 1:
+        ax.set_title(f"mean ± sd over {seeds} seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "mask_sweep.png", dpi=120)
     print(f"plots: {out / 'lambda_sweep.png'}, {out / 'mask_sweep.png'}")

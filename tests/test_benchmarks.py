@@ -503,6 +503,54 @@ def test_quality_rows_are_replaced_whole(tmp_path, monkeypatch):
     assert json.loads(row.read_text()) == {"probe_cls": 85.5}
 
 
+def test_quality_sweeps_run_every_seed_with_its_centre_point(tmp_path):
+    quality = load_script("quality")
+    args = quality_args(seeds=1, variants=["mae"], sweeps=True, sweep_seeds=2)
+    jobs = quality.job_list(args)
+    sweeps = list(quality.SWEEPS)
+    # the variants, then each sweep seed's centre (apl_drop), then the sweeps seed-major
+    assert jobs == [("mae", 0), ("apl_drop", 0), ("apl_drop", 1)] + [
+        (name, s) for s in (0, 1) for name in sweeps
+    ]
+    # a centre point the study runs anyway is not run twice
+    args = quality_args(seeds=2, variants=["mae", "apl_drop"], sweeps=True, sweep_seeds=2)
+    assert quality.job_list(args)[:5] == [
+        ("mae", 0),
+        ("apl_drop", 0),
+        ("mae", 1),
+        ("apl_drop", 1),
+        (sweeps[0], 0),
+    ]
+    r = run(*SMOKE_MAE, "--sweep_seeds", "2", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--sweep_seeds must be >= 1, and goes with --sweeps" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_quality_sweep_table_and_plots_average_each_point_over_its_seeds(tmp_path):
+    quality = load_script("quality")
+    rows = []
+    for seed, shift in ((0, 0.0), (1, 2.0)):
+        base = dict(seed=seed, probe_cls=70.0 + shift, probe_avg=71.0, knn_cls=60.0, knn_avg=61.0)
+        rows.append(dict(base, variant="apl_drop", pos_loss=3.0, pos_acc=0.1))
+        rows.append(dict(base, variant="lambda_0.1", pos_weight=0.1, pos_loss=3.4, pos_acc=0.07))
+        rows.append(dict(base, variant="mask_0.9", mask_ratio=0.9, pos_loss=3.6, pos_acc=0.05))
+    lines = quality.sweep_table(rows)
+    # the centre point (apl_drop: lambda 0.5, mask 0.75) sits in both sweeps; sd = |a - b| / sqrt 2
+    assert "| λ 0.1 | 2 | 71.00 ± 1.41 | 71.00 ± 0.00 | 60.00 ± 0.00 | 61.00 ± 0.00 | 3.40" in (
+        "\n".join(lines)
+    )
+    assert [line.split(" |")[0] for line in lines[4:]] == [
+        "| λ 0.1",
+        "| λ 0.5",
+        "| mask 0.75",
+        "| mask 0.9",
+    ]
+    pytest.importorskip("matplotlib")
+    quality.plot_sweeps(rows, tmp_path)
+    for name in ("lambda_sweep.png", "mask_sweep.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_quality_table_has_no_position_columns_for_plain_mae():
     quality = load_script("quality")
     rows = [  # older code stored 0.0 for MAE's position loss
