@@ -4,6 +4,8 @@
     python benchmarks/quality.py --budget gpu            # reference setup, one GPU
     python benchmarks/quality.py --budget refcpu --data_path DIR  # the reference's CPU run
     python benchmarks/quality.py --budget cpu --sweeps   # + lambda and mask-ratio sweeps
+    python benchmarks/quality.py --budget cpu --seeds 3 --variants apl_drop \
+        --sweeps --sweep_seeds 3                          # the sweeps over 3 seeds
     python benchmarks/quality.py --budget cpu --seeds 3 \
         --variants mae,apl_pe_kept,apl_drop25,apl_drop50,apl_drop,apl_drop90  # PE drop ratio
     python benchmarks/quality.py --budget gpu --sweeps --parallel 6 --time_limit 3000 \
