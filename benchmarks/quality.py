@@ -447,7 +447,8 @@ def run_one(name: str, overrides: dict, seed: int, args: argparse.Namespace, out
 def num(x: float, sign: str = "", digits: int = 2) -> str:
     """``digits`` decimals; a small non-zero value (a collapsed position loss, 0.0002) keeps two
     significant digits instead of printing as 0.00."""
-    return f"{x:{sign}.{digits}f}" if x == 0 or abs(x) >= 0.005 else f"{x:{sign}.1e}"
+    shown = x == 0 or abs(x) >= 0.5 * 10**-digits
+    return f"{x:{sign}.{digits}f}" if shown else f"{x:{sign}.1e}"
 
 
 def mean_sd(vals: list[float], sign: str = "", digits: int = 2) -> str:
