@@ -532,13 +532,15 @@ def test_quality_sweep_table_and_plots_average_each_point_over_its_seeds(tmp_pat
     for seed, shift in ((0, 0.0), (1, 2.0)):
         base = dict(seed=seed, probe_cls=70.0 + shift, probe_avg=71.0, knn_cls=60.0, knn_avg=61.0)
         rows.append(dict(base, variant="apl_drop", pos_loss=3.0, pos_acc=0.1))
-        rows.append(dict(base, variant="lambda_0.1", pos_weight=0.1, pos_loss=3.4, pos_acc=0.07))
+        acc = 0.07 + shift / 1000  # an sd of 0.0014: three decimals, not e-notation
+        rows.append(dict(base, variant="lambda_0.1", pos_weight=0.1, pos_loss=3.4, pos_acc=acc))
         rows.append(dict(base, variant="mask_0.9", mask_ratio=0.9, pos_loss=3.6, pos_acc=0.05))
     lines = quality.sweep_table(rows)
     # the centre point (apl_drop: lambda 0.5, mask 0.75) sits in both sweeps; sd = |a - b| / sqrt 2
     assert "| λ 0.1 | 2 | 71.00 ± 1.41 | 71.00 ± 0.00 | 60.00 ± 0.00 | 61.00 ± 0.00 | 3.40" in (
         "\n".join(lines)
     )
+    assert "| 3.400 ± 0.000 | 0.071 ± 0.001 |" in lines[4]
     assert [line.split(" |")[0] for line in lines[4:]] == [
         "| λ 0.1",
         "| λ 0.5",
