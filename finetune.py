@@ -270,7 +270,7 @@ def main(cfg: FinetuneConfig) -> dict:
 
     # ------------------------------------------------------------------ finish
     summary = run.finish()
-    if not run.stopped:  # the last epoch's figures, unless --max_steps ended it early
+    if not run.stopped:  # the last epoch's figures, or those at --max_steps if it ended earlier
         top = evaluated.get(run.step) or evaluate(run, clf.vit, raw_val, val_tf, cfg)
         summary.update(top, best_top1=max(best, top["top1"]))
         export("last", top)

@@ -152,7 +152,7 @@ def main(cfg: LinprobeConfig) -> dict:
         run.end_micro(dict(loss=loss))
 
     summary = run.finish()
-    if not run.stopped:  # the last epoch's figures, unless --max_steps ended it early
+    if not run.stopped:  # the last epoch's figures, or those at --max_steps if it ended earlier
         top = evaluated.get(run.step) or evaluate(run, probe, raw_val, val_tf, cfg)
         summary.update(top)
         run.accelerator.print(f"top1={top['top1']:.2f} top5={top['top5']:.2f}")

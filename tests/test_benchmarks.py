@@ -256,7 +256,8 @@ def test_quality_reports_linprobe_and_fills_it_into_older_rows(tmp_path, smoke_m
     first = smoke_mae_study  # read only: --fill_lp probes into --out
     res = json.loads((first / "results.json").read_text())
     row = res["rows"][0]
-    # linprobe.py's MAE recipe, with MAE's ImageNet lr x steps: smoke lp = 1 epoch at batch 64
+    # linprobe.py's MAE recipe, with MAE's ImageNet lr x steps of the probe's schedule: smoke
+    # lp = one epoch at batch 64 (cut and evaluated at step 20)
     steps = 10_000 // 64
     assert row["lp_blr"] * 64 / 256 * steps == pytest.approx(6.4 * 7037, rel=1e-3)
     assert 0 <= row["lp_cls"] <= 100

@@ -299,12 +299,20 @@ def test_seeded_same_key_same_tensor(small_base: ArrayImageDataset) -> None:
 
 
 def test_seeded_leaves_global_rng_untouched(small_base: ArrayImageDataset) -> None:
+    import random
+
     ds = seeded(small_base)
     torch.manual_seed(123)
-    before = torch.get_rng_state()
+    random.seed(5)
+    np.random.seed(6)
+    before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
     ds[0]
-    ds[1]
-    assert torch.equal(torch.get_rng_state(), before)
+    batch = ds.__getitems__([1, 2, 3])  # what a DataLoader with num_workers=0 calls
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert np.array_equal(np.random.get_state()[1], before[2])
+    # a batch is the items one by one: each image keeps its own seed
+    for i, (x, y) in zip((1, 2, 3), batch, strict=True):
+        assert torch.equal(x, ds[i][0]) and y == ds[i][1]
 
 
 def test_seeded_batches_independent_of_workers(small_base: ArrayImageDataset) -> None:
