@@ -676,7 +676,7 @@ def load_reused(path: str | None, budget: str, epochs: int) -> dict[tuple[str, i
     return {(r["variant"], r["seed"]): r for r in data["rows"] + data.get("sweeps", [])}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
     p.add_argument("--seeds", type=int, default=2)
@@ -761,7 +761,7 @@ def main() -> None:
         "run finished with --job into a study without starting the study's other runs)",
     )
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # NAME:SEED, one subprocess
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:

@@ -1,6 +1,9 @@
 """The benchmark scripts run end to end (tiny settings) and print what they promise."""
 
+import contextlib
+import functools
 import importlib.util
+import io
 import json
 import math
 import os
@@ -48,6 +51,27 @@ def run(*args, timeout=300):
     return subprocess.run(
         [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
+
+
+def quality_here(*args: str) -> subprocess.CompletedProcess:
+    """quality.py's main in this process, with its exit status and output as a subprocess's: for
+    the calls that refuse or only report (a subprocess costs ~5 s of imports on 2 cores). Calls
+    that train stay subprocesses, as a user runs them."""
+    quality = load_quality()
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            quality.main([str(a) for a in args])
+        except SystemExit as e:  # sys.exit("message") prints it and exits 1, as Python does
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+            code = e.code if isinstance(e.code, int) else (1 if e.code else 0)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+@functools.cache
+def load_quality():
+    return load_script("quality")
 
 
 @pytest.fixture(scope="module")
@@ -225,15 +249,8 @@ def test_quality_reuses_earlier_rows_and_runs_the_rest_in_parallel(tmp_path, smo
     first = smoke_mae_study
     second = tmp_path / "second"
     args = ["--budget", "smoke", "--seeds", "1", "--variants", "mae,apl_no_pe", "--out"]
-    r = run(
-        "benchmarks/quality.py",
-        *args,
-        str(second),
-        "--parallel",
-        "2",
-        "--reuse",
-        str(first / "results.json"),
-    )
+    # the study in this process; its run goes to a subprocess (--parallel)
+    r = quality_here(*args, second, "--parallel", "2", "--reuse", first / "results.json")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "reusing 1 rows" in r.stdout
     assert not (second / "rows" / "mae_s0.json").exists()  # taken over, not rerun
@@ -246,7 +263,7 @@ def test_quality_reuses_earlier_rows_and_runs_the_rest_in_parallel(tmp_path, smo
 
     # a time limit that has passed before the first run starts: nothing runs, all is listed
     late = tmp_path / "late"
-    r = run("benchmarks/quality.py", *args, str(late), "--parallel", "2", "--time_limit", "1e-9")
+    r = quality_here(*args, late, "--parallel", "2", "--time_limit", "1e-9")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((late / "results.json").read_text())
     assert res["rows"] == [] and res["not_run"] == ["mae_s0", "apl_no_pe_s0"]
@@ -277,12 +294,12 @@ def test_quality_reports_linprobe_and_fills_it_into_older_rows(tmp_path, smoke_m
     assert filled["lp_precision"] == row["lp_precision"]
     assert json.loads((second / "rows" / "mae_s0.json").read_text())["lp_cls"] == filled["lp_cls"]
     # the filled row is saved: a second call takes it instead of probing again
-    r = run(*SMOKE_MAE, *fill)
+    r = quality_here(*SMOKE_MAE[1:], *fill)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "--fill_lp: mae seed 0" not in r.stdout
     assert json.loads((second / "results.json").read_text())["rows"][0] == filled
 
-    r = run(*SMOKE_MAE, "--fill_lp", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
+    r = quality_here(*SMOKE_MAE[1:], "--fill_lp", tmp_path / "nowhere", "--out", tmp_path / "x")
     assert r.returncode == 2 and "--fill_lp: no such folder" in r.stderr
     assert not (tmp_path / "x").exists()  # refused before any work
 
@@ -290,15 +307,7 @@ def test_quality_reports_linprobe_and_fills_it_into_older_rows(tmp_path, smoke_m
 def test_quality_rejects_a_reuse_file_of_another_budget(tmp_path):
     other = tmp_path / "results.json"
     other.write_text(json.dumps(dict(budget="gpu", rows=[], sweeps=[])))
-    r = run(
-        "benchmarks/quality.py",
-        "--budget",
-        "smoke",
-        "--reuse",
-        str(other),
-        "--out",
-        str(tmp_path / "o"),
-    )
+    r = quality_here("--budget", "smoke", "--reuse", other, "--out", tmp_path / "o")
     assert r.returncode != 0 and "budget 'gpu', not 'smoke'" in r.stderr
 
 
@@ -370,11 +379,11 @@ def test_quality_resume_continues_a_run_from_its_own_checkpoint(tmp_path):
     second = json.loads((tmp_path / "rows" / "mae_s0.json").read_text())
     assert second["pretrain_s"] > first["pretrain_s"]  # seconds add up over sessions
     # a session with other training settings is refused by name: its row would mix two runs
-    r = run(*args, "--out", str(tmp_path), "--epochs", "2")
+    r = quality_here(*args[1:], "--out", tmp_path, "--epochs", "2")
     assert r.returncode != 0 and "was trained with other settings (epochs: 1, now 2)" in r.stderr
     assert second["probe_cls"] == first["probe_cls"]  # the same weights, read the same way
     # the study itself with --resume: the finished run is taken, not run again
-    r = run(*SMOKE_MAE, "--resume", "--out", str(tmp_path))
+    r = quality_here(*SMOKE_MAE[1:], "--resume", "--out", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resume: 1 runs already finished" in r.stdout and "resumed from" not in r.stdout
     res = json.loads((tmp_path / "results.json").read_text())
@@ -456,7 +465,7 @@ def test_quality_report_only_merges_a_finished_run_without_running_the_rest(tmp_
     (out / "rows" / "rpl_drop_s0.json").write_text(json.dumps(on_gpu))  # no GPU MAE to pair
     variants = "mae,apl_drop,apl_pe_kept,rpl_drop"
     study = ["--seeds", "2", "--variants", variants, "--reuse", str(reuse)]
-    r = run(*SMOKE_MAE[:3], *study, "--resume", "--report_only", "--out", str(out))
+    r = quality_here(*SMOKE_MAE[1:3], *study, "--resume", "--report_only", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["rows"] == rows + [finished, on_gpu]
@@ -467,20 +476,20 @@ def test_quality_report_only_merges_a_finished_run_without_running_the_rest(tmp_
     assert "left out of the gains): rpl_drop_s0 (NVIDIA H200, unknown precision)" in r.stdout
     # without --resume the rows under --out are not the study's: none is merged (before
     # session 19 they were, while also listed as not run)
-    r = run(*SMOKE_MAE[:3], *study, "--report_only", "--out", str(out))
+    r = quality_here(*SMOKE_MAE[1:3], *study, "--report_only", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["rows"] == rows
     # --resume takes a finished row only of the same budget and epochs (rows record them)
     (out / "rows" / "apl_pe_kept_s0.json").write_text(
         json.dumps(dict(finished, budget="smoke", epochs=3))
     )
-    r = run(*SMOKE_MAE[:3], *study, "--resume", "--report_only", "--out", str(out))
+    r = quality_here(*SMOKE_MAE[1:3], *study, "--resume", "--report_only", "--out", str(out))
     assert r.returncode != 0
     assert (
         "apl_pe_kept_s0.json is a row of budget 'smoke' at 3 epochs, not 'smoke' at 1" in r.stderr
     )
     assert not list((out / "logs").glob("*")) and "resumed from" not in r.stdout
-    r = run(*SMOKE_MAE, "--report_only", "--job", "mae:0", "--out", str(out))
+    r = quality_here(*SMOKE_MAE[1:], "--report_only", "--job", "mae:0", "--out", out)
     assert r.returncode != 0 and "--report_only runs nothing" in r.stderr
 
 
@@ -522,7 +531,7 @@ def test_quality_sweeps_run_every_seed_with_its_centre_point(tmp_path):
         ("apl_drop", 1),
         (sweeps[0], 0),
     ]
-    r = run(*SMOKE_MAE, "--sweep_seeds", "2", "--out", str(tmp_path / "o"))
+    r = quality_here(*SMOKE_MAE[1:], "--sweep_seeds", "2", "--out", tmp_path / "o")
     assert r.returncode == 2 and "--sweep_seeds must be >= 1, and goes with --sweeps" in r.stderr
     assert not (tmp_path / "o").exists()
 
@@ -634,14 +643,14 @@ def test_checkpoint_stall_prints_both_stalls(tmp_path):
 def test_quality_epochs_reach_every_run_and_reuse_checks_them(tmp_path):
     out = tmp_path / "long"
     args = ["--budget", "smoke", "--seeds", "1", "--variants", "mae,apl_no_pe", "--epochs", "2"]
-    r = run("benchmarks/quality.py", *args, "--parallel", "2", "--out", str(out))
+    r = quality_here(*args, "--parallel", "2", "--out", out)  # its runs: subprocesses
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["epochs"] == 2
     for name in ("mae_s0", "apl_no_pe_s0"):  # the subprocesses got it too
         assert "\nepochs: 2\n" in (out / name / "config.yaml").read_text()
-    r = run(*SMOKE_MAE, "--reuse", str(out / "results.json"), "--out", str(tmp_path / "o"))
+    r = quality_here(*SMOKE_MAE[1:], "--reuse", out / "results.json", "--out", tmp_path / "o")
     assert r.returncode != 0 and "2 pretraining epochs, not 1" in r.stderr
-    r = run(*SMOKE_MAE, "--reuse", str(tmp_path / "none.json"), "--out", str(tmp_path / "o"))
+    r = quality_here(*SMOKE_MAE[1:], "--reuse", tmp_path / "none.json", "--out", tmp_path / "o")
     assert r.returncode != 0 and "none.json: no such file" in r.stderr
     assert "Traceback" not in r.stderr
 
@@ -668,7 +677,7 @@ def test_quality_refcpu_budget_probes_on_another_test_set(tmp_path, monkeypatch)
     before any pretraining, naming --data_path."""
     out = tmp_path / "out"
     args = ("--budget", "refcpu", "--data_path", str(tmp_path), "--out", str(out))
-    r = run("benchmarks/quality.py", *args)
+    r = quality_here(*args)
     assert r.returncode == 2 and "--data_path" in r.stderr and "fashion-mnist" in r.stderr
     assert not out.exists()  # stopped before it made its output folder
 
