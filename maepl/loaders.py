@@ -99,7 +99,8 @@ class SeededTransformDataset(Dataset):
     def __getitems__(self, indices: list) -> list[tuple]:
         """A batch (the DataLoader's fetcher calls this when it exists). In the main process
         (num_workers=0) the caller's RNG streams are saved once per batch and left untouched:
-        saving and restoring them per image cost ~0.2 ms, more than a 28-px crop itself."""
+        per image that cost 0.3-0.5 ms on 2 cores, about what a 28-px crop, flip and
+        normalisation cost (docs/performance.md, session 22)."""
         if torch.utils.data.get_worker_info() is not None:
             # in a DataLoader worker nothing else draws from these RNGs: seed and go
             return [self._transformed(self._load(i)) for i in indices]
