@@ -72,8 +72,9 @@ class SeededTransformDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def _load(self, index: int | tuple[int, int]):
-        """(epoch, index, image, label) or the bad-image triple (None, -1, reason)."""
+    def _item(self, index: int | tuple[int, int]) -> tuple:
+        """(image tensor, label) with the augmentation seeded from (seed, epoch, index), or the
+        bad-image triple (None, -1, reason) that collate_drop_bad / collate_skip_bad count."""
         # (epoch, index) pairs come from ShardedSampler(with_epoch=True): persistent workers
         # hold a copy of this dataset made once, so the epoch must travel with the index
         epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
@@ -84,14 +85,8 @@ class SeededTransformDataset(Dataset):
             if self.strict:
                 raise BadImageError(f"unreadable image {path}: {err!r} (strict_data)") from err
             return None, -1, f"{path}: {err!r}"
-        return epoch, int(index), img, int(label)
-
-    def _transformed(self, loaded) -> tuple:
-        if loaded[0] is None:  # unreadable: passed on for collate_drop_bad to count
-            return loaded
-        epoch, index, img, label = loaded
-        _seed_all(chain_seed(self.seed, epoch, index))
-        return self.transform(img), label
+        _seed_all(chain_seed(self.seed, epoch, int(index)))
+        return self.transform(img), int(label)
 
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         return self.__getitems__([index])[0]
@@ -103,11 +98,11 @@ class SeededTransformDataset(Dataset):
         normalisation cost (docs/performance.md, session 22)."""
         if torch.utils.data.get_worker_info() is not None:
             # in a DataLoader worker nothing else draws from these RNGs: seed and go
-            return [self._transformed(self._load(i)) for i in indices]
+            return [self._item(i) for i in indices]
         py_state, np_state = random.getstate(), np.random.get_state()
         try:
             with torch.random.fork_rng(devices=[]):
-                return [self._transformed(self._load(i)) for i in indices]
+                return [self._item(i) for i in indices]
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
