@@ -62,7 +62,10 @@ class Prefetcher:
         self._queue: queue.Queue = queue.Queue(depth)
         self._stop = threading.Event()
         self._it = iter(loader)  # here: the sampler's epoch is set, worker errors raise here
-        self.busy_s = 0.0  # the thread's time in augment() (host), summed; the loop reads it
+        # host seconds augment() took for the batches handed out so far (the loop reads it): each
+        # batch carries its own time, so a log window counts the batches it took, not the ones
+        # the thread happened to finish ahead of it
+        self.busy_s = 0.0
         self._thread = threading.Thread(target=self._work, name="maepl-prefetch", daemon=True)
         self._thread.start()
 
@@ -86,8 +89,8 @@ class Prefetcher:
                     if self.stream is not None:  # the images are ready when this completes
                         event = torch.cuda.Event()
                         event.record(self.stream)
-                    self.busy_s += time.perf_counter() - t0
-                    self._put((images, labels, bad + undecodable, event))
+                    took = time.perf_counter() - t0
+                    self._put((images, labels, bad + undecodable, event, took))
         except BaseException as err:  # raised again in the main thread, at this batch
             self._put(err)
             return
@@ -105,7 +108,8 @@ class Prefetcher:
         while (item := self._queue.get()) is not _END:
             if isinstance(item, BaseException):
                 raise item
-            images, labels, bad, event = item
+            images, labels, bad, event, took = item
+            self.busy_s += took
             if event is not None:
                 consumer = torch.cuda.current_stream(self.device)
                 consumer.wait_event(event)

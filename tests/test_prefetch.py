@@ -87,6 +87,28 @@ def test_prefetched_batches_equal_inline_ones_with_bad_files_and_workers(tmp_pat
     assert not prefetch_threads()
 
 
+def test_busy_time_counts_the_batches_taken_not_those_made_ahead():
+    """prefetch_ms of a log window: augment time of the batches the loop took in it. The
+    thread runs up to depth + 1 batches ahead; those must not count until they are taken."""
+    raw = build_dataset("sample", None, train=True)
+    aug = GpuAugment(28, 1, (0.286,), (0.353,), 0.2, seed=0, rank=0, device="cpu")
+    taken_s = {0: 0.05, 1: 0.03, 2: 0.03, 3: 0.03, 4: 0.0}  # extra seconds per batch index
+
+    def timed_augment(batch, epoch, index):
+        time.sleep(taken_s[index])
+        return aug(batch, epoch, index)
+
+    with Prefetcher(loader_of(raw, 64), timed_augment, 0, 0, 5, "cpu") as prefetcher:
+        batches = iter(prefetcher)
+        next(batches)
+        time.sleep(0.4)  # the thread fills its queue with batches 1..3 meanwhile
+        after_first = prefetcher.busy_s
+        rest = list(batches)
+    assert len(rest) == 4
+    assert 0.05 <= after_first < 0.08, after_first  # batch 0 only, not 1..3 made meanwhile
+    assert prefetcher.busy_s >= after_first + 0.09
+
+
 def test_an_error_in_the_thread_is_raised_in_the_main_thread_at_its_batch():
     raw = build_dataset("sample", None, train=True)
     aug = GpuAugment(28, 1, (0.286,), (0.353,), 0.2, seed=0, rank=0, device="cpu")
