@@ -92,21 +92,27 @@ def test_busy_time_counts_the_batches_taken_not_those_made_ahead():
     thread runs up to depth + 1 batches ahead; those must not count until they are taken."""
     raw = build_dataset("sample", None, train=True)
     aug = GpuAugment(28, 1, (0.286,), (0.353,), 0.2, seed=0, rank=0, device="cpu")
-    taken_s = {0: 0.05, 1: 0.03, 2: 0.03, 3: 0.03, 4: 0.0}  # extra seconds per batch index
+    took = {}  # batch index -> seconds its augment call took, as measured here
 
     def timed_augment(batch, epoch, index):
-        time.sleep(taken_s[index])
-        return aug(batch, epoch, index)
+        t0 = time.perf_counter()
+        time.sleep(0.02)
+        out = aug(batch, epoch, index)
+        took[index] = time.perf_counter() - t0
+        return out
 
     with Prefetcher(loader_of(raw, 64), timed_augment, 0, 0, 5, "cpu") as prefetcher:
         batches = iter(prefetcher)
         next(batches)
-        time.sleep(0.4)  # the thread fills its queue with batches 1..3 meanwhile
+        deadline = time.time() + 60
+        while 3 not in took:  # the thread makes batches 1..3 ahead (2 queued, 1 waiting)
+            assert time.time() < deadline, "the thread never ran ahead"
+            time.sleep(0.01)
         after_first = prefetcher.busy_s
         rest = list(batches)
     assert len(rest) == 4
-    assert 0.05 <= after_first < 0.08, after_first  # batch 0 only, not 1..3 made meanwhile
-    assert prefetcher.busy_s >= after_first + 0.09
+    assert took[0] <= after_first < took[0] + took[1], (after_first, took)
+    assert prefetcher.busy_s >= sum(took.values())
 
 
 def test_an_error_in_the_thread_is_raised_in_the_main_thread_at_its_batch():
