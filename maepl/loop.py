@@ -479,7 +479,14 @@ class Run:
         def report(step: int) -> None:
             self.tracker.event(step, "nonfinite_grad_norm", skipped=self.precision != "fp16")
 
-        self.nonfinite.settle(report, self.last_saved)
+        try:
+            self.nonfinite.settle(report, self.last_saved)
+        except FloatingPointError:
+            # the error names the last checkpoint: --async_save finishes writing it first (a
+            # failed write raises CheckpointError instead, from this error)
+            if self.writer is not None:
+                self.writer.wait()
+            raise
 
     def end_micro(self, metrics: dict[str, torch.Tensor]) -> None:
         """Book-keeping after one micro-batch; ``metrics`` are scalar tensors to average."""

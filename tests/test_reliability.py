@@ -721,10 +721,21 @@ def test_consecutive_nonfinite_steps_stop_the_run_naming_the_step(tiny_cfg, monk
     # good steps 1-2, then bad ones, saved every 2 steps: the error names the last checkpoint
     # (before session 19, without any checkpoint it named "step -1")
     poison(monkeypatch, {3, 4, 5, 6, 7, 8})
+    import maepl.checkpoint as ck
+
+    real_save = ck.save_file
+
+    def slow_save(tensors, path, *args, **kwargs):  # the background write outlasts step 5
+        if Path(path).name == "model.safetensors":
+            time.sleep(0.5)
+        real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(ck, "save_file", slow_save)
     cfg = tiny_cfg(max_steps=8, max_nonfinite=3, save_every_steps=2, overwrite=True)
     # (step 4 was skipped: saved with the weights of step 2, finite)
     with pytest.raises(FloatingPointError, match=r"step 5: 3 .*last checkpoint \(step 4\) holds"):
         pretrain.main(cfg)
+    # the checkpoint the error names is complete when it is raised (--async_save, the default)
     assert (Path(cfg.output_dir) / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
 
 
