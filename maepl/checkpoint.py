@@ -150,6 +150,16 @@ class CheckpointWriter:
             raise CheckpointError(f"{self._what} was not written: {err!r}") from err
 
 
+def wait_for_earlier_writes() -> None:
+    """Join checkpoint writes still running in this process: a run that raised (in a
+    notebook, a test, any caller of a script's ``main()``) leaves its write to finish in the
+    background; the next run must not check, resume or ``--overwrite`` its folder meanwhile.
+    A failed write was the earlier run's: its error stays there."""
+    for thread in threading.enumerate():
+        if thread.name == "maepl-checkpoint" and thread is not threading.current_thread():
+            thread.join()
+
+
 def save_checkpoint(
     accelerator,
     output_dir: str | Path,

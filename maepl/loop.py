@@ -35,6 +35,7 @@ from .checkpoint import (
     resolve_resume,
     save_checkpoint,
     set_aside_checkpoints_after,
+    wait_for_earlier_writes,
 )
 from .config import ConfigError, dump_config, resolve_precision
 from .guard import NonfiniteSteps, StopFlag
@@ -66,6 +67,7 @@ class Run:
         # --eval reads weights and writes nothing in output_dir: not its config.yaml, log,
         # TensorBoard events or checkpoints (evaluating a run's checkpoint leaves the run as it was)
         self.read_only = bool(getattr(cfg, "eval", False))
+        wait_for_earlier_writes()  # of a run in this process that raised during a write
         check_run_dir(cfg)  # on every rank, before rank 0 writes config.yaml (barrier below)
         self.cfg, self.desc = cfg, desc
         self.precision = resolve_precision(cfg.mixed_precision)

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -226,6 +227,48 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
     summary = pretrain.main(cfg)
     assert summary["step"] == 6
     assert [p.name for p in complete_checkpoints(out)] == ["step_00000006"]  # pruned
+
+
+def test_a_run_after_one_that_raised_mid_write_waits_for_that_write(tmp_path, monkeypatch):
+    """A run that raises while --async_save writes (in a notebook, say) leaves the write to
+    finish in the background; the next run in the process joins it before it looks at, resumes
+    or --overwrites the folder, so no half-written checkpoint of the first lands in the second."""
+    import maepl.checkpoint as ck
+
+    real_save, real_end_micro, real_check = ck.save_file, maepl.loop.Run.end_micro, None
+
+    def slow_save(tensors, path, *args, **kwargs):
+        if Path(path).name == "model.safetensors":
+            time.sleep(2)
+        real_save(tensors, path, *args, **kwargs)
+
+    def failing_end_micro(self, metrics):
+        real_end_micro(self, metrics)
+        if self.step == 3:  # step 2's checkpoint is being written
+            raise RuntimeError("planted")
+
+    writes_alive = []
+
+    def watched_check(cfg):
+        writes_alive.append([t for t in threading.enumerate() if t.name == "maepl-checkpoint"])
+        real_check(cfg)
+
+    real_check = maepl.loop.check_run_dir
+    monkeypatch.setattr(ck, "save_file", slow_save)
+    monkeypatch.setattr(maepl.loop.Run, "end_micro", failing_end_micro)
+    out = tmp_path / "run"
+    args = [*TINY, "--batch_size", "16", "--max_steps", "6", "--save_every_steps", "2"]
+    args += ["--num_workers", "0", "--output_dir", str(out)]
+    with pytest.raises(RuntimeError, match="planted"):
+        pretrain.main(parse_config(PretrainConfig, args))
+    assert [t.name for t in threading.enumerate()].count("maepl-checkpoint") == 1  # still writing
+    monkeypatch.setattr(maepl.loop.Run, "end_micro", real_end_micro)
+    monkeypatch.setattr(maepl.loop, "check_run_dir", watched_check)
+    args[args.index("--max_steps") + 1] = "1"
+    pretrain.main(parse_config(PretrainConfig, [*args, "--overwrite"]))
+    assert writes_alive == [[]]  # joined before the second run checked the folder
+    assert [p.name for p in complete_checkpoints(out)] == ["step_00000001"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001"]
 
 
 @pytest.mark.parametrize("async_save", [True, False])
