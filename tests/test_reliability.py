@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -422,11 +423,12 @@ def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, cap
     assert (aside / "step_00000006" / "COMPLETE").is_file()
 
 
-def launch_two(code: str, args: list[str], port: int, timeout: float = 120) -> list[tuple]:
+def launch_two(code: str, args: list[str], port: int, timeout: float = 240) -> list[tuple]:
     """Two processes of one distributed run, each launched on its own (no torchrun agent
     that would kill the other when one fails): (returncode, stderr) per rank; a rank that
-    does not end within ``timeout`` fails the test."""
-    procs = []
+    does not end within ``timeout`` fails the test. stderr goes to files: a pipe read only
+    after the wait would block a rank that writes more than the pipe holds."""
+    procs, errs = [], []
     for rank in (0, 1):
         env = dict(
             os.environ,
@@ -438,27 +440,31 @@ def launch_two(code: str, args: list[str], port: int, timeout: float = 120) -> l
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
         )
+        errs.append(tempfile.TemporaryFile("w+"))
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-c", code, *args],
                 cwd=ROOT,
                 env=env,
                 stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
+                stderr=errs[-1],
                 text=True,
             )
         )
     results = []
     try:
-        for rank, proc in enumerate(procs):
+        for rank, (proc, err) in enumerate(zip(procs, errs, strict=True)):
             try:
-                results.append((proc.wait(timeout=timeout), proc.stderr.read()))
+                returncode = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 pytest.fail(f"rank {rank} still runs {timeout} s on: stuck in a collective")
+            err.seek(0)
+            results.append((returncode, err.read()))
     finally:
-        for proc in procs:
+        for proc, err in zip(procs, errs, strict=True):
             proc.kill()
-            proc.stderr.close()
+            proc.wait()
+            err.close()
     return results
 
 
