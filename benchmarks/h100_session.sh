@@ -58,7 +58,7 @@ GRAPHS_ONLY=${GRAPHS_ONLY:-plain,plain_bf16s,apl_bf16s}
 # returns every section finished before; `tar xzf` it before reading or committing. $OUT
 # itself holds only that archive and session.log (the caller's tee).
 RESULTS=$OUT
-OUT=$(mktemp -d /tmp/maepl_work.XXXXXX)
+OUT=$(mktemp -d "${TMPDIR:-/tmp}/maepl_work.XXXXXX")
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 log() { echo "=== $(date +%T) $*"; }
