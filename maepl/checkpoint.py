@@ -157,6 +157,7 @@ def wait_for_earlier_writes() -> None:
     A failed write was the earlier run's: its error stays there."""
     for thread in threading.enumerate():
         if thread.name == "maepl-checkpoint" and thread is not threading.current_thread():
+            print("waiting for an earlier run's checkpoint write in this process", flush=True)
             thread.join()
 
 

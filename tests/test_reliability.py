@@ -230,7 +230,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
     assert [p.name for p in complete_checkpoints(out)] == ["step_00000006"]  # pruned
 
 
-def test_a_run_after_one_that_raised_mid_write_waits_for_that_write(tmp_path, monkeypatch):
+def test_a_run_after_one_that_raised_mid_write_waits_for_that_write(tmp_path, monkeypatch, capsys):
     """A run that raises while --async_save writes (in a notebook, say) leaves the write to
     finish in the background; the next run in the process joins it before it looks at, resumes
     or --overwrites the folder, so no half-written checkpoint of the first lands in the second."""
@@ -266,8 +266,10 @@ def test_a_run_after_one_that_raised_mid_write_waits_for_that_write(tmp_path, mo
     monkeypatch.setattr(maepl.loop.Run, "end_micro", real_end_micro)
     monkeypatch.setattr(maepl.loop, "check_run_dir", watched_check)
     args[args.index("--max_steps") + 1] = "1"
+    capsys.readouterr()
     pretrain.main(parse_config(PretrainConfig, [*args, "--overwrite"]))
     assert writes_alive == [[]]  # joined before the second run checked the folder
+    assert "waiting for an earlier run's checkpoint write" in capsys.readouterr().out
     assert [p.name for p in complete_checkpoints(out)] == ["step_00000001"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001"]
 
