@@ -118,6 +118,8 @@ class CheckpointWriter:
     first; a killed one leaves an incomplete folder that ``--resume auto`` skips.
     """
 
+    THREAD_NAME = "maepl-checkpoint"  # wait_for_earlier_writes finds the writes by it
+
     def __init__(self):
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -133,7 +135,7 @@ class CheckpointWriter:
             except BaseException as err:  # raised in the training thread at the next wait
                 self._error = err
 
-        self._thread = threading.Thread(target=run, name="maepl-checkpoint", daemon=False)
+        self._thread = threading.Thread(target=run, name=self.THREAD_NAME, daemon=False)
         self._thread.start()
 
     def poll(self) -> None:
@@ -156,7 +158,7 @@ def wait_for_earlier_writes() -> None:
     background; the next run must not check, resume or ``--overwrite`` its folder meanwhile.
     A failed write was the earlier run's: its error stays there."""
     for thread in threading.enumerate():
-        if thread.name == "maepl-checkpoint" and thread is not threading.current_thread():
+        if thread.name == CheckpointWriter.THREAD_NAME and thread is not threading.current_thread():
             print("waiting for an earlier run's checkpoint write in this process", flush=True)
             thread.join()
 
